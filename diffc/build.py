@@ -1,0 +1,234 @@
+"""``diffc build``: export -> passes -> engines -> artifact (manifest + engines + tokenizer).
+
+The artifact is assembled in a temporary folder next to ``out`` and renamed into place at the end, so an
+interrupted build leaves nothing half-written. Everything the sampling loop needs is precomputed here and
+written into ``manifest.json`` (see docs/manifest.md).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from diffc import __version__
+from diffc._fs import atomic_output_dir, folder_hash, sha256_file
+from diffc.errors import BackendUnavailableError, ProfileError
+from diffc.profiles import Profile, load_profile
+from diffc.profiles.schema import Backend, Precision, Range
+from diffc.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION
+
+log = logging.getLogger("diffc.build")
+
+#: components the text-to-image loop runs, in build order
+TXT2IMG_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+
+
+def _check_backend(profile: Profile) -> None:
+    if profile.backend is not Backend.ONNXRUNTIME:
+        raise BackendUnavailableError(
+            f"profile {profile.name!r} targets {profile.backend.value}, which this diffc build cannot produce yet; "
+            "use the 'cpu' profile"
+        )
+    for comp, prec in profile.precision.items():
+        if prec is Precision.FP8:
+            raise BackendUnavailableError(
+                f"profile {profile.name!r} asks for fp8 ({comp}), but onnxruntime's CPU provider has no FP8 "
+                "kernels; use a TensorRT profile for fp8, or fp32 on the CPU"
+            )
+        if prec is not Precision.FP32:
+            raise BackendUnavailableError(
+                f"profile {profile.name!r} asks for {prec.value} ({comp}); the onnxruntime CPU backend builds fp32 "
+                "only in this version of diffc"
+            )
+
+
+def _round_to(v: int, m: int) -> int:
+    return max(m, (v // m) * m)
+
+
+def image_geometry(pipe, profile: Profile) -> dict[str, Any]:
+    """Pixel size ranges, checked against what the UNet and VAE can tile."""
+    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    unet_mult = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    multiple = vae_factor * unet_mult
+    sample = pipe.unet.config.sample_size
+    native = int(sample[0] if isinstance(sample, (list, tuple)) else sample) * vae_factor
+    native = _round_to(native, multiple)
+    derived = Range(_round_to(native // 2, multiple), native, native * 2)
+    out = {"vae_scale_factor": vae_factor, "multiple_of": multiple}
+    for key in ("height", "width"):
+        rng = getattr(profile, key) or derived
+        bad = [v for v in rng.to_list() if v % multiple]
+        if bad:
+            raise ProfileError(f"profile {profile.source or profile.name}: [shapes].{key} values {bad} are not "
+                               f"multiples of {multiple} (VAE factor {vae_factor} x UNet downsampling {unet_mult})")
+        out[key] = rng.to_list()
+    return out
+
+
+def _fast_tokenizer(pipe, source_path: Path, folder_name: str):
+    from transformers import CLIPTokenizerFast
+
+    tok = getattr(pipe, folder_name)
+    if getattr(tok, "is_fast", False):
+        return tok
+    return CLIPTokenizerFast.from_pretrained(source_path / folder_name)
+
+
+def _io(model_path: Path) -> dict[str, list[dict[str, Any]]]:
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+
+    def spec(v):
+        t = v.type.tensor_type
+        dims = [d.dim_param if d.dim_param else int(d.dim_value) for d in t.shape.dim]
+        return {"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims}
+
+    return {"inputs": [spec(i) for i in model.graph.input], "outputs": [spec(o) for o in model.graph.output]}
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxscript", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | Path | None = None, *,
+          force: bool = False, steps: int | None = None, sampler: str | None = None, exporter: str = "torchscript",
+          progress: bool = True) -> Path:
+    """Build an artifact. Returns its path."""
+    from diffc.engines import onnxruntime as ort_engine
+    from diffc.exporter.export import export_pipeline_to, load_pipeline, resolve_model
+    from diffc.exporter.source import inspect_model
+    from diffc.runtime.sampler import compile_sampler, default_kind_for
+
+    prof = load_profile(profile)
+    if steps is not None or sampler is not None:
+        prof = prof.with_overrides(steps=steps or prof.steps, sampler=sampler or prof.sampler)
+    _check_backend(prof)
+    if out is None:
+        raise ProfileError("no output folder given; pass --out ARTIFACT")
+    out = Path(out)
+    t_start = time.perf_counter()
+    report: dict[str, Any] = {"profile": prof.name, "components": {}, "timings": {}}
+
+    with tempfile.TemporaryDirectory(prefix="diffc-build-") as work, \
+            atomic_output_dir(out, force=force, what="artifact") as tmp:
+        work = Path(work)
+        folder = resolve_model(model, work)
+        source = inspect_model(folder)
+        pipe = load_pipeline(source)
+
+        sched_cfg = source.scheduler_config
+        if sched_cfg.get("_class_name") == "PNDMScheduler":
+            # PNDM never clips x0; DDIMScheduler.from_config would (its default), which is not what the model
+            # was tuned with. SD 1.5's own config spells this out; tiny and older copies may not.
+            sched_cfg.setdefault("clip_sample", False)
+        kind = prof.sampler if prof.sampler != "auto" else default_kind_for(sched_cfg.get("_class_name") or "")
+        tables = compile_sampler(kind, sched_cfg, prof.steps)
+        geometry = image_geometry(pipe, prof)
+
+        components = [c for c in TXT2IMG_COMPONENTS if c in source.components]
+        t0 = time.perf_counter()
+        export_report = export_pipeline_to(pipe, source, work / "onnx", components=components, exporter=exporter,
+                                           progress=progress)
+        report["timings"]["export_s"] = round(time.perf_counter() - t0, 3)
+
+        manifest_components: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        for name in components:
+            onnx_path = work / "onnx" / name / "model.onnx"
+            engine_path = tmp / name / "model.onnx"
+            info = ort_engine.build_engine(onnx_path, engine_path)
+            io = _io(engine_path)
+            files = [f"{name}/{f}" for f in info["files"]]
+            manifest_components[name] = {
+                "file": files[0],
+                "files": {f: sha256_file(tmp / f) for f in files},
+                "backend": info["backend"],
+                "backend_version": info["backend_version"],
+                "backend_options": {"graph_optimization_applied": info["optimization"]},
+                "precision": prof.precision_of(name).value,
+                **io,
+            }
+            ec = export_report["components"][name]
+            report["components"][name] = {"parity": {k: ec[k] for k in ("max_abs_err", "rel_l2", "passed")},
+                                          "engine_bytes": sum((tmp / f).stat().st_size for f in files)}
+        report["timings"]["engines_s"] = round(time.perf_counter() - t0, 3)
+
+        # Text conditioning: which encoders, which of their outputs, which tokenizer.
+        is_sdxl = "text_encoder_2" in source.components
+        encoders = []
+        for enc, tok_folder in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+            if enc not in source.components:
+                continue
+            fast = _fast_tokenizer(pipe, source.path, tok_folder)
+            dest = tmp / tok_folder
+            dest.mkdir(parents=True, exist_ok=True)
+            fast.backend_tokenizer.save(str(dest / "tokenizer.json"))
+            (dest / "tokenizer_config.json").write_text(json.dumps({"pad_token": fast.pad_token}))
+            encoders.append({
+                "component": enc,
+                "tokenizer": f"{tok_folder}/tokenizer.json",
+                "tokenizer_sha256": sha256_file(dest / "tokenizer.json"),
+                "max_length": int(min(fast.model_max_length, 77)),
+                "pad_id": int(fast.pad_token_id),
+                "hidden_state": "penultimate_hidden_state" if is_sdxl else "last_hidden_state",
+            })
+
+        unet_cfg = pipe.unet.config
+        if unet_cfg.get("time_cond_proj_dim") is not None:
+            guidance = {"mode": "embedded", "default_scale": prof.guidance if prof.guidance is not None else 8.5,
+                        "embedding_dim": int(unet_cfg.time_cond_proj_dim), "input": "timestep_cond"}
+        elif prof.guidance is None:
+            guidance = {"mode": "none", "default_scale": 1.0}
+        else:
+            guidance = {"mode": "cfg", "default_scale": prof.guidance, "batch_order": ["uncond", "cond"],
+                        "zero_uncond_for_empty_negative": bool(
+                            is_sdxl and source.model_index.get("force_zeros_for_empty_prompt", True))}
+        added = {}
+        if unet_cfg.get("addition_embed_type") == "text_time":
+            added = {"text_embeds": {"from": "text_encoder_2", "output": "pooled_output"},
+                     "time_ids": {"layout": ["height", "width", "crop_top", "crop_left", "height", "width"]}}
+
+        vae_cfg = pipe.vae.config
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "diffc_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "source": {"model": str(model), "pipeline_class": source.pipeline_class, "sha256": folder_hash(folder)},
+            "profile": prof.to_dict(),
+            "build": {"exporter": exporter, "opset": export_report["opset"], "versions": _versions(),
+                      "scheduler_config": {k: v for k, v in sched_cfg.items()}},
+            "components": manifest_components,
+            "text_encoders": encoders,
+            "added_conditions": added,
+            "latent": {
+                "channels": int(unet_cfg.in_channels),
+                "scaling_factor": float(vae_cfg.scaling_factor),
+                "shift_factor": float(vae_cfg.get("shift_factor") or 0.0),
+                "vae_scale_factor": geometry["vae_scale_factor"],
+            },
+            "image": {"height": geometry["height"], "width": geometry["width"], "multiple_of": geometry["multiple_of"],
+                      "batch": prof.batch.to_list()},
+            "guidance": guidance,
+            "sampler": tables.to_dict(),
+        }
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+        report["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
+        (tmp / "build_report.json").write_text(json.dumps(report, indent=2))
+        (tmp / "export_report.json").write_text(json.dumps(export_report, indent=2))
+    log.info("built %s in %.1f s", out, time.perf_counter() - t_start)
+    return out

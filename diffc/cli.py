@@ -1,0 +1,138 @@
+"""The ``diffc`` command: a thin skin over the Python API. Each command parses flags and calls one function."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from diffc import __version__
+from diffc.errors import DiffcError
+
+log = logging.getLogger("diffc")
+
+
+class _Group(click.Group):
+    """Turns a DiffcError into a one-line message and exit code 2 (no traceback for user mistakes)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except DiffcError as e:
+            click.echo(f"error ({e.code}): {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="diffc")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bars.")
+@click.pass_context
+def main(ctx, verbose, quiet):
+    """diffc: compile diffusers pipelines into deployable artifacts, and run them."""
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("torch", "diffusers", "transformers", "onnxscript", "onnx_ir", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    ctx.obj = {"progress": not quiet}
+
+
+@main.command()
+@click.argument("model")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript", show_default=True)
+@click.option("--opset", type=int, default=21, show_default=True)
+@click.option("--component", "components", multiple=True, help="Export only these components (repeatable).")
+@click.pass_obj
+def export(obj, model, out, force, exporter, opset, components):
+    """Export MODEL (a diffusers folder, or 'demo') to ONNX, one folder per component, checked against PyTorch."""
+    from diffc.exporter import export_pipeline
+
+    report = export_pipeline(model, out, force=force, exporter=exporter, opset=opset, components=components or None,
+                             progress=obj["progress"])
+    for name, c in report["components"].items():
+        click.echo(f"{name:16s} max_abs_err={c['max_abs_err']:.2e} rel_l2={c['rel_l2']:.2e} "
+                   f"{'passed' if c['passed'] else 'FAILED'}")
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--profile", "-p", default="cpu", show_default=True, help="Profile name or path to a .toml file.")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Artifact folder to write.")
+@click.option("--force", is_flag=True, help="Replace the artifact folder if it exists.")
+@click.option("--steps", type=int, default=None, help="Override the profile's step count.")
+@click.option("--sampler", default=None, help="Override the profile's sampler (ddim, euler, dpmpp_2m, lcm, flow_euler).")
+@click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript", show_default=True)
+@click.pass_obj
+def build(obj, model, profile, out, force, steps, sampler, exporter):
+    """Compile MODEL (a diffusers folder, or 'demo') for PROFILE into an artifact."""
+    from diffc.build import build as _build
+
+    path = _build(model, profile=profile, out=out, force=force, steps=steps, sampler=sampler, exporter=exporter,
+                  progress=obj["progress"])
+    click.echo(f"wrote artifact {path}")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True)
+@click.option("--negative-prompt", default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--guidance", type=float, default=None, help="Guidance scale (default: the artifact's).")
+@click.option("--height", type=int, default=None)
+@click.option("--width", type=int, default=None)
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="PNG file to write.")
+@click.option("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: automatic).")
+@click.pass_obj
+def run(obj, artifact, prompt, negative_prompt, seed, guidance, height, width, out, threads):
+    """Generate an image from ARTIFACT (torch-free)."""
+    from diffc.runtime import load, save_png
+
+    pipe = load(artifact, threads=threads, progress=obj["progress"])
+    images = pipe(prompt, negative_prompt=negative_prompt, seed=seed, guidance=guidance, height=height, width=width)
+    save_png(images[0], out)
+    click.echo(f"wrote {out}")
+
+
+@main.command("demo-model")
+@click.argument("out", type=click.Path(path_type=Path))
+def demo_model(out):
+    """Write diffc's bundled demo pipeline (a diffusers folder) to OUT."""
+    from diffc.exporter.demo import write_demo_pipeline
+
+    click.echo(f"wrote {write_demo_pipeline(out)}")
+
+
+@main.command()
+def profiles():
+    """List the shipped profiles."""
+    from diffc.profiles import list_profiles, load_profile
+
+    for name in list_profiles():
+        p = load_profile(name)
+        click.echo(f"{name:18s} {p.backend.value:13s} {p.description}")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+def inspect(artifact):
+    """Print an artifact's manifest summary."""
+    from diffc.runtime import read_manifest
+
+    m = read_manifest(artifact)
+    summary = {
+        "source": m["source"], "profile": m["profile"]["name"],
+        "sampler": {"kind": m["sampler"]["kind"], "steps": len(m["sampler"]["timesteps"])},
+        "components": {k: {"backend": v["backend"], "precision": v["precision"]} for k, v in m["components"].items()},
+        "image": m["image"], "guidance": m["guidance"],
+    }
+    click.echo(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

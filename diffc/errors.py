@@ -1,0 +1,82 @@
+"""Typed errors. Every message says what went wrong *and* what to do about it.
+
+All errors raised on purpose by diffc derive from :class:`DiffcError`, so callers (the CLI, the C API,
+an app embedding the runtime) can catch one type and show ``str(err)`` to a person.
+"""
+
+from __future__ import annotations
+
+
+class DiffcError(Exception):
+    """Base class of every error diffc raises on purpose."""
+
+    #: stable machine-readable code (also returned by the C API)
+    code = "diffc_error"
+
+
+class ModelError(DiffcError):
+    """The source model folder is missing, incomplete or of an unsupported kind."""
+
+    code = "model_error"
+
+
+class MissingComponentError(ModelError):
+    code = "missing_component"
+
+
+class UnsupportedPipelineError(ModelError):
+    code = "unsupported_pipeline"
+
+
+class OutputExistsError(DiffcError):
+    code = "output_exists"
+
+
+class ExportError(DiffcError):
+    """Exporting a component to ONNX failed."""
+
+    code = "export_error"
+
+
+class ParityError(ExportError):
+    """An exported graph does not match PyTorch within the component's tolerance."""
+
+    code = "parity_error"
+
+
+class ShapeError(ExportError):
+    """An exported graph produced an output of the wrong shape."""
+
+    code = "shape_error"
+
+
+class ProfileError(DiffcError):
+    """A profile is missing or one of its fields is invalid (the message names the field)."""
+
+    code = "profile_error"
+
+
+class BackendUnavailableError(DiffcError):
+    """The profile's backend is not installed, or cannot run the requested precision on this machine."""
+
+    code = "backend_unavailable"
+
+
+class ArtifactError(DiffcError):
+    """An artifact is missing, corrupt, tampered with, or from an incompatible diffc."""
+
+    code = "artifact_error"
+
+
+class ManifestError(ArtifactError):
+    code = "manifest_error"
+
+
+class IntegrityError(ArtifactError):
+    code = "integrity_error"
+
+
+class InputError(DiffcError):
+    """A generation request is outside what the artifact was built for (size, guidance ...)."""
+
+    code = "input_error"

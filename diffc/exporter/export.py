@@ -1,0 +1,253 @@
+"""Export a diffusers pipeline's components to ONNX and check each one against PyTorch.
+
+For every component the pipeline class needs (see :mod:`diffc.exporter.source`) we wrap the module as its
+contract says, export it with named inputs/outputs and dynamic axes, re-save it with a readable IR version
+(one external data file when large), then run it in onnxruntime at two different shapes and compare with
+PyTorch. A component over tolerance fails the export with :class:`~diffc.errors.ParityError`; the numbers go
+to ``export_report.json`` either way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from diffc._fs import atomic_output_dir, folder_hash
+from diffc.errors import ExportError, ModelError, ParityError, ShapeError
+from diffc.exporter.contracts import Contract, SampleShape, get_contract
+from diffc.exporter.source import ModelSource, inspect_model
+from diffc.onnx_io import load_model, save_model
+
+log = logging.getLogger("diffc.export")
+
+EXPORTERS = ("torchscript", "dynamo")
+DEFAULT_OPSET = 21  # GroupNormalization-21 is the CPU-legal GroupNorm; see diffc.passes
+
+
+@dataclass
+class ExportedComponent:
+    name: str
+    path: Path
+    contract: Contract
+    parity: list[dict[str, Any]]
+
+    @property
+    def passed(self) -> bool:
+        return all(p["passed"] for p in self.parity)
+
+
+def resolve_model(model: str | Path, workdir: Path) -> Path:
+    """``"demo"`` means diffc's bundled demo pipeline, written into ``workdir``; anything else is a folder."""
+    if str(model) == "demo":
+        quiet_huggingface()
+        from diffc.exporter.demo import write_demo_pipeline
+
+        return write_demo_pipeline(workdir / "demo_pipeline")
+    return Path(model)
+
+
+def quiet_huggingface() -> None:
+    """diffusers/transformers print their own progress bars and torchvision notices; diffc shows its own."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    import diffusers
+
+    diffusers.utils.logging.disable_progress_bar()
+
+
+def load_pipeline(source: ModelSource):
+    import diffusers
+
+    quiet_huggingface()
+    log.info("loading %s from %s", source.pipeline_class, source.path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pipe = diffusers.DiffusionPipeline.from_pretrained(source.path, dtype=torch.float32)
+    except Exception as e:  # diffusers raises many types for a broken folder
+        raise ModelError(f"diffusers could not load {source.path}: {e}") from e
+    return pipe
+
+
+def component_module(pipe, name: str) -> torch.nn.Module:
+    contract_attr = {"vae_decoder": "vae", "vae_encoder": "vae"}.get(name, name)
+    module = getattr(pipe, contract_attr, None)
+    if module is None:
+        raise ModelError(f"the pipeline has no {contract_attr!r} module to export as {name!r}")
+    return module.eval()
+
+
+def sample_shapes(pipe, name: str) -> tuple[SampleShape, SampleShape]:
+    """Two different shapes per component, so the dynamic axes are really exercised by the parity check."""
+    unet = pipe.unet
+    native = int(unet.config.sample_size) if not isinstance(unet.config.sample_size, (list, tuple)) else int(
+        unet.config.sample_size[0]
+    )
+    mult = 2 ** (len(unet.config.block_out_channels) - 1)
+    native = max(mult, native - native % mult)
+    seq = int(getattr(pipe.tokenizer, "model_max_length", 77) or 77)
+    seq = min(seq, 77)
+    if name.startswith("text_encoder"):
+        return SampleShape(1, native, native, seq), SampleShape(2, native, native, max(8, seq // 4))
+    return SampleShape(1, native, native, seq), SampleShape(2, native + mult, native + 2 * mult, max(8, seq // 4))
+
+
+def export_component(module: torch.nn.Module, contract: Contract, path: Path, *, opset: int, exporter: str,
+                     sample: tuple[torch.Tensor, ...]) -> Path:
+    """Export one wrapped module to ``path`` (``model.onnx`` [+ ``model.onnx.data``])."""
+    wrapped = contract.wrap(module).eval()
+    with tempfile.TemporaryDirectory(prefix="diffc-export-") as scratch:
+        raw = Path(scratch) / "raw.onnx"
+        try:
+            with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if exporter == "torchscript":
+                    torch.onnx.export(
+                        wrapped, sample, str(raw), input_names=contract.input_names,
+                        output_names=contract.output_names, dynamic_axes=contract.dynamic_axes(),
+                        opset_version=opset, do_constant_folding=True, dynamo=False,
+                    )
+                elif exporter == "dynamo":
+                    program = torch.onnx.export(
+                        wrapped, sample, input_names=contract.input_names, output_names=contract.output_names,
+                        dynamic_axes=contract.dynamic_axes(), opset_version=opset, dynamo=True, verbose=False,
+                    )
+                    program.save(str(raw), external_data=True)
+                else:
+                    raise ExportError(f"unknown exporter {exporter!r}; use one of {EXPORTERS}")
+        except ExportError:
+            raise
+        except Exception as e:
+            raise ExportError(f"torch.onnx.export failed for {contract.name} ({exporter}): {e}") from e
+        model = load_model(raw)
+    _check_io_names(model, contract)
+    return save_model(model, path)
+
+
+def _check_io_names(model, contract: Contract) -> None:
+    got_in = [i.name for i in model.graph.input]
+    got_out = [o.name for o in model.graph.output]
+    if got_in != contract.input_names or got_out != contract.output_names:
+        raise ExportError(
+            f"{contract.name}: exported graph has inputs {got_in} / outputs {got_out}, but the contract says "
+            f"{contract.input_names} / {contract.output_names}; an input the module ignores is pruned by the "
+            "exporter — check the component's config"
+        )
+
+
+def check_parity(module: torch.nn.Module, contract: Contract, path: Path, shapes: Iterable[SampleShape],
+                 seed: int = 0) -> list[dict[str, Any]]:
+    """Run the ONNX graph in onnxruntime and the module in PyTorch on the same inputs; compare outputs."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    wrapped = contract.wrap(module).eval()
+    rows = []
+    for shape in shapes:
+        gen = torch.Generator().manual_seed(seed)
+        inputs = contract.make_inputs(module, shape, gen)
+        with torch.no_grad():
+            ref = wrapped(*inputs)
+        ref = ref if isinstance(ref, (tuple, list)) else (ref,)
+        feeds = {n: t.numpy() for n, t in zip(contract.input_names, inputs)}
+        got = sess.run(contract.output_names, feeds)
+        worst = {"max_abs_err": 0.0, "rel_l2": 0.0}
+        for name, r, g in zip(contract.output_names, ref, got):
+            r = r.float().numpy()
+            if r.shape != g.shape:
+                raise ShapeError(
+                    f"{contract.name}: output {name!r} has shape {g.shape} in onnxruntime but {r.shape} in PyTorch "
+                    f"at input shape {shape}; a dynamic axis was baked in during export"
+                )
+            diff = np.abs(r.astype(np.float64) - g.astype(np.float64))
+            worst["max_abs_err"] = max(worst["max_abs_err"], float(diff.max(initial=0.0)))
+            denom = float(np.linalg.norm(r.astype(np.float64))) or 1.0
+            worst["rel_l2"] = max(worst["rel_l2"], float(np.linalg.norm(diff) / denom))
+        rows.append({
+            "shape": {"batch": shape.batch, "height": shape.height, "width": shape.width, "sequence": shape.sequence},
+            **worst,
+            "tolerance": {"atol": contract.atol, "rtol_l2": contract.rtol_l2},
+            "passed": worst["max_abs_err"] <= contract.atol and worst["rel_l2"] <= contract.rtol_l2,
+        })
+    return rows
+
+
+def export_pipeline_to(pipe, source: ModelSource, out: Path, *, components: Iterable[str] | None = None,
+                       opset: int = DEFAULT_OPSET, exporter: str = "torchscript", check: bool = True,
+                       progress: bool = True) -> dict[str, Any]:
+    """Export into an existing folder ``out`` (no atomicity here; callers wrap it). Returns the report."""
+    names = list(components or source.components)
+    unknown = [n for n in names if n not in source.components]
+    if unknown:
+        raise ExportError(f"{source.pipeline_class} has no component(s) {unknown}; it has {list(source.components)}")
+    report: dict[str, Any] = {"pipeline_class": source.pipeline_class, "exporter": exporter, "opset": opset,
+                              "torch": torch.__version__, "components": {}}
+    failures = []
+    bar = tqdm(names, desc="export", unit="component", disable=not progress)
+    for name in bar:
+        bar.set_postfix_str(name)
+        module = component_module(pipe, name)
+        contract = get_contract(name, module)
+        shapes = sample_shapes(pipe, name)
+        t0 = time.perf_counter()
+        sample = contract.make_inputs(module, shapes[0], torch.Generator().manual_seed(0))
+        path = export_component(module, contract, out / name / "model.onnx", opset=opset, exporter=exporter,
+                                sample=sample)
+        entry: dict[str, Any] = {"file": f"{name}/model.onnx", "export_seconds": round(time.perf_counter() - t0, 3),
+                                 "contract": contract.to_dict()}
+        if check:
+            rows = check_parity(module, contract, path, shapes)
+            entry.update({
+                "max_abs_err": max(r["max_abs_err"] for r in rows),
+                "rel_l2": max(r["rel_l2"] for r in rows),
+                "tolerance": {"atol": contract.atol, "rtol_l2": contract.rtol_l2},
+                "passed": all(r["passed"] for r in rows),
+                "checks": rows,
+            })
+            log.info("%s: max_abs_err=%.3g rel_l2=%.3g (%s)", name, entry["max_abs_err"], entry["rel_l2"],
+                     "ok" if entry["passed"] else "OVER TOLERANCE")
+            if not entry["passed"]:
+                failures.append(name)
+        report["components"][name] = entry
+    (out / "export_report.json").write_text(json.dumps(report, indent=2))
+    if failures:
+        detail = ", ".join(
+            f"{n} (max_abs_err={report['components'][n]['max_abs_err']:.3g}, "
+            f"rel_l2={report['components'][n]['rel_l2']:.3g})" for n in failures)
+        raise ParityError(
+            f"exported graphs differ from PyTorch beyond tolerance: {detail}; see export_report.json. "
+            "Try --exporter dynamo, or report the model config"
+        )
+    return report
+
+
+def export_pipeline(model: str | Path, out: str | Path, *, force: bool = False, components: Iterable[str] | None = None,
+                    opset: int = DEFAULT_OPSET, exporter: str = "torchscript", check: bool = True,
+                    progress: bool = True) -> dict[str, Any]:
+    """``diffc export``: every component of ``model`` to ``out/<component>/model.onnx`` + ``export_report.json``."""
+    if exporter not in EXPORTERS:
+        raise ExportError(f"unknown exporter {exporter!r}; use one of {EXPORTERS}")
+    with tempfile.TemporaryDirectory(prefix="diffc-model-") as work, atomic_output_dir(out, force=force,
+                                                                                       what="export") as tmp:
+        folder = resolve_model(model, Path(work))
+        source = inspect_model(folder)
+        pipe = load_pipeline(source)
+        report = export_pipeline_to(pipe, source, tmp, components=components, opset=opset, exporter=exporter,
+                                    check=check, progress=progress)
+        report["source"] = {"model": str(model), "sha256": folder_hash(folder)}
+        (tmp / "export_report.json").write_text(json.dumps(report, indent=2))
+    return report

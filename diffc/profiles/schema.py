@@ -1,0 +1,192 @@
+"""Profile schema, loader and resolution against a model.
+
+A profile is plain data. Each table is validated field by field so an error can say e.g.
+``profile 'mine.toml': [sampler].steps must be an integer >= 1, got 0``. Unknown keys are errors too:
+a typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import enum
+import tomllib
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from diffc.errors import ProfileError
+
+PROFILE_DIR = Path(__file__).parent
+
+
+class Backend(str, enum.Enum):
+    ONNXRUNTIME = "onnxruntime"
+    TENSORRT = "tensorrt"
+    TENSORRT_RTX = "tensorrt_rtx"
+
+
+class Precision(str, enum.Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    INT8 = "int8"
+    FP8 = "fp8"
+
+
+SAMPLER_KINDS = ("auto", "ddim", "euler", "dpmpp_2m", "lcm", "flow_euler")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+
+
+@dataclass(frozen=True)
+class Range:
+    """``min <= opt <= max``: backend-neutral, like Polygraphy's Profile; TensorRT converts it at the edge."""
+
+    min: int
+    opt: int
+    max: int
+
+    def to_list(self) -> list[int]:
+        return [self.min, self.opt, self.max]
+
+    def contains(self, v: int) -> bool:
+        return self.min <= v <= self.max
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    backend: Backend
+    description: str = ""
+    precision: dict[str, Precision] = field(default_factory=dict)  # component -> precision; "default" key too
+    height: Range | None = None  # pixels; None = derive from the model
+    width: Range | None = None
+    batch: Range = Range(1, 1, 4)
+    sampler: str = "auto"
+    steps: int = 4
+    guidance: float | None = 7.5
+    onnxruntime: dict[str, Any] = field(default_factory=dict)
+    source: str = ""  # where it was loaded from
+
+    def precision_of(self, component: str) -> Precision:
+        return self.precision.get(component, self.precision.get("default", Precision.FP32))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["backend"] = self.backend.value
+        d["precision"] = {k: v.value for k, v in self.precision.items()}
+        for key in ("height", "width", "batch"):
+            d[key] = getattr(self, key).to_list() if getattr(self, key) is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, where: str = "<dict>") -> "Profile":
+        """Inverse of :meth:`to_dict` (as stored in a manifest)."""
+        toml_like = {
+            "name": data["name"], "backend": data["backend"], "description": data.get("description", ""),
+            "precision": data.get("precision", {}),
+            "shapes": {k: data[k] for k in ("height", "width", "batch") if data.get(k) is not None},
+            "sampler": {"kind": data.get("sampler", "auto"), "steps": data.get("steps", 4),
+                        "guidance": data.get("guidance")},
+            "onnxruntime": data.get("onnxruntime", {}),
+        }
+        return parse_profile(toml_like, where=where)
+
+    def with_overrides(self, **changes) -> "Profile":
+        return replace(self, **changes)
+
+
+def _err(where: str, field_: str, msg: str) -> ProfileError:
+    return ProfileError(f"profile {where}: {field_} {msg}")
+
+
+def _check_keys(table: dict, allowed: set[str], where: str, prefix: str) -> None:
+    extra = sorted(set(table) - allowed)
+    if extra:
+        raise _err(where, f"{prefix}{extra[0]}", f"is not a known field; known fields here: {sorted(allowed)}")
+
+
+def _range(value: Any, where: str, field_: str, *, minimum: int = 1) -> Range:
+    if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                  for v in value)):
+        raise _err(where, field_, f"must be a list of three integers [min, opt, max], got {value!r}")
+    lo, opt, hi = value
+    if not (minimum <= lo <= opt <= hi):
+        raise _err(where, field_, f"must satisfy {minimum} <= min <= opt <= max, got {value!r}")
+    return Range(lo, opt, hi)
+
+
+def parse_profile(data: dict[str, Any], *, where: str) -> Profile:
+    _check_keys(data, {"name", "description", "backend", "precision", "shapes", "sampler", "onnxruntime"}, where, "")
+    name = data.get("name")
+    if not isinstance(name, str) or not name:
+        raise _err(where, "name", "must be a non-empty string")
+    try:
+        backend = Backend(data.get("backend", "onnxruntime"))
+    except ValueError:
+        raise _err(where, "backend", f"must be one of {[b.value for b in Backend]}, got {data.get('backend')!r}") from None
+
+    precision: dict[str, Precision] = {}
+    prec_table = data.get("precision", {})
+    if not isinstance(prec_table, dict):
+        raise _err(where, "[precision]", "must be a table")
+    _check_keys(prec_table, {"default", *COMPONENTS}, where, "[precision].")
+    for comp, value in prec_table.items():
+        try:
+            precision[comp] = Precision(value)
+        except ValueError:
+            raise _err(where, f"[precision].{comp}",
+                       f"must be one of {[p.value for p in Precision]}, got {value!r}") from None
+
+    shapes = data.get("shapes", {})
+    _check_keys(shapes, {"height", "width", "batch"}, where, "[shapes].")
+    height = _range(shapes["height"], where, "[shapes].height", minimum=8) if "height" in shapes else None
+    width = _range(shapes["width"], where, "[shapes].width", minimum=8) if "width" in shapes else None
+    batch = _range(shapes["batch"], where, "[shapes].batch") if "batch" in shapes else Range(1, 1, 4)
+
+    sampler = data.get("sampler", {})
+    _check_keys(sampler, {"kind", "steps", "guidance"}, where, "[sampler].")
+    kind = sampler.get("kind", "auto")
+    if kind not in SAMPLER_KINDS:
+        raise _err(where, "[sampler].kind", f"must be one of {list(SAMPLER_KINDS)}, got {kind!r}")
+    steps = sampler.get("steps", 4)
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 1000:
+        raise _err(where, "[sampler].steps", f"must be an integer from 1 to 1000, got {steps!r}")
+    guidance = sampler.get("guidance", 7.5)
+    if guidance is not None and (not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or guidance < 0):
+        raise _err(where, "[sampler].guidance", f"must be a number >= 0, got {guidance!r}")
+
+    ort_table = data.get("onnxruntime", {})
+    _check_keys(ort_table, {"intra_op_num_threads", "inter_op_num_threads"}, where, "[onnxruntime].")
+    for key, value in ort_table.items():
+        if not isinstance(value, int) or value < 0:
+            raise _err(where, f"[onnxruntime].{key}", f"must be an integer >= 0, got {value!r}")
+
+    return Profile(
+        name=name, backend=backend, description=str(data.get("description", "")), precision=precision,
+        height=height, width=width, batch=batch, sampler=kind, steps=steps,
+        guidance=float(guidance) if guidance is not None else None, onnxruntime=dict(ort_table), source=where,
+    )
+
+
+def list_profiles() -> dict[str, Path]:
+    """Shipped profiles by name."""
+    return {p.stem: p for p in sorted(PROFILE_DIR.glob("*.toml"))}
+
+
+def load_profile(name_or_path: str | Path) -> Profile:
+    """Load a shipped profile by name, or a user's TOML file by path."""
+    if isinstance(name_or_path, Profile):
+        return name_or_path
+    shipped = list_profiles()
+    path = Path(name_or_path)
+    if str(name_or_path) in shipped:
+        path = shipped[str(name_or_path)]
+    elif not path.is_file():
+        raise ProfileError(
+            f"no profile named {str(name_or_path)!r}; shipped profiles: {', '.join(shipped)} "
+            "(or pass the path of a .toml file)"
+        )
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ProfileError(f"profile {path}: cannot parse TOML: {e}") from e
+    return parse_profile(data, where=f"'{path.name}'")

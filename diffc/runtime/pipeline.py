@@ -1,0 +1,169 @@
+"""The fixed-step text-to-image loop, driven entirely by the manifest.
+
+Nothing here knows which diffusers scheduler or pipeline the artifact came from: the sampler is a table of
+per-step coefficients (:mod:`diffc.runtime.sampler`), guidance is a policy string, and the text conditioning
+is a list of (tokenizer, encoder, output) triples. docs/manifest.md gives the same loop in pseudocode.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from diffc.errors import InputError
+from diffc.runtime.manifest import artifact_path, read_manifest, verify_files
+from diffc.runtime.sampler import SamplerTables, guidance_embedding, step
+from diffc.runtime.tokenizer import PromptTokenizer
+
+log = logging.getLogger("diffc.runtime")
+
+
+def _open_session(backend: str, path: Path, threads: int):
+    if backend == "onnxruntime":
+        from diffc.engines.onnxruntime import Session
+
+        return Session(path, threads=threads)
+    raise InputError(f"this runtime cannot run {backend!r} engines; rebuild the artifact with the 'cpu' profile")
+
+
+class Pipeline:
+    """A loaded artifact. Call it with a prompt; get ``float32 (B, H, W, 3)`` images in [0, 1]."""
+
+    def __init__(self, root: str | Path, *, threads: int = 0, verify: bool = True, progress: bool = True):
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root)
+        verify_files(self.root, self.manifest, hashes=verify)
+        m = self.manifest
+        self.progress = progress
+        self.tables = SamplerTables.from_dict(m["sampler"])
+        self.sessions = {name: _open_session(c["backend"], artifact_path(self.root, c["file"]), threads)
+                         for name, c in m["components"].items()}
+        self.tokenizers = [PromptTokenizer(artifact_path(self.root, e["tokenizer"]), max_length=e["max_length"],
+                                           pad_id=e["pad_id"]) for e in m["text_encoders"]]
+        self.image = m["image"]
+        self.latent = m["latent"]
+        self.guidance = m["guidance"]
+
+    # ------------------------------------------------------------------------------------------ pieces
+
+    def check_size(self, height: int, width: int) -> None:
+        mult = self.image["multiple_of"]
+        for label, v, (lo, _, hi) in (("height", height, self.image["height"]), ("width", width, self.image["width"])):
+            if not lo <= v <= hi:
+                raise InputError(f"{label} {v} is outside this artifact's range [{lo}, {hi}]; pick a size in range or "
+                                 f"rebuild with a profile whose [shapes].{label} covers {v}")
+            if v % mult:
+                raise InputError(f"{label} {v} is not a multiple of {mult} (VAE factor x UNet downsampling); "
+                                 f"use {v - v % mult or mult} or {v - v % mult + mult}")
+
+    def encode_text(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Prompts -> (encoder_hidden_states, pooled) as the UNet wants them (SDXL: both encoders, concatenated)."""
+        hidden, pooled = [], None
+        for enc, tok in zip(self.manifest["text_encoders"], self.tokenizers):
+            ids = tok(list(prompts))
+            out = self.sessions[enc["component"]].run({"input_ids": ids})
+            hidden.append(out[enc["hidden_state"]])
+            pooled = out["pooled_output"]
+        return np.concatenate(hidden, axis=-1), pooled
+
+    def initial_noise(self, seed: int | None, batch: int, height: int, width: int) -> np.ndarray:
+        f = self.latent["vae_scale_factor"]
+        rng = np.random.default_rng(seed)
+        return rng.standard_normal((batch, self.latent["channels"], height // f, width // f), dtype=np.float32)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        z = latents / np.float32(self.latent["scaling_factor"]) + np.float32(self.latent.get("shift_factor", 0.0))
+        img = self.sessions["vae_decoder"].run({"latent_sample": z.astype(np.float32)})["sample"]
+        return np.clip(img / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def __call__(self, prompt: str | Sequence[str], *, negative_prompt: str | Sequence[str] | None = None,
+                 seed: int | None = 0, guidance: float | None = None, height: int | None = None,
+                 width: int | None = None, latents: np.ndarray | None = None,
+                 noise: Sequence[np.ndarray] | None = None) -> np.ndarray:
+        """Generate images.
+
+        ``latents``: the initial standard-normal latents (B, C, h, w) instead of drawing them from ``seed``;
+        ``noise``: per-step noise for samplers that inject it (LCM), instead of drawing it from ``seed``.
+        Both exist so a caller can reproduce another implementation's random stream exactly.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        batch = len(prompts)
+        lo_b, _, hi_b = self.image["batch"]
+        if not lo_b <= batch <= hi_b:
+            raise InputError(f"{batch} prompts is outside this artifact's batch range [{lo_b}, {hi_b}]; "
+                             "split the prompts or rebuild with a larger [shapes].batch")
+        height = height or self.image["height"][1]
+        width = width or self.image["width"][1]
+        self.check_size(height, width)
+        g = float(self.guidance["default_scale"] if guidance is None else guidance)
+        mode = self.guidance["mode"]
+        use_cfg = mode == "cfg" and g > 1.0
+
+        cond, pooled = self.encode_text(prompts)
+        extra: dict[str, np.ndarray] = {}
+        if use_cfg:
+            negs = [""] * batch if negative_prompt is None else (
+                [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt))
+            if len(negs) != batch:
+                raise InputError(f"{len(negs)} negative prompts for {batch} prompts; give one per prompt or one for all")
+            if negative_prompt is None and self.guidance.get("zero_uncond_for_empty_negative"):
+                uncond, upooled = np.zeros_like(cond), (None if pooled is None else np.zeros_like(pooled))
+            else:
+                uncond, upooled = self.encode_text(negs)
+            cond = np.concatenate([uncond, cond])
+            pooled = None if pooled is None else np.concatenate([upooled, pooled])
+        unet_batch = cond.shape[0]
+        added = self.manifest.get("added_conditions") or {}
+        if "text_embeds" in added:
+            extra["text_embeds"] = pooled.astype(np.float32)
+            extra["time_ids"] = np.tile(np.array([[height, width, 0, 0, height, width]], np.float32), (unet_batch, 1))
+        if mode == "embedded":
+            w = np.full((unet_batch,), g - 1.0, dtype=np.float32)
+            extra[self.guidance.get("input", "timestep_cond")] = guidance_embedding(w, self.guidance["embedding_dim"])
+
+        t = self.tables
+        if latents is None:
+            latents = self.initial_noise(seed, batch, height, width)
+        x = latents.astype(np.float32) * np.float32(t.init_noise_sigma)
+        rng = np.random.default_rng(None if seed is None else seed + 1)
+        prev_x0 = np.zeros_like(x)
+        unet = self.sessions["unet"]
+        for i in tqdm(range(t.num_steps), desc="sampling", unit="step", disable=not self.progress, leave=False):
+            model_in = (x * np.float32(t.c_in[i])).astype(np.float32)
+            if use_cfg:
+                model_in = np.concatenate([model_in, model_in])
+            feeds = {"sample": model_in, "timestep": np.full((unet_batch,), t.timesteps[i], dtype=np.float32),
+                     "encoder_hidden_states": cond, **extra}
+            m = unet.run(feeds)["out_sample"]
+            if use_cfg:
+                m_uncond, m_cond = np.split(m, 2)
+                m = m_uncond + np.float32(g) * (m_cond - m_uncond)
+            step_noise = None
+            if t.next_from_noise[i] != 0.0:
+                step_noise = noise[i] if noise is not None else rng.standard_normal(x.shape, dtype=np.float32)
+            x, prev_x0 = step(t, i, x, m, prev_x0, step_noise)
+        return self.decode(x)
+
+
+def load(artifact: str | Path, **kwargs: Any) -> Pipeline:
+    return Pipeline(artifact, **kwargs)
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[0, 1] float images -> uint8, rounding like diffusers' ``numpy_to_pil``."""
+    return (images * 255).round().astype(np.uint8)
+
+
+def save_png(image: np.ndarray, path: str | Path) -> Path:
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(to_uint8(image)).save(path)
+    return path

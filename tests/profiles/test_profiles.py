@@ -1,0 +1,68 @@
+import pytest
+
+from diffc.errors import ProfileError
+from diffc.profiles import list_profiles, load_profile
+from diffc.profiles.schema import Backend, Precision, Profile, Range
+
+
+def test_shipped_profiles_load():
+    names = list_profiles()
+    assert "cpu" in names
+    for name in names:
+        p = load_profile(name)
+        assert p.name == name
+        assert isinstance(p.backend, Backend)
+
+
+def test_cpu_profile_values():
+    p = load_profile("cpu")
+    assert p.backend is Backend.ONNXRUNTIME
+    assert p.precision_of("unet") is Precision.FP32
+    assert p.batch == Range(1, 1, 4)
+    assert p.height is None  # derived from the model
+
+
+def test_round_trip_through_dict():
+    p = load_profile("cpu")
+    q = Profile.from_dict(p.to_dict(), where="manifest")
+    assert q.to_dict() | {"source": ""} == p.to_dict() | {"source": ""}
+
+
+def _write(tmp_path, text):
+    f = tmp_path / "mine.toml"
+    f.write_text(text)
+    return f
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ('name = "x"\nbackend = "vulkan"\n', "backend"),
+        ('name = "x"\n[precision]\nunet = "int4"\n', "[precision].unet"),
+        ('name = "x"\n[precision]\nunett = "fp32"\n', "[precision].unett"),
+        ('name = "x"\n[sampler]\nsteps = 0\n', "[sampler].steps"),
+        ('name = "x"\n[sampler]\nkind = "plms"\n', "[sampler].kind"),
+        ('name = "x"\n[sampler]\nguidance = -1\n', "[sampler].guidance"),
+        ('name = "x"\n[shapes]\nheight = [512, 256, 1024]\n', "[shapes].height"),
+        ('name = "x"\n[shapes]\nwidth = [256, 512]\n', "[shapes].width"),
+        ('name = "x"\nbogus = 1\n', "bogus"),
+        ('backend = "onnxruntime"\n', "name"),
+    ],
+)
+def test_bad_field_is_named(tmp_path, body, field):
+    with pytest.raises(ProfileError) as e:
+        load_profile(_write(tmp_path, body))
+    assert field in str(e.value)
+    assert "mine.toml" in str(e.value)
+
+
+def test_user_file_and_unknown_name(tmp_path):
+    p = load_profile(_write(tmp_path, 'name = "mine"\n[shapes]\nheight = [64, 128, 256]\n[sampler]\nsteps = 8\n'))
+    assert p.height == Range(64, 128, 256) and p.steps == 8
+    with pytest.raises(ProfileError, match="shipped profiles: .*cpu"):
+        load_profile("no-such-profile")
+
+
+def test_broken_toml(tmp_path):
+    with pytest.raises(ProfileError, match="cannot parse TOML"):
+        load_profile(_write(tmp_path, "name = \n"))

@@ -1,0 +1,44 @@
+"""The runtime install must not need torch: importing diffc, diffc.runtime or running `diffc --help` must not
+pull torch, diffusers, transformers or tensorrt into the process (checked in a fresh subprocess)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("torch", "diffusers", "transformers", "tensorrt", "tensorrt_rtx", "onnxscript")
+
+PROBE = """
+import json, sys
+{body}
+print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r})))
+"""
+
+
+def _heavy_modules_after(body: str) -> list[str]:
+    code = PROBE.format(body=body, heavy=set(HEAVY))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "import diffc",
+        "import diffc.runtime",
+        "import diffc.profiles, diffc.errors, diffc.exporter",
+        "from click.testing import CliRunner\nimport diffc.cli\n"
+        "r = CliRunner().invoke(diffc.cli.main, ['--help'])\nassert r.exit_code == 0, r.output",
+        "from click.testing import CliRunner\nimport diffc.cli\n"
+        "r = CliRunner().invoke(diffc.cli.main, ['profiles'])\nassert r.exit_code == 0, r.output",
+    ],
+)
+def test_no_heavy_imports(body):
+    assert _heavy_modules_after(body) == []
+
+
+def test_probe_can_fail():
+    """The probe really sees heavy modules when they are imported (so the test above can fail)."""
+    pytest.importorskip("torch")
+    assert "torch" in _heavy_modules_after("import torch")
