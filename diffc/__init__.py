@@ -16,7 +16,7 @@ __all__ = ["DiffcError", "__version__", "build", "load"]
 
 def build(model, profile="cpu", out=None, **kwargs):
     """Compile ``model`` (a diffusers folder or ``"demo"``) for ``profile`` into an artifact at ``out``."""
-    from diffc.build import build as _build
+    from diffc.builder import build as _build
 
     return _build(model, profile=profile, out=out, **kwargs)
 

@@ -71,7 +71,7 @@ def export(obj, model, out, force, exporter, opset, components):
 @click.pass_obj
 def build(obj, model, profile, out, force, steps, sampler, exporter):
     """Compile MODEL (a diffusers folder, or 'demo') for PROFILE into an artifact."""
-    from diffc.build import build as _build
+    from diffc.builder import build as _build
 
     path = _build(model, profile=profile, out=out, force=force, steps=steps, sampler=sampler, exporter=exporter,
                   progress=obj["progress"])

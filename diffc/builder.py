@@ -71,6 +71,24 @@ def image_geometry(pipe, profile: Profile) -> dict[str, Any]:
     return out
 
 
+def shape_ranges(component: str, profile: Profile, geometry: dict[str, Any], *, cfg: bool) -> dict[str, list[int]]:
+    """[min, opt, max] per dynamic axis of one component, as the loop will feed it.
+
+    Classifier-free guidance runs uncond and cond in one denoiser batch, so the UNet's batch range doubles
+    (its minimum stays 1: guidance <= 1 skips the uncond half).
+    """
+    f = geometry["vae_scale_factor"]
+    b = profile.batch
+    batch = [b.min, 2 * b.opt, 2 * b.max] if (cfg and component == "unet" and profile.guidance) else b.to_list()
+    ranges: dict[str, list[int]] = {"batch": batch}
+    if component.startswith("text_encoder") or component == "unet":
+        ranges["sequence"] = [77, 77, 77]
+    if component in ("unet", "vae_decoder"):
+        ranges["height"] = [v // f for v in geometry["height"]]
+        ranges["width"] = [v // f for v in geometry["width"]]
+    return ranges
+
+
 def _fast_tokenizer(pipe, source_path: Path, folder_name: str):
     from transformers import CLIPTokenizerFast
 
@@ -162,6 +180,7 @@ def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | P
                 "backend_options": {"graph_optimization_applied": info["optimization"]},
                 "precision": prof.precision_of(name).value,
                 **io,
+                "shape_ranges": shape_ranges(name, prof, geometry, cfg=pipe.unet.config.get("time_cond_proj_dim") is None),
             }
             ec = export_report["components"][name]
             report["components"][name] = {"parity": {k: ec[k] for k in ("max_abs_err", "rel_l2", "passed")},

@@ -1,0 +1,186 @@
+"""Artifact layout, manifest schema, atomic builds, and every bad input the runtime must refuse with a typed error."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+jsonschema = pytest.importorskip("jsonschema")
+
+import diffc  # noqa: E402
+from diffc.errors import (  # noqa: E402
+    BackendUnavailableError,
+    InputError,
+    IntegrityError,
+    ManifestError,
+    OutputExistsError,
+    ProfileError,
+)
+from diffc.runtime import load, read_manifest  # noqa: E402
+
+SCHEMA = Path(diffc.__file__).parent / "runtime" / "manifest.schema.json"
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    return diffc.build("demo", "cpu", tmp_path_factory.mktemp("a") / "demo.diffc", progress=False)
+
+
+@pytest.fixture
+def copy(artifact, tmp_path):
+    dst = tmp_path / "copy.diffc"
+    shutil.copytree(artifact, dst)
+    return dst
+
+
+def _edit(path: Path, fn):
+    m = json.loads((path / "manifest.json").read_text())
+    fn(m)
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+def test_layout_and_schema(artifact):
+    manifest = read_manifest(artifact)
+    jsonschema.validate(manifest, json.loads(SCHEMA.read_text()))
+    assert set(manifest["components"]) == {"text_encoder", "unet", "vae_decoder"}
+    assert (artifact / "build_report.json").is_file() and (artifact / "export_report.json").is_file()
+    unet = manifest["components"]["unet"]
+    assert [i["name"] for i in unet["inputs"]] == ["sample", "timestep", "encoder_hidden_states"]
+    assert unet["shape_ranges"]["batch"][2] == 2 * manifest["image"]["batch"][2]  # CFG doubles the batch
+    assert unet["backend"] == "onnxruntime" and unet["precision"] == "fp32"
+    assert len(manifest["sampler"]["timesteps"]) == manifest["profile"]["steps"]
+    assert not [p for p in artifact.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+def test_schema_rejects_a_broken_manifest(artifact):
+    manifest = read_manifest(artifact)
+    manifest["sampler"]["kind"] = "plms"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(manifest, json.loads(SCHEMA.read_text()))
+
+
+def test_runtime_does_not_import_torch(artifact):
+    code = (
+        "import sys\nfrom diffc.runtime import load\n"
+        f"p = load({str(artifact)!r}, progress=False)\nimg = p('a cat', seed=1)\n"
+        "assert img.shape[-1] == 3\n"
+        "bad = [m for m in ('torch', 'diffusers', 'transformers', 'tensorrt') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_run_writes_png(artifact, tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from diffc.cli import main
+
+    out = tmp_path / "x.png"
+    r = CliRunner().invoke(main, ["-q", "run", str(artifact), "--prompt", "a handwritten digit seven", "--seed", "3",
+                                  "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    img = np.asarray(Image.open(out))
+    expected = load(artifact, progress=False)("a handwritten digit seven", seed=3)[0]
+    assert img.shape == expected.shape
+    assert np.abs(img.astype(int) - (expected * 255).round().astype(int)).max() == 0
+
+
+@pytest.mark.parametrize(
+    "damage, error, message",
+    [
+        (lambda p: (p / "manifest.json").unlink(), ManifestError, "no manifest.json"),
+        (lambda p: (p / "manifest.json").write_text("{not json"), ManifestError, "corrupt"),
+        (lambda p: (p / "manifest.json").write_text("[1, 2]"), ManifestError, "not a JSON object"),
+        (lambda p: _edit(p, lambda m: m.update(schema_version=99)), ManifestError, "newer diffc"),
+        (lambda p: _edit(p, lambda m: m.pop("sampler")), ManifestError, "lacks"),
+        (lambda p: _edit(p, lambda m: m["components"].pop("unet")), ManifestError, "'unet'"),
+        (lambda p: (p / "unet" / "model.onnx").unlink(), IntegrityError, "missing"),
+        (lambda p: (p / "unet" / "model.onnx").write_bytes(b"\0" * 16), IntegrityError, "sha256"),
+        (lambda p: _edit(p, lambda m: m["components"]["unet"].update(file="../../etc/passwd")), IntegrityError,
+         "leaves the artifact"),
+        (lambda p: _edit(p, lambda m: m["components"]["unet"].update(file="/etc/passwd")), IntegrityError,
+         "leaves the artifact"),
+        (lambda p: _edit(p, lambda m: m["sampler"].update(timesteps=[1.0])), ManifestError, "length|num_steps|entries"),
+    ],
+)
+def test_bad_artifact_is_refused(copy, damage, error, message):
+    damage(copy)
+    before = sorted((q.relative_to(copy), q.stat().st_mtime_ns) for q in copy.rglob("*"))
+    with pytest.raises(error, match=message):
+        load(copy, progress=False)
+    assert sorted((q.relative_to(copy), q.stat().st_mtime_ns) for q in copy.rglob("*")) == before  # nothing changed
+
+
+def test_link_out_of_artifact_is_refused(copy, tmp_path):
+    outside = tmp_path / "outside.onnx"
+    shutil.copy(copy / "unet" / "model.onnx", outside)
+    (copy / "unet" / "model.onnx").unlink()
+    (copy / "unet" / "model.onnx").symlink_to(outside)
+    with pytest.raises(IntegrityError, match="outside the artifact"):
+        load(copy, progress=False)
+
+
+def test_missing_artifact(tmp_path):
+    with pytest.raises(ManifestError, match="does not exist"):
+        load(tmp_path / "nothing", progress=False)
+
+
+@pytest.mark.parametrize("size, message", [((8, 32), "outside"), ((32, 128), "outside"), ((34, 32), "multiple of")])
+def test_size_checks(artifact, size, message):
+    pipe = load(artifact, progress=False)
+    with pytest.raises(InputError, match=message):
+        pipe("a cat", height=size[0], width=size[1])
+
+
+def test_batch_range(artifact):
+    pipe = load(artifact, progress=False)
+    with pytest.raises(InputError, match="batch range"):
+        pipe(["a"] * 5)
+
+
+def test_long_prompt_is_truncated_with_a_warning(artifact, caplog):
+    pipe = load(artifact, progress=False)
+    long = "a handwritten digit seven " * 30
+    with caplog.at_level(logging.WARNING, logger="diffc.runtime"):
+        img = pipe(long, seed=0)
+    assert img.shape == (1, 32, 32, 3)
+    assert any("truncat" in r.getMessage().lower() for r in caplog.records)
+
+
+def test_build_refuses_existing_output_and_fp8(artifact, tmp_path):
+    with pytest.raises(OutputExistsError):
+        diffc.build("demo", "cpu", artifact, progress=False)
+    prof = tmp_path / "fp8.toml"
+    prof.write_text('name = "fp8cpu"\nbackend = "onnxruntime"\n[precision]\nunet = "fp8"\n')
+    with pytest.raises(BackendUnavailableError, match="fp8"):
+        diffc.build("demo", prof, tmp_path / "x", progress=False)
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ProfileError):
+        diffc.build("demo", "no-such-profile", tmp_path / "y", progress=False)
+
+
+def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
+    import diffc.engines.onnxruntime as ort_engine
+
+    calls = []
+
+    def interrupt(onnx_path, engine_path):
+        calls.append(onnx_path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-build
+        return real(onnx_path, engine_path)
+
+    real = ort_engine.build_engine
+    monkeypatch.setattr(ort_engine, "build_engine", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        diffc.build("demo", "cpu", tmp_path / "art", progress=False)
+    assert list(tmp_path.iterdir()) == []
