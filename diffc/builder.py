@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from diffc import __version__
 from diffc._fs import atomic_output_dir, folder_hash, sha256_file
 from diffc.errors import BackendUnavailableError, ProfileError
@@ -166,7 +168,7 @@ def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | P
 
         manifest_components: dict[str, Any] = {}
         t0 = time.perf_counter()
-        for name in components:
+        for name in tqdm(components, desc="engines", unit="component", disable=not progress):
             onnx_path = work / "onnx" / name / "model.onnx"
             engine_path = tmp / name / "model.onnx"
             info = ort_engine.build_engine(onnx_path, engine_path)

@@ -1,0 +1,56 @@
+"""Shared bits of the benchmark scripts: machine description, timing in fresh processes, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
+                            "cpus": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+        with open("/proc/meminfo") as f:
+            info["mem_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    import importlib.metadata as md
+
+    for pkg in ("onnxruntime", "onnx", "torch", "diffusers", "numpy"):
+        try:
+            info[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return info
+
+
+def timed_subprocess(code: str, *, env: dict[str, str] | None = None) -> float:
+    """Run ``code`` in a fresh interpreter; it must print one float (seconds) as its last line."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, **(env or {})})
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def median_time(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def emit(result: dict[str, Any]) -> None:
+    """The one thing a benchmark writes to stdout."""
+    sys.stdout.write(json.dumps(result, indent=2) + "\n")
