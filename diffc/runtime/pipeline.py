@@ -8,6 +8,7 @@ is a list of (tokenizer, encoder, output) triples. docs/manifest.md gives the sa
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,26 +23,45 @@ from diffc.runtime.tokenizer import PromptTokenizer
 log = logging.getLogger("diffc.runtime")
 
 
-def _open_session(backend: str, path: Path, threads: int):
+def _open_session(backend: str, path: Path, threads: int, cache_key: str | None):
     if backend == "onnxruntime":
         from diffc.engines.onnxruntime import Session
 
-        return Session(path, threads=threads)
+        return Session(path, threads=threads, cache_key=cache_key)
     raise InputError(f"this runtime cannot run {backend!r} engines; rebuild the artifact with the 'cpu' profile")
+
+
+def open_sessions(root: Path, manifest: dict[str, Any], *, threads: int = 0, verify: bool = True,
+                  cache: bool = True) -> dict[str, Any]:
+    """Open every component's engine while its files are hashed on another thread.
+
+    Paths and presence are checked first (cheap); the sha256 of multi-GB weights (~1 GB/s) then overlaps
+    with session creation (hashlib and onnxruntime both release the GIL), and nothing is returned, so
+    nothing can run, before every hash has matched.
+    """
+    verify_files(root, manifest, hashes=False)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        hashing = pool.submit(verify_files, root, manifest, hashes=True) if verify else None
+        sessions = {}
+        for name, c in manifest["components"].items():
+            key = "|".join(c["files"][f] for f in sorted(c["files"])) if cache else None
+            sessions[name] = _open_session(c["backend"], artifact_path(root, c["file"]), threads, key)
+        if hashing is not None:
+            hashing.result()
+    return sessions
 
 
 class Pipeline:
     """A loaded artifact. Call it with a prompt; get ``float32 (B, H, W, 3)`` images in [0, 1]."""
 
-    def __init__(self, root: str | Path, *, threads: int = 0, verify: bool = True, progress: bool = True):
+    def __init__(self, root: str | Path, *, threads: int = 0, verify: bool = True, cache: bool = True,
+                 progress: bool = True):
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
-        verify_files(self.root, self.manifest, hashes=verify)
         m = self.manifest
         self.progress = progress
         self.tables = SamplerTables.from_dict(m["sampler"])
-        self.sessions = {name: _open_session(c["backend"], artifact_path(self.root, c["file"]), threads)
-                         for name, c in m["components"].items()}
+        self.sessions = open_sessions(self.root, m, threads=threads, verify=verify, cache=cache)
         self.tokenizers = [PromptTokenizer(artifact_path(self.root, e["tokenizer"]), max_length=e["max_length"],
                                            pad_id=e["pad_id"]) for e in m["text_encoders"]]
         self.image = m["image"]

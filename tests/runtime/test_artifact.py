@@ -184,3 +184,20 @@ def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         diffc.build("demo", "cpu", tmp_path / "art", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_host_engine_cache(artifact, tmp_path, monkeypatch):
+    """The first load fills the per-host cache; the next one opens the layout-optimized graph from it, and
+    both give the same image as a load with the cache off."""
+    monkeypatch.setenv("DIFFC_CACHE_DIR", str(tmp_path / "cache"))
+    first = load(artifact, progress=False)
+    assert not any(s.from_cache for s in first.sessions.values())
+    entries = list((tmp_path / "cache" / "onnxruntime").iterdir())
+    assert len(entries) == 3 and all((e / "complete").is_file() for e in entries)
+    second = load(artifact, progress=False)
+    assert all(s.from_cache for s in second.sessions.values())
+    monkeypatch.setenv("DIFFC_CACHE_DIR", "off")
+    uncached = load(artifact, progress=False)
+    assert not any(s.from_cache for s in uncached.sessions.values())
+    images = [p("a handwritten digit four", seed=4) for p in (first, second, uncached)]
+    assert np.abs(images[0] - images[1]).max() <= 1e-6 and np.abs(images[0] - images[2]).max() <= 1e-6

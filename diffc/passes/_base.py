@@ -1,0 +1,142 @@
+"""What every diffc pass shares: the pass base class, fire counts, rule application and verification.
+
+A diffc pass is an ``onnx_ir`` in-place pass (``requires -> call -> ensures``) that also says how often it
+fired. ``modified`` is derived from those counts, so a pass that reports ``modified=False`` has provably
+changed nothing, and running a pass twice must give ``modified=False`` the second time (the tests check).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from typing import Any, ClassVar, Iterable, Mapping
+
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+from onnx_ir.passes.common import _c_api_utils
+from onnxscript.rewriter import pattern
+
+from diffc.errors import DiffcError, ProfileError
+
+log = logging.getLogger("diffc.passes")
+
+#: onnxruntime's contributed-operator domain
+MS_DOMAIN = "com.microsoft"
+
+
+class PassOptionError(ProfileError):
+    """A pass option (the profile's ``[passes]`` table, or a keyword of ``run_passes``) is invalid."""
+
+    code = "pass_option_error"
+
+
+class PassError(DiffcError):
+    """A graph pass produced an invalid graph, or the graph holds ops the target cannot run."""
+
+    code = "pass_error"
+
+
+class DiffcPass(ir.passes.InPlacePass):
+    """Base of every diffc pass: subclasses implement :meth:`run`, which mutates the model in place and
+    returns how often each of its rewrites fired. ``modified`` is true exactly when some count is > 0."""
+
+    #: stable name, used in pass lists, reports and the profile's ``[passes].disable``
+    name: ClassVar[str] = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fired: dict[str, int] = {}
+
+    def run(self, model: ir.Model) -> dict[str, int]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.fired = {k: int(v) for k, v in self.run(model).items()}
+        modified = any(v > 0 for v in self.fired.values())
+        log.debug("%s fired %s", self.name, self.fired)
+        return ir.passes.PassResult(model, modified)
+
+
+def apply_rules(model: ir.Model, rules: Iterable[pattern.RewriteRule], *, commute: bool = False) -> int:
+    """Apply ``rules`` until none matches; returns the number of rewrites. Matched nodes are removed by the
+    rewriter; nodes left without consumers (e.g. a shape chain feeding only the old subgraph) are removed too.
+    ``commute``: also match every operand order of commutative ops (Add, Mul)."""
+    rule_set = pattern.RewriteRuleSet(list(rules), commute=commute)
+    total = 0
+    for _ in range(8):  # rewrites can expose new matches; the rule sets here converge in 1-2 rounds
+        n = rule_set.apply_to_model(model)
+        total += n
+        if n == 0:
+            break
+    if total:
+        common_passes.RemoveUnusedNodesPass()(model)
+    return total
+
+
+def op_counts(model: onnx.ModelProto | ir.Model) -> dict[str, int]:
+    """Node counts per op type (``domain::Op`` for non-ONNX domains), main graph only, sorted by name."""
+    if isinstance(model, onnx.ModelProto):
+        keys = (_op_key(n.domain, n.op_type) for n in model.graph.node)
+    else:
+        keys = (_op_key(n.domain, n.op_type) for n in model.graph)
+    return dict(sorted(collections.Counter(keys).items()))
+
+
+def _op_key(domain: str, op_type: str) -> str:
+    return op_type if domain in ("", "ai.onnx") else f"{domain}::{op_type}"
+
+
+def onnx_opset(model: ir.Model) -> int:
+    return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1)))
+
+
+def const_ints(value: ir.Value | None) -> list[int] | None:
+    """The value of a constant integer tensor (initializer or Constant node output), or None."""
+    if value is None:
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    if tensor is None:
+        return None
+    array = tensor.numpy()
+    if array.dtype.kind not in "iu":
+        return None
+    return [int(v) for v in array.reshape(-1)]
+
+
+def const_scalar(value: ir.Value | None) -> float | None:
+    """The value of a constant one-element float/int tensor, or None."""
+    if value is None:
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    if tensor is None:
+        return None
+    array = tensor.numpy()
+    if array.size != 1:
+        return None
+    return float(array.reshape(-1)[0])
+
+
+def verify(model: ir.Model, *, after: str) -> None:
+    """onnx checker (``full_check``: includes strict shape inference) and a data-propagating shape inference.
+
+    Large weights are stripped for the C++ calls (protobuf cannot hold more than 2 GiB), so this works on an
+    SD-1.5-sized UNet too. Raises :class:`PassError` naming the pass that broke the graph.
+    """
+
+    def check(proto: onnx.ModelProto) -> None:
+        onnx.checker.check_model(proto, full_check=True)
+        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
+
+    try:
+        _c_api_utils.call_onnx_api(check, model)
+    except Exception as e:  # onnx raises ValidationError, InferenceError, or plain RuntimeError
+        raise PassError(
+            f"the graph is invalid after pass {after!r}: {e}. Re-run with that pass disabled "
+            f"([passes].disable = [{after!r}]) and report the model config"
+        ) from e
+
+
+def freeze_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Options as plain JSON-able data (tuples become lists) for reports and manifests."""
+    return {k: list(v) if isinstance(v, (tuple, frozenset, set)) else v for k, v in options.items()}
