@@ -550,6 +550,21 @@ def _sigma_table_f32(ac: np.ndarray) -> np.ndarray:
 # ==========================================================================================================
 # Compile time: config handling
 # ==========================================================================================================
+def _sigmas_at(ac: np.ndarray, t: np.ndarray, final_sigmas_type: str) -> np.ndarray:
+    """float32 sigmas at (possibly fractional) timesteps ``t``, plus the final sigma, as Euler and DPM compute them."""
+    table = _sigma_table_f32(ac)
+    sig = np.interp(t, np.arange(0, len(table)), table)
+    if final_sigmas_type == "sigma_min":
+        last = float(_sigma_table_f32(ac[:1])[0])
+    elif final_sigmas_type == "zero":
+        last = 0.0
+    else:
+        raise ProfileError(
+            f"scheduler config final_sigmas_type {final_sigmas_type!r} is not supported; use 'zero' or 'sigma_min'"
+        )
+    return np.concatenate([sig, [last]]).astype(np.float32)
+
+
 def _resolve_config(kind: str, scheduler_config: dict) -> dict:
     """Fill the keys the kind's diffusers class reads, the way ``ThatScheduler.from_config(cfg)`` would.
 
@@ -717,18 +732,7 @@ def _euler_sigmas(cfg: dict, n: int) -> tuple[np.ndarray, np.ndarray]:
             "fix steps_offset or timestep_spacing in the scheduler config"
         )
     ac = _alphas_cumprod(cfg, patch_zero_snr_terminal=True)
-    table = _sigma_table_f32(ac)
-    sig = np.interp(t, np.arange(0, len(table)), table)
-    if cfg["final_sigmas_type"] == "sigma_min":
-        last = float(_sigma_table_f32(ac[:1])[0])
-    elif cfg["final_sigmas_type"] == "zero":
-        last = 0.0
-    else:
-        raise ProfileError(
-            f"scheduler config final_sigmas_type {cfg['final_sigmas_type']!r} is not supported; "
-            "use 'zero' or 'sigma_min'"
-        )
-    sigmas = np.concatenate([sig, [last]]).astype(np.float32)
+    sigmas = _sigmas_at(ac, t, cfg["final_sigmas_type"])
     return t, sigmas
 
 
@@ -847,18 +851,7 @@ def _compile_dpmpp_2m(cfg: dict, n: int) -> dict:
             f"the 'dpmpp_2m' timesteps for num_steps={n} are {t.tolist()}: out of range or repeated; "
             "use fewer steps or check steps_offset/lambda_min_clipped"
         )
-    table = _sigma_table_f32(ac)
-    sig = np.interp(t, np.arange(0, len(table)), table)
-    if cfg["final_sigmas_type"] == "sigma_min":
-        last = float(_sigma_table_f32(ac[:1])[0])
-    elif cfg["final_sigmas_type"] == "zero":
-        last = 0.0
-    else:
-        raise ProfileError(
-            f"scheduler config final_sigmas_type {cfg['final_sigmas_type']!r} is not supported; "
-            "use 'zero' or 'sigma_min'"
-        )
-    sigmas = np.concatenate([sig, [last]]).astype(np.float32).astype(np.float64)
+    sigmas = _sigmas_at(ac, t, cfg["final_sigmas_type"]).astype(np.float64)
 
     def alpha_sigma(s: float) -> tuple[float, float]:
         alpha = 1.0 / math.sqrt(s * s + 1.0)
