@@ -27,6 +27,7 @@ def _heavy_modules_after(body: str) -> list[str]:
     [
         "import diffc",
         "import diffc.runtime",
+        "import diffc.runtime.capi",
         "import diffc.profiles, diffc.errors, diffc.exporter",
         "from click.testing import CliRunner\nimport diffc.cli\n"
         "r = CliRunner().invoke(diffc.cli.main, ['--help'])\nassert r.exit_code == 0, r.output",
