@@ -1,7 +1,7 @@
 # Convenience targets; the README's commands are the source of truth.
 .PHONY: install test demo
 install:
-	python3 -m venv .venv && . .venv/bin/activate && pip install -q -e '.[export,test]'
+	python3 -m venv .venv && . .venv/bin/activate && pip install -q -e '.[export,test,tensorrt]'
 test:
 	. .venv/bin/activate && python -m pytest -n 2
 demo:

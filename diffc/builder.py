@@ -29,9 +29,29 @@ log = logging.getLogger("diffc.build")
 
 #: components the text-to-image loop runs, in build order
 TXT2IMG_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+TENSORRT_BACKENDS = (Backend.TENSORRT, Backend.TENSORRT_RTX)
+
+
+def _check_tensorrt(profile: Profile, graphs: dict[str, Path] | None = None) -> None:
+    """Refuse what the TensorRT profile cannot build before any work: a missing backend, a precision the
+    targets lack, and (with ``graphs``, after export) int8/fp8 components whose graphs carry no Q/DQ."""
+    from diffc.engines import tensorrt as trt_engine
+
+    flavour = profile.backend.value
+    if trt_engine.available(flavour) is None:
+        raise BackendUnavailableError(f"profile {profile.name!r} builds {flavour} engines, and {flavour} is not "
+                                      f"installed; install it with {trt_engine.EXTRAS[flavour]}")
+    for comp in (graphs or TXT2IMG_COMPONENTS):
+        trt_engine.check_precision(profile.precision_of(comp), backend=flavour,
+                                   compute_capabilities=profile.tensorrt.compute_capabilities,
+                                   strongly_typed=profile.tensorrt.strongly_typed,
+                                   graph=graphs[comp] if graphs else None, component=comp, profile=profile.name)
 
 
 def _check_backend(profile: Profile) -> None:
+    if profile.backend in TENSORRT_BACKENDS:
+        _check_tensorrt(profile)
+        return
     if profile.backend is not Backend.ONNXRUNTIME:
         raise BackendUnavailableError(
             f"profile {profile.name!r} targets {profile.backend.value}, which this diffc build cannot produce yet; "
@@ -56,10 +76,15 @@ def _round_to(v: int, m: int) -> int:
 
 def image_geometry(pipe, profile: Profile) -> dict[str, Any]:
     """Pixel size ranges, checked against what the UNet and VAE can tile."""
-    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    unet_mult = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    return geometry_from_configs(dict(pipe.unet.config), dict(pipe.vae.config), profile)
+
+
+def geometry_from_configs(unet_cfg: dict[str, Any], vae_cfg: dict[str, Any], profile: Profile) -> dict[str, Any]:
+    """:func:`image_geometry` from the components' config.json (torch-free: ``--dry-run`` uses it)."""
+    vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    unet_mult = 2 ** (len(unet_cfg["block_out_channels"]) - 1)
     multiple = vae_factor * unet_mult
-    sample = pipe.unet.config.sample_size
+    sample = unet_cfg["sample_size"]
     native = int(sample[0] if isinstance(sample, (list, tuple)) else sample) * vae_factor
     native = _round_to(native, multiple)
     derived = Range(_round_to(native // 2, multiple), native, native * 2)
@@ -114,7 +139,7 @@ def _io(model_path: Path) -> dict[str, list[dict[str, Any]]]:
     return {"inputs": [spec(i) for i in model.graph.input], "outputs": [spec(o) for o in model.graph.output]}
 
 
-def _versions() -> dict[str, str]:
+def _versions(profile: Profile | None = None) -> dict[str, str]:
     import importlib.metadata as md
 
     out = {}
@@ -123,13 +148,53 @@ def _versions() -> dict[str, str]:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
+    if profile is not None and profile.backend in TENSORRT_BACKENDS:
+        from diffc.engines import tensorrt as trt_engine
+
+        out[profile.backend.value] = trt_engine.version(profile.backend.value)
+    return out
+
+
+def plan(model: str | Path, profile: str | Path | Profile = "cpu", *, steps: int | None = None,
+         sampler: str | None = None) -> dict[str, Any]:
+    """What :func:`build` would build (components, precisions, shape ranges, backend flags), without exporting
+    or building anything: no torch, no backend needed (``diffc build --dry-run``). Raises the errors a build
+    would raise before exporting (bad profile field, precision the targets cannot run)."""
+    from diffc.exporter.source import inspect_model
+
+    prof = load_profile(profile)
+    if steps is not None or sampler is not None:
+        prof = prof.with_overrides(steps=steps or prof.steps, sampler=sampler or prof.sampler)
+    if str(model) == "demo":
+        from diffc.exporter.demo import DEMO_KIND
+        from diffc.exporter.tiny import tiny_configs
+
+        configs = tiny_configs(DEMO_KIND)
+        unet_cfg, vae_cfg, present = configs["unet"], configs["vae"], ("text_encoder", "unet", "vae_decoder")
+    else:
+        source = inspect_model(model)
+        unet_cfg, vae_cfg, present = source.config("unet"), source.config("vae"), source.components
+    geometry = geometry_from_configs(unet_cfg, vae_cfg, prof)
+    cfg = unet_cfg.get("time_cond_proj_dim") is None
+    out: dict[str, Any] = {"model": str(model), "profile": prof.name, "backend": prof.backend.value,
+                           "image": {k: geometry[k] for k in ("height", "width")}, "batch": prof.batch.to_list(),
+                           "components": {}}
+    for name in (c for c in TXT2IMG_COMPONENTS if c in present):
+        ranges = shape_ranges(name, prof, geometry, cfg=cfg)
+        if prof.backend in TENSORRT_BACKENDS:
+            from diffc.engines import tensorrt as trt_engine
+
+            out["components"][name] = trt_engine.describe_build(prof, name, ranges)
+        else:
+            out["components"][name] = {"backend": prof.backend.value, "precision": prof.precision_of(name).value,
+                                       "shape_ranges": ranges}
     return out
 
 
 def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | Path | None = None, *,
           force: bool = False, steps: int | None = None, sampler: str | None = None, exporter: str = "torchscript",
-          progress: bool = True) -> Path:
-    """Build an artifact. Returns its path."""
+          progress: bool = True, no_cache: bool = False) -> Path:
+    """Build an artifact. Returns its path. ``no_cache``: rebuild TensorRT engines the build cache holds."""
     from diffc.engines import onnxruntime as ort_engine
     from diffc.exporter.export import export_pipeline_to, load_pipeline, resolve_model
     from diffc.exporter.source import inspect_model
@@ -168,31 +233,46 @@ def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | P
         report["timings"]["export_s"] = round(time.perf_counter() - t0, 3)
 
         manifest_components: dict[str, Any] = {}
+        use_trt = prof.backend in TENSORRT_BACKENDS
+        if use_trt:
+            from diffc.engines import tensorrt as trt_engine
+
+            # int8/fp8 need Q/DQ graphs: refuse before the first engine is built, not after
+            _check_tensorrt(prof, {n: work / "onnx" / n / "model.onnx" for n in components})
         t0 = time.perf_counter()
         for name in tqdm(components, desc="engines", unit="component", disable=not progress):
             onnx_path = work / "onnx" / name / "model.onnx"
-            engine_path = tmp / name / "model.onnx"
-            info = ort_engine.build_engine(onnx_path, engine_path)
-            io = _io(engine_path)
-            files = [f"{name}/{f}" for f in info["files"]]
-            manifest_components[name] = {
-                "file": files[0],
-                "files": {f: sha256_file(tmp / f) for f in files},
-                "backend": info["backend"],
-                "backend_version": info["backend_version"],
-                "backend_options": {"graph_optimization_applied": info["optimization"]},
-                "precision": prof.precision_of(name).value,
-                **io,
-                "shape_ranges": shape_ranges(name, prof, geometry, cfg=pipe.unet.config.get("time_cond_proj_dim") is None),
-            }
+            ranges = shape_ranges(name, prof, geometry, cfg=pipe.unet.config.get("time_cond_proj_dim") is None)
+            if use_trt:
+                rec = trt_engine.build_engine(onnx_path, tmp / name / trt_engine.ENGINE_FILE, no_cache=no_cache,
+                                              **trt_engine.options_from_profile(prof, name, ranges))
+                manifest_components[name] = {**trt_engine.manifest_entry(rec, name), "shape_ranges": ranges}
+                engine_report = {"engine_bytes": rec["report"]["engine_bytes"], "tensorrt": rec["report"]}
+            else:
+                engine_path = tmp / name / "model.onnx"
+                info = ort_engine.build_engine(onnx_path, engine_path)
+                io = _io(engine_path)
+                files = [f"{name}/{f}" for f in info["files"]]
+                manifest_components[name] = {
+                    "file": files[0],
+                    "files": {f: sha256_file(tmp / f) for f in files},
+                    "backend": info["backend"],
+                    "backend_version": info["backend_version"],
+                    "backend_options": {"graph_optimization_applied": info["optimization"]},
+                    "precision": prof.precision_of(name).value,
+                    **io,
+                    "shape_ranges": ranges,
+                }
+                engine_report = {"engine_bytes": sum((tmp / f).stat().st_size for f in files)}
             ec = export_report["components"][name]
             report["components"][name] = {"parity": {k: ec[k] for k in ("max_abs_err", "rel_l2", "passed")},
-                                          "engine_bytes": sum((tmp / f).stat().st_size for f in files)}
+                                          **engine_report}
         report["timings"]["engines_s"] = round(time.perf_counter() - t0, 3)
-        # Fill this host's engine cache now, so the first `diffc run` here starts as fast as later ones.
-        t0 = time.perf_counter()
-        open_sessions(tmp, {"components": manifest_components, "text_encoders": []}, verify=False)
-        report["timings"]["host_cache_s"] = round(time.perf_counter() - t0, 3)
+        if not use_trt:  # a TensorRT engine may be for a GPU this machine lacks: nothing to warm up here
+            # Fill this host's engine cache now, so the first `diffc run` here starts as fast as later ones.
+            t0 = time.perf_counter()
+            open_sessions(tmp, {"components": manifest_components, "text_encoders": []}, verify=False)
+            report["timings"]["host_cache_s"] = round(time.perf_counter() - t0, 3)
 
         # Text conditioning: which encoders, which of their outputs, which tokenizer.
         is_sdxl = "text_encoder_2" in source.components
@@ -236,7 +316,7 @@ def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | P
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "source": {"model": str(model), "pipeline_class": source.pipeline_class, "sha256": folder_hash(folder)},
             "profile": prof.to_dict(),
-            "build": {"exporter": exporter, "opset": export_report["opset"], "versions": _versions(),
+            "build": {"exporter": exporter, "opset": export_report["opset"], "versions": _versions(prof),
                       "scheduler_config": {k: v for k, v in sched_cfg.items()}},
             "components": manifest_components,
             "text_encoders": encoders,

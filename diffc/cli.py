@@ -63,18 +63,29 @@ def export(obj, model, out, force, exporter, opset, components):
 @main.command()
 @click.argument("model")
 @click.option("--profile", "-p", default="cpu", show_default=True, help="Profile name or path to a .toml file.")
-@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Artifact folder to write.")
+@click.option("--out", "-o", type=click.Path(path_type=Path), help="Artifact folder to write (required unless "
+              "--dry-run).")
 @click.option("--force", is_flag=True, help="Replace the artifact folder if it exists.")
 @click.option("--steps", type=int, default=None, help="Override the profile's step count.")
 @click.option("--sampler", default=None, help="Override the profile's sampler (ddim, euler, dpmpp_2m, lcm, flow_euler).")
 @click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript", show_default=True)
+@click.option("--no-cache", is_flag=True, help="Rebuild every TensorRT engine, even those the build cache holds.")
+@click.option("--dry-run", is_flag=True, help="Print what would be built (components, precisions, shapes, backend "
+              "flags) as JSON and exit; exports and builds nothing, needs no backend.")
 @click.pass_obj
-def build(obj, model, profile, out, force, steps, sampler, exporter):
+def build(obj, model, profile, out, force, steps, sampler, exporter, no_cache, dry_run):
     """Compile MODEL (a diffusers folder, or 'demo') for PROFILE into an artifact."""
+    if dry_run:
+        from diffc.builder import plan
+
+        click.echo(json.dumps(plan(model, profile, steps=steps, sampler=sampler), indent=2))
+        return
+    if out is None:
+        raise click.UsageError("Missing option '--out' / '-o' (only --dry-run runs without it).")
     from diffc.builder import build as _build
 
     path = _build(model, profile=profile, out=out, force=force, steps=steps, sampler=sampler, exporter=exporter,
-                  progress=obj["progress"])
+                  progress=obj["progress"], no_cache=no_cache)
     click.echo(f"wrote artifact {path}")
 
 

@@ -7,17 +7,20 @@ import sys
 
 import pytest
 
-HEAVY = ("torch", "diffusers", "transformers", "tensorrt", "tensorrt_rtx", "onnxscript")
+HEAVY = ("torch", "diffusers", "transformers", "tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings", "tensorrt_rtx_libs",
+         "onnxscript")
+#: cuda-bindings' .pth file imports the empty ``cuda`` namespace at interpreter start; the bindings are the heavy part
+HEAVY_PREFIXES = ("cuda.bindings", "cuda.cudart")
 
 PROBE = """
 import json, sys
 {body}
-print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r})))
+print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r} or m.startswith({prefixes!r}))))
 """
 
 
 def _heavy_modules_after(body: str) -> list[str]:
-    code = PROBE.format(body=body, heavy=set(HEAVY))
+    code = PROBE.format(body=body, heavy=set(HEAVY), prefixes=HEAVY_PREFIXES)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -33,6 +36,7 @@ def _heavy_modules_after(body: str) -> list[str]:
         "r = CliRunner().invoke(diffc.cli.main, ['--help'])\nassert r.exit_code == 0, r.output",
         "from click.testing import CliRunner\nimport diffc.cli\n"
         "r = CliRunner().invoke(diffc.cli.main, ['profiles'])\nassert r.exit_code == 0, r.output",
+        "import diffc.engines.tensorrt",
     ],
 )
 def test_no_heavy_imports(body):

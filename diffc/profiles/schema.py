@@ -33,6 +33,9 @@ class Precision(str, enum.Enum):
 
 
 SAMPLER_KINDS = ("auto", "ddim", "euler", "dpmpp_2m", "lcm", "flow_euler")
+#: TensorRT hardware-compatibility levels (``[tensorrt].hardware_compat``); TensorRT-RTX uses compute capabilities
+HARDWARE_COMPAT = ("none", "ampere_plus", "same_compute_capability")
+_TRT_BACKENDS = ("tensorrt", "tensorrt_rtx")
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 
 
@@ -52,6 +55,39 @@ class Range:
 
 
 @dataclass(frozen=True)
+class TensorRTOptions:
+    """The ``[tensorrt]`` table: how TensorRT / TensorRT-RTX engines are built (ignored by other backends).
+
+    ``compute_capabilities`` means two things, because the two flavours build differently. TensorRT-RTX compiles
+    ahead of time for the listed targets (``"SM89"``, ``"SM120"`` ...) on any machine, GPU or not; empty means
+    its default portable set (Ampere and later). Datacenter TensorRT autotunes on the GPU it builds on, so an
+    engine is for that GPU's architecture: the list names the architectures the profile is for, and a build on
+    another GPU is refused (unless ``hardware_compat`` widens what the engine runs on).
+    """
+
+    compute_capabilities: tuple[str, ...] = ()
+    opt_level: int = 3  # builder optimization level, 0 (fast build) .. 5 (slow build, fastest engine)
+    strongly_typed: bool | None = None  # None ("auto"): decided from the graph and the TensorRT version
+    static_shapes: bool = False  # every profile collapses to its opt shape (min = opt = max)
+    refit: bool = False
+    weight_streaming: bool = False
+    hardware_compat: str = "none"  # tensorrt only: none | ampere_plus | same_compute_capability
+    version_compat: bool = False  # tensorrt only: the engine also runs on later TensorRT versions
+    timing_cache: bool = True  # tensorrt only: keep autotuning results between builds (TensorRT-RTX: no-op)
+    cuda_graph: bool = True  # runtime: replay each input shape as a CUDA graph
+    workspace_mib: int | None = None  # builder workspace pool; None: derived from [memory].budget_mib
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """The ``[memory]`` table. ``budget_mib``: device memory one engine may use at run time (weights plus
+    activations), for targets such as an 8 GB Jetson whose GPU shares memory with the OS. TensorRT derives its
+    builder workspace limit from it and refuses a component whose weights alone exceed it."""
+
+    budget_mib: int | None = None
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     backend: Backend
@@ -64,6 +100,8 @@ class Profile:
     steps: int = 4
     guidance: float | None = 7.5
     onnxruntime: dict[str, Any] = field(default_factory=dict)
+    tensorrt: TensorRTOptions = TensorRTOptions()
+    memory: MemoryBudget = MemoryBudget()
     source: str = ""  # where it was loaded from
 
     def precision_of(self, component: str) -> Precision:
@@ -75,6 +113,7 @@ class Profile:
         d["precision"] = {k: v.value for k, v in self.precision.items()}
         for key in ("height", "width", "batch"):
             d[key] = getattr(self, key).to_list() if getattr(self, key) is not None else None
+        d["tensorrt"]["compute_capabilities"] = list(self.tensorrt.compute_capabilities)
         return d
 
     @classmethod
@@ -88,6 +127,14 @@ class Profile:
                         "guidance": data.get("guidance")},
             "onnxruntime": data.get("onnxruntime", {}),
         }
+        # Older manifests have neither table; a profile that left them at their defaults round-trips without them.
+        if data.get("tensorrt") and data["backend"] in _TRT_BACKENDS:
+            trt = {k: v for k, v in data["tensorrt"].items() if v is not None}
+            if "strongly_typed" not in trt:
+                trt["strongly_typed"] = "auto"
+            toml_like["tensorrt"] = trt
+        if data.get("memory") and data["memory"].get("budget_mib") is not None:
+            toml_like["memory"] = dict(data["memory"])
         return parse_profile(toml_like, where=where)
 
     def with_overrides(self, **changes) -> "Profile":
@@ -114,8 +161,81 @@ def _range(value: Any, where: str, field_: str, *, minimum: int = 1) -> Range:
     return Range(lo, opt, hi)
 
 
+def _bool(table: dict, key: str, default: bool, where: str, prefix: str) -> bool:
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise _err(where, f"{prefix}{key}", f"must be true or false, got {value!r}")
+    return value
+
+
+def _opt_int(table: dict, key: str, where: str, prefix: str, *, lo: int, hi: int | None = None) -> int | None:
+    value = table.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
+        bound = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
+        raise _err(where, f"{prefix}{key}", f"must be an integer {bound}, got {value!r}")
+    return value
+
+
+def _parse_tensorrt(table: Any, backend: Backend, where: str) -> TensorRTOptions:
+    p = "[tensorrt]."
+    if not isinstance(table, dict):
+        raise _err(where, "[tensorrt]", "must be a table")
+    if table and backend.value not in _TRT_BACKENDS:
+        raise _err(where, "[tensorrt]", f"applies to the tensorrt and tensorrt_rtx backends only; this profile's "
+                                        f"backend is {backend.value!r}")
+    _check_keys(table, {f.name for f in TensorRTOptions.__dataclass_fields__.values()}, where, p)
+    ccs = table.get("compute_capabilities", [])
+    if not (isinstance(ccs, list) and all(isinstance(c, str) and len(c) > 2 and c[:2] == "SM" and c[2:].isdigit()
+                                          for c in ccs)):
+        raise _err(where, f"{p}compute_capabilities",
+                   f"must be a list of strings like \"SM89\" (SM + major + minor), got {ccs!r}")
+    if len(set(ccs)) != len(ccs):
+        raise _err(where, f"{p}compute_capabilities", f"lists a compute capability twice: {ccs!r}")
+    typed = table.get("strongly_typed", "auto")
+    if typed not in ("auto", True, False):
+        raise _err(where, f"{p}strongly_typed", f"must be \"auto\", true or false, got {typed!r}")
+    hw = table.get("hardware_compat", "none")
+    if hw not in HARDWARE_COMPAT:
+        raise _err(where, f"{p}hardware_compat", f"must be one of {list(HARDWARE_COMPAT)}, got {hw!r}")
+    opts = TensorRTOptions(
+        compute_capabilities=tuple(ccs),
+        opt_level=_opt_int(table, "opt_level", where, p, lo=0, hi=5) if "opt_level" in table else 3,
+        strongly_typed=None if typed == "auto" else typed,
+        static_shapes=_bool(table, "static_shapes", False, where, p),
+        refit=_bool(table, "refit", False, where, p),
+        weight_streaming=_bool(table, "weight_streaming", False, where, p),
+        hardware_compat=hw,
+        version_compat=_bool(table, "version_compat", False, where, p),
+        timing_cache=_bool(table, "timing_cache", True, where, p),
+        cuda_graph=_bool(table, "cuda_graph", True, where, p),
+        workspace_mib=_opt_int(table, "workspace_mib", where, p, lo=1),
+    )
+    if backend is Backend.TENSORRT_RTX:
+        # TensorRT-RTX has neither: its portability is the compute-capability list, and it ships no lean runtime.
+        if opts.hardware_compat != "none":
+            raise _err(where, f"{p}hardware_compat", "is a datacenter TensorRT setting; TensorRT-RTX engines run on "
+                                                     "the GPUs listed in [tensorrt].compute_capabilities")
+        if opts.version_compat:
+            raise _err(where, f"{p}version_compat", "is not available with TensorRT-RTX (its engines only run on "
+                                                    "the release that built them); set it to false")
+        if opts.strongly_typed is False:
+            raise _err(where, f"{p}strongly_typed", "cannot be false with TensorRT-RTX, which builds strongly "
+                                                    "typed networks only; use \"auto\"")
+    return opts
+
+
+def _parse_memory(table: Any, where: str) -> MemoryBudget:
+    if not isinstance(table, dict):
+        raise _err(where, "[memory]", "must be a table")
+    _check_keys(table, {"budget_mib"}, where, "[memory].")
+    return MemoryBudget(budget_mib=_opt_int(table, "budget_mib", where, "[memory].", lo=64))
+
+
 def parse_profile(data: dict[str, Any], *, where: str) -> Profile:
-    _check_keys(data, {"name", "description", "backend", "precision", "shapes", "sampler", "onnxruntime"}, where, "")
+    _check_keys(data, {"name", "description", "backend", "precision", "shapes", "sampler", "onnxruntime", "tensorrt",
+                       "memory"}, where, "")
     name = data.get("name")
     if not isinstance(name, str) or not name:
         raise _err(where, "name", "must be a non-empty string")
@@ -160,10 +280,14 @@ def parse_profile(data: dict[str, Any], *, where: str) -> Profile:
         if not isinstance(value, int) or value < 0:
             raise _err(where, f"[onnxruntime].{key}", f"must be an integer >= 0, got {value!r}")
 
+    tensorrt = _parse_tensorrt(data.get("tensorrt", {}), backend, where)
+    memory = _parse_memory(data.get("memory", {}), where)
+
     return Profile(
         name=name, backend=backend, description=str(data.get("description", "")), precision=precision,
         height=height, width=width, batch=batch, sampler=kind, steps=steps,
-        guidance=float(guidance) if guidance is not None else None, onnxruntime=dict(ort_table), source=where,
+        guidance=float(guidance) if guidance is not None else None, onnxruntime=dict(ort_table), tensorrt=tensorrt,
+        memory=memory, source=where,
     )
 
 

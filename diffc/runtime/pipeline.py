@@ -23,11 +23,18 @@ from diffc.runtime.tokenizer import PromptTokenizer
 log = logging.getLogger("diffc.runtime")
 
 
-def _open_session(backend: str, path: Path, threads: int, cache_key: str | None):
+def _open_session(component: dict[str, Any], path: Path, threads: int, cache_key: str | None,
+                  cuda_graph: bool = True):
+    backend = component["backend"]
     if backend == "onnxruntime":
         from diffc.engines.onnxruntime import Session
 
         return Session(path, threads=threads, cache_key=cache_key)
+    if backend in ("tensorrt", "tensorrt_rtx"):
+        # checks TensorRT version and GPU architecture against the record before deserializing
+        from diffc.engines.tensorrt import Session
+
+        return Session(path, record=component, cache_key=cache_key, cuda_graph=cuda_graph)
     raise InputError(f"this runtime cannot run {backend!r} engines; rebuild the artifact with the 'cpu' profile")
 
 
@@ -40,12 +47,13 @@ def open_sessions(root: Path, manifest: dict[str, Any], *, threads: int = 0, ver
     nothing can run, before every hash has matched.
     """
     verify_files(root, manifest, hashes=False)
+    cuda_graph = bool(manifest.get("profile", {}).get("tensorrt", {}).get("cuda_graph", True))
     with ThreadPoolExecutor(max_workers=1) as pool:
         hashing = pool.submit(verify_files, root, manifest, hashes=True) if verify else None
         sessions = {}
         for name, c in manifest["components"].items():
             key = "|".join(c["files"][f] for f in sorted(c["files"])) if cache else None
-            sessions[name] = _open_session(c["backend"], artifact_path(root, c["file"]), threads, key)
+            sessions[name] = _open_session(c, artifact_path(root, c["file"]), threads, key, cuda_graph)
         if hashing is not None:
             hashing.result()
     return sessions

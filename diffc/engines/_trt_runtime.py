@@ -1,0 +1,273 @@
+"""Running TensorRT engines: the pre-deserialization compatibility check and the :class:`Session`.
+
+Written against TensorRT's documented runtime API (``IRuntime.deserialize_cuda_engine``,
+``IExecutionContext.set_input_shape`` / ``set_tensor_address`` / ``execute_async_v3``) and, for TensorRT-RTX,
+its ``IRuntimeConfig`` (built-in CUDA graphs, runtime cache). Device memory, copies and CUDA graphs go through
+:mod:`diffc.engines._trt_cuda`, imported when a session opens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from diffc.engines._trt_common import (
+    EXTRAS,
+    FLAVOURS,
+    _cc_number,
+    _import,
+    available,
+    default_cache_dir,
+    version,
+)
+from diffc.errors import ArtifactError, BackendUnavailableError, InputError
+
+log = logging.getLogger("diffc.engines.tensorrt")
+
+
+# ------------------------------------------------------------------------------------------------ compatibility
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", v)[:4])
+
+
+def check_engine_compatible(record: Mapping[str, Any], *, installed_version: str | None = None,
+                            device_cc: str | None = None, component: str = "") -> None:
+    """Refuse, before deserializing, an engine this machine cannot run: other TensorRT version or GPU architecture.
+
+    ``record`` is a manifest component entry (or :func:`build_engine`'s record). ``installed_version`` and
+    ``device_cc`` default to this machine's (TensorRT import, CUDA device query); tests pass them.
+    """
+    flavour = record.get("backend")
+    what = f"the {component} engine" if component else "this engine"
+    if flavour not in FLAVOURS:
+        raise ArtifactError(f"{what} has backend {flavour!r}, not a TensorRT flavour; rebuild the artifact")
+    opts = record.get("backend_options", {})
+    built = str(record.get("backend_version", ""))
+    label = "TensorRT-RTX" if flavour == "tensorrt_rtx" else "TensorRT"
+    if installed_version is None:
+        if available(flavour) is None:
+            raise BackendUnavailableError(f"{what} needs {label} {built}, which is not installed; install it with "
+                                          f"{EXTRAS[flavour]}")
+        installed_version = version(flavour)
+    if opts.get("version_compat") and flavour == "tensorrt":
+        if _version_tuple(installed_version) < _version_tuple(built):
+            raise ArtifactError(f"{what} was built by {label} {built}; this machine has the older {installed_version}. "
+                                f"Upgrade {label} to >= {built}, or rebuild the artifact here with `diffc build`")
+    elif installed_version != built:
+        raise ArtifactError(f"{what} was built by {label} {built}, but this machine has {label} {installed_version}: "
+                            f"{label} engines only run on the version that built them. Rebuild the artifact with "
+                            f"`diffc build` (same profile) against {installed_version}, or install {label} {built}")
+
+    if device_cc is None:
+        from diffc.engines._trt_cuda import device_compute_capability
+
+        device_cc = device_compute_capability()
+        if device_cc is None:
+            raise BackendUnavailableError(f"{what} runs on an NVIDIA GPU, and none is visible to this process (no "
+                                          "driver, no device, or CUDA_VISIBLE_DEVICES hides it); run it on a GPU "
+                                          "machine, or build the artifact with the 'cpu' profile")
+    ccs = list(opts.get("compute_capabilities") or [])
+    hw = opts.get("hardware_compat", "none")
+    if hw == "ampere_plus" or (flavour == "tensorrt_rtx" and not ccs):
+        ok, targets = _cc_number(device_cc) >= 80, "Ampere (SM80) or later"
+    else:
+        ok, targets = device_cc in ccs, ", ".join(ccs) or "unknown"
+    if not ok:
+        if flavour == "tensorrt_rtx":
+            fix = f"rebuild with a profile whose [tensorrt].compute_capabilities includes {device_cc}"
+        else:
+            fix = ("rebuild the artifact on this GPU (TensorRT builds for the GPU it runs on), or build with "
+                   "[tensorrt].hardware_compat = \"ampere_plus\"")
+        raise ArtifactError(f"{what} was built for {targets}, but this GPU is {device_cc}: {fix}")
+
+
+# ------------------------------------------------------------------------------------------------ runtime
+
+
+def _runtime_cache_file(cache_key: str | None, device_cc: str) -> Path | None:
+    root = default_cache_dir()
+    if root is None or not cache_key:
+        return None
+    digest = hashlib.sha256(f"{cache_key}|{device_cc}".encode()).hexdigest()[:32]
+    return root / "runtime-cache" / f"{digest}.bin"
+
+
+class Session:
+    """One component's TensorRT engine. ``run`` takes and returns numpy arrays by name, like the onnxruntime one.
+
+    ``record``: the manifest component entry; with it the engine is checked against this machine before it is
+    deserialized (:func:`check_engine_compatible`). Buffers are allocated once at the profile's max shapes, so
+    tensor addresses never change and a captured CUDA graph stays valid for its input shapes:
+    datacenter TensorRT replays one graph per input-shape set (``cuda_graph``); TensorRT-RTX captures and
+    replays itself (its runtime config's ``WHOLE_GRAPH_CAPTURE`` strategy) and keeps its just-in-time compiled
+    kernels in a runtime cache file in the per-host cache (keyed by ``cache_key`` and the GPU), so only the
+    first session on a machine pays for JIT compilation. ``threads`` is accepted for interface parity.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, record: Mapping[str, Any] | None = None, cuda_graph: bool = True,
+                 cache_key: str | None = None, threads: int = 0, device: int = 0,
+                 weight_streaming_budget: int | None = None, runtime_cache: str | os.PathLike | None = None):
+        from diffc.engines import _trt_cuda as cu
+
+        self._cu = cu
+        self._closed = True
+        path = Path(path)
+        flavour = (record or {}).get("backend") or available()
+        if flavour is None:
+            raise BackendUnavailableError(f"no TensorRT is installed; install it with {EXTRAS['tensorrt_rtx']}")
+        device_cc = cu.device_compute_capability(device)
+        if record is not None:  # a manifest entry names its file "<component>/model.plan"
+            rel = str(record.get("file", ""))
+            check_engine_compatible(record, device_cc=device_cc, component=rel.split("/")[0] if "/" in rel else "")
+        if device_cc is None:
+            raise BackendUnavailableError("TensorRT engines run on an NVIDIA GPU, and none is visible to this process")
+        cu.check(cu.cudart().cudaSetDevice(device), "cudaSetDevice")
+        trt = _import(flavour)
+        self.flavour = flavour
+        opts = (record or {}).get("backend_options", {})
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        if opts.get("version_compat"):
+            self._runtime.engine_host_code_allowed = True  # a version-compatible plan embeds its lean runtime
+        try:
+            blob = path.read_bytes()
+        except OSError as e:
+            raise ArtifactError(f"cannot read engine {path} ({e}); rebuild the artifact with `diffc build`") from e
+        if hasattr(self._runtime, "get_engine_validity"):  # TensorRT-RTX >= 1.1: reads only the header
+            validity, diagnostics = self._runtime.get_engine_validity(blob)
+            if validity == trt.EngineValidity.INVALID:
+                why = [n for n, m in trt.EngineInvalidityDiagnostics.__members__.items() if diagnostics & int(m)]
+                raise ArtifactError(f"{flavour} {trt.__version__} refuses engine {path} "
+                                    f"({', '.join(why) or 'invalid'}) on this machine; rebuild the artifact here "
+                                    "with `diffc build`")
+        self.engine = self._runtime.deserialize_cuda_engine(blob)
+        del blob
+        if self.engine is None:
+            raise ArtifactError(f"{flavour} {trt.__version__} cannot deserialize {path} (built by another version, for "
+                                "another GPU, or corrupt); rebuild the artifact with `diffc build`")
+        if weight_streaming_budget is not None and self.engine.streamable_weights_size > 0:
+            self.engine.weight_streaming_budget_v2 = int(weight_streaming_budget)
+
+        self._rtx_cache = None
+        self._rtx_cache_file = None
+        if flavour == "tensorrt_rtx":
+            rc = self.engine.create_runtime_config()
+            if cuda_graph:
+                rc.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+            self._rtx_cache_file = Path(runtime_cache) if runtime_cache else _runtime_cache_file(cache_key, device_cc)
+            if self._rtx_cache_file is not None:
+                self._rtx_cache = rc.create_runtime_cache()
+                if self._rtx_cache_file.is_file():
+                    # rejected (and left empty) when another GPU, driver or release wrote it
+                    if not self._rtx_cache.deserialize(self._rtx_cache_file.read_bytes()):
+                        log.info("runtime cache %s is from another setup; recompiling", self._rtx_cache_file)
+                rc.set_runtime_cache(self._rtx_cache)
+            self.context = self.engine.create_execution_context(rc)
+        else:
+            self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise BackendUnavailableError(f"cannot create an execution context for {path} (out of GPU memory?)")
+        self._graphs_enabled = bool(cuda_graph) and flavour == "tensorrt"
+
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self._dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        self._ranges = {n: [tuple(d) for d in self.engine.get_tensor_profile_shape(n, 0)] for n in self.input_names}
+
+        self._buffers: dict[str, Any] = {}
+        self._graphs: dict[tuple, Any] = {}
+        self._stream = cu.Stream()
+        self._closed = False
+        for n in self.input_names:  # the largest shapes the profile allows: addresses never change afterwards
+            self.context.set_input_shape(n, self._ranges[n][2])
+        for n in names:
+            if n in self.input_names:
+                count = int(np.prod(self._ranges[n][2]))
+            else:
+                shape = tuple(self.context.get_tensor_shape(n))
+                count = int(np.prod(shape)) if all(d >= 0 for d in shape) else \
+                    self.context.get_max_output_size(n) // self._dtypes[n].itemsize
+            self._buffers[n] = cu.DeviceBuffer(count * self._dtypes[n].itemsize)
+            self.context.set_tensor_address(n, self._buffers[n].ptr)
+
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise InputError(f"missing inputs {missing} for this engine (it takes {self.input_names})")
+        host = {}
+        for n in self.input_names:
+            arr = np.ascontiguousarray(feeds[n], dtype=self._dtypes[n])
+            lo, _, hi = self._ranges[n]
+            if arr.ndim != len(lo) or not all(a <= s <= b for a, s, b in zip(lo, arr.shape, hi)):
+                raise InputError(f"input {n!r} has shape {tuple(arr.shape)}, outside the engine's profile (min {lo}, "
+                                 f"max {hi}); use a size in range or rebuild with wider [shapes]")
+            if not self.context.set_input_shape(n, arr.shape):
+                raise InputError(f"TensorRT refused shape {tuple(arr.shape)} for input {n!r}")
+            host[n] = arr
+            self._stream.h2d(self._buffers[n].ptr, arr, arr.nbytes)
+        key = tuple(host[n].shape for n in self.input_names)
+        graph = self._graphs.get(key)
+        if graph is not None:
+            graph.launch(self._stream)
+        else:
+            self._execute()
+        names = outputs or self.output_names
+        result = {}
+        for n in names:
+            out = np.empty(tuple(self.context.get_tensor_shape(n)), dtype=self._dtypes[n])
+            self._stream.d2h(out, self._buffers[n].ptr, out.nbytes)
+            result[n] = out
+        self._stream.synchronize()
+        if graph is None and self._graphs_enabled:
+            self._capture(key)
+        return result
+
+    def _execute(self) -> None:
+        if not self.context.execute_async_v3(self._stream.ptr):
+            raise self._cu.CudaError(f"TensorRT execute_async_v3 failed for {self.input_names} (see the TensorRT log)")
+
+    def _capture(self, key: tuple) -> None:
+        """Record this shape's enqueue as a CUDA graph (after one eager run has done any lazy setup)."""
+        cu = self._cu
+        try:
+            self._stream.begin_capture()
+            try:
+                self.context.execute_async_v3(self._stream.ptr)
+            finally:
+                graph = self._stream.end_capture()
+            self._graphs[key] = graph
+        except cu.CudaError as e:  # e.g. an engine with data-dependent shapes; run eagerly from now on
+            log.info("CUDA graph capture unavailable for this engine (%s); running without graphs", e)
+            self._graphs_enabled = False
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._rtx_cache is not None and self._rtx_cache_file is not None:
+            with contextlib.suppress(OSError):
+                self._rtx_cache_file.parent.mkdir(parents=True, exist_ok=True)
+                tmp = self._rtx_cache_file.with_name(f".{self._rtx_cache_file.name}.tmp-{os.getpid()}")
+                tmp.write_bytes(memoryview(self._rtx_cache.serialize()))
+                os.replace(tmp, self._rtx_cache_file)
+        for g in self._graphs.values():
+            g.destroy()
+        self._graphs.clear()
+        self.context = None
+        for b in self._buffers.values():
+            b.free()
+        self._stream.destroy()
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.close()
