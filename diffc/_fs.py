@@ -62,3 +62,12 @@ def folder_hash(root: str | os.PathLike) -> str:
         h.update(b"\0")
         h.update(sha256_file(p).encode())
     return h.hexdigest()
+
+
+def host_cache_dir() -> Path | None:
+    """``$DIFFC_CACHE_DIR`` (``off`` disables the cache), else ``$XDG_CACHE_HOME/diffc`` or ``~/.cache/diffc``."""
+    env = os.environ.get("DIFFC_CACHE_DIR")
+    if env is not None:
+        return None if env.strip().lower() in ("", "off", "0", "none") else Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "diffc"

@@ -62,6 +62,18 @@ class BackendUnavailableError(DiffcError):
     code = "backend_unavailable"
 
 
+class EngineBuildError(DiffcError):
+    """A backend could not parse or build a component's graph (the message carries the backend's own errors)."""
+
+    code = "engine_build_error"
+
+
+class CudaError(DiffcError):
+    """A CUDA runtime call failed while running a GPU engine."""
+
+    code = "cuda_error"
+
+
 class ArtifactError(DiffcError):
     """An artifact is missing, corrupt, tampered with, or from an incompatible diffc."""
 

@@ -10,7 +10,7 @@ import importlib
 import importlib.util
 from pathlib import Path
 
-from diffc.errors import BackendUnavailableError, DiffcError, ProfileError
+from diffc.errors import BackendUnavailableError, EngineBuildError, ProfileError
 
 NAME = "tensorrt"
 FLAVOURS = ("tensorrt", "tensorrt_rtx")
@@ -26,12 +26,6 @@ HARDWARE_COMPAT = ("none", "ampere_plus", "same_compute_capability")
 #: lowest compute capability (x10) with kernels for each precision (TensorRT / TensorRT-RTX support matrices)
 MIN_COMPUTE_CAPABILITY = {"fp32": 75, "fp16": 75, "int8": 75, "bf16": 80, "fp8": 89}
 _MIB = 1 << 20
-
-
-class EngineBuildError(DiffcError):
-    """TensorRT could not parse or build a component's graph (the message carries TensorRT's own errors)."""
-
-    code = "engine_build_error"
 
 
 # ------------------------------------------------------------------------------------------------ import
@@ -97,7 +91,7 @@ def default_cache_dir() -> Path | None:
     The host cache is ``$DIFFC_CACHE_DIR`` (``off`` disables it), else ``$XDG_CACHE_HOME/diffc`` or
     ``~/.cache/diffc``: the same root the onnxruntime backend keeps its per-host graphs in.
     """
-    from diffc.engines.onnxruntime import host_cache_dir
+    from diffc._fs import host_cache_dir
 
     root = host_cache_dir()
     return None if root is None else root / "tensorrt"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from diffc.errors import BackendUnavailableError, DiffcError
+from diffc.errors import BackendUnavailableError, CudaError
 
 EXTRA = "pip install 'diffc[tensorrt]'"
 
@@ -27,10 +27,6 @@ def cudart():
             raise BackendUnavailableError(f"running TensorRT engines needs NVIDIA's CUDA Python bindings, which are "
                                           f"not installed ({e}); install them with {EXTRA}") from e
     return runtime
-
-
-class CudaError(DiffcError):
-    code = "cuda_error"
 
 
 def check(result: Any, what: str):

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from diffc._fs import host_cache_dir
 from diffc.errors import ArtifactError, BackendUnavailableError, InputError
 
 log = logging.getLogger("diffc.engines.onnxruntime")
@@ -90,15 +91,6 @@ def cpu_signature() -> str:
     except OSError:
         pass
     return f"{platform.machine()}|{version()}|{','.join(sorted(flags))}"
-
-
-def host_cache_dir() -> Path | None:
-    """``$DIFFC_CACHE_DIR`` (``off`` disables the cache), else ``$XDG_CACHE_HOME/diffc`` or ``~/.cache/diffc``."""
-    env = os.environ.get("DIFFC_CACHE_DIR")
-    if env is not None:
-        return None if env.strip().lower() in ("", "off", "0", "none") else Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "diffc"
 
 
 def _cache_entry(cache_key: str) -> Path | None:
