@@ -19,7 +19,9 @@ from tqdm.auto import tqdm
 
 from diffc import __version__
 from diffc._fs import atomic_output_dir, folder_hash, sha256_file
-from diffc.errors import BackendUnavailableError, ProfileError
+from diffc.errors import BackendUnavailableError, ParityError, ProfileError
+from diffc.onnx_io import load_model, save_model
+from diffc.passes import pass_list, run_passes
 from diffc.profiles import Profile, load_profile
 from diffc.profiles.schema import Backend, Precision, Range
 from diffc.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION
@@ -191,12 +193,40 @@ def plan(model: str | Path, profile: str | Path | Profile = "cpu", *, steps: int
     return out
 
 
+def format_build_report(report: dict[str, Any]) -> str:
+    """The build report as a table: per component, the passes in order with what fired, and the op counts."""
+    lines = [f"profile {report['profile']}: " + " -> ".join(p["name"] for p in report.get("pass_order", []))]
+    for name, comp in report["components"].items():
+        rep = comp.get("passes")
+        if not rep:
+            continue
+        before, after = rep["op_counts_before"], rep["op_counts_after"]
+        lines.append(f"{name}: {sum(before.values())} -> {sum(after.values())} nodes")
+        for p in rep["passes"]:
+            fired = ", ".join(f"{k}={v}" for k, v in p["fired"].items() if v) or "-"
+            lines.append(f"  {p['name']:16s} {p['seconds']:7.3f}s  {fired}")
+        ops = sorted(set(before) | set(after), key=lambda o: -max(before.get(o, 0), after.get(o, 0)))
+        changed = [f"{o} {before.get(o, 0)}->{after.get(o, 0)}" for o in ops if before.get(o, 0) != after.get(o, 0)]
+        if changed:
+            lines.append("  ops: " + ", ".join(changed))
+    return "\n".join(lines)
+
+
 def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | Path | None = None, *,
           force: bool = False, steps: int | None = None, sampler: str | None = None, exporter: str = "torchscript",
-          progress: bool = True, no_cache: bool = False) -> Path:
-    """Build an artifact. Returns its path. ``no_cache``: rebuild TensorRT engines the build cache holds."""
+          progress: bool = True, no_cache: bool = False, verify_passes: bool = False) -> Path:
+    """Build an artifact. Returns its path. ``no_cache``: rebuild TensorRT engines the build cache holds;
+    ``verify_passes``: run the onnx checker and shape inference after every graph pass."""
     from diffc.engines import onnxruntime as ort_engine
-    from diffc.exporter.export import export_pipeline_to, load_pipeline, resolve_model
+    from diffc.exporter.contracts import get_contract
+    from diffc.exporter.export import (
+        check_parity,
+        component_module,
+        export_pipeline_to,
+        load_pipeline,
+        resolve_model,
+        sample_shapes,
+    )
     from diffc.exporter.source import inspect_model
     from diffc.runtime.sampler import compile_sampler, default_kind_for
 
@@ -232,16 +262,37 @@ def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | P
                                            progress=progress)
         report["timings"]["export_s"] = round(time.perf_counter() - t0, 3)
 
+        t0 = time.perf_counter()
+        report["pass_order"] = [spec.to_dict() for spec in pass_list(prof.backend.value, **prof.passes)]
+        for name in tqdm(components, desc="passes", unit="component", disable=not progress):
+            graph, pass_report = run_passes(load_model(work / "onnx" / name / "model.onnx"), name,
+                                            prof.backend.value, verify=verify_passes, **prof.passes)
+            passed = save_model(graph, work / "passed" / name / "model.onnx")
+            del graph
+            # The passed graph is what ships: check it against PyTorch again, at the same two shapes as export.
+            module = component_module(pipe, name)
+            rows = check_parity(module, get_contract(name, module), passed, sample_shapes(pipe, name))
+            after = {"max_abs_err": max(r["max_abs_err"] for r in rows), "rel_l2": max(r["rel_l2"] for r in rows),
+                     "passed": all(r["passed"] for r in rows)}
+            report["components"][name] = {"passes": pass_report, "parity_after_passes": after}
+            if not after["passed"]:
+                fired = [p["name"] for p in pass_report["passes"] if p["modified"]]
+                raise ParityError(
+                    f"{name} differs from PyTorch after the graph passes (max_abs_err={after['max_abs_err']:.3g}, "
+                    f"rel_l2={after['rel_l2']:.3g}); passes that changed it: {fired}. Leave them out with "
+                    "[passes].disable in the profile, and report the model config")
+        report["timings"]["passes_s"] = round(time.perf_counter() - t0, 3)
+
         manifest_components: dict[str, Any] = {}
         use_trt = prof.backend in TENSORRT_BACKENDS
         if use_trt:
             from diffc.engines import tensorrt as trt_engine
 
             # int8/fp8 need Q/DQ graphs: refuse before the first engine is built, not after
-            _check_tensorrt(prof, {n: work / "onnx" / n / "model.onnx" for n in components})
+            _check_tensorrt(prof, {n: work / "passed" / n / "model.onnx" for n in components})
         t0 = time.perf_counter()
         for name in tqdm(components, desc="engines", unit="component", disable=not progress):
-            onnx_path = work / "onnx" / name / "model.onnx"
+            onnx_path = work / "passed" / name / "model.onnx"
             ranges = shape_ranges(name, prof, geometry, cfg=pipe.unet.config.get("time_cond_proj_dim") is None)
             if use_trt:
                 rec = trt_engine.build_engine(onnx_path, tmp / name / trt_engine.ENGINE_FILE, no_cache=no_cache,
@@ -265,8 +316,8 @@ def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | P
                 }
                 engine_report = {"engine_bytes": sum((tmp / f).stat().st_size for f in files)}
             ec = export_report["components"][name]
-            report["components"][name] = {"parity": {k: ec[k] for k in ("max_abs_err", "rel_l2", "passed")},
-                                          **engine_report}
+            report["components"][name].update(parity={k: ec[k] for k in ("max_abs_err", "rel_l2", "passed")},
+                                              **engine_report)
         report["timings"]["engines_s"] = round(time.perf_counter() - t0, 3)
         if not use_trt:  # a TensorRT engine may be for a GPU this machine lacks: nothing to warm up here
             # Fill this host's engine cache now, so the first `diffc run` here starts as fast as later ones.
@@ -317,6 +368,7 @@ def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | P
             "source": {"model": str(model), "pipeline_class": source.pipeline_class, "sha256": folder_hash(folder)},
             "profile": prof.to_dict(),
             "build": {"exporter": exporter, "opset": export_report["opset"], "versions": _versions(prof),
+                      "passes": report["pass_order"],
                       "scheduler_config": {k: v for k, v in sched_cfg.items()}},
             "components": manifest_components,
             "text_encoders": encoders,

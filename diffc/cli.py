@@ -69,11 +69,12 @@ def export(obj, model, out, force, exporter, opset, components):
 @click.option("--steps", type=int, default=None, help="Override the profile's step count.")
 @click.option("--sampler", default=None, help="Override the profile's sampler (ddim, euler, dpmpp_2m, lcm, flow_euler).")
 @click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript", show_default=True)
+@click.option("--verify-passes", is_flag=True, help="Run the onnx checker and shape inference after every graph pass.")
 @click.option("--no-cache", is_flag=True, help="Rebuild every TensorRT engine, even those the build cache holds.")
 @click.option("--dry-run", is_flag=True, help="Print what would be built (components, precisions, shapes, backend "
               "flags) as JSON and exit; exports and builds nothing, needs no backend.")
 @click.pass_obj
-def build(obj, model, profile, out, force, steps, sampler, exporter, no_cache, dry_run):
+def build(obj, model, profile, out, force, steps, sampler, exporter, verify_passes, no_cache, dry_run):
     """Compile MODEL (a diffusers folder, or 'demo') for PROFILE into an artifact."""
     if dry_run:
         from diffc.builder import plan
@@ -85,7 +86,11 @@ def build(obj, model, profile, out, force, steps, sampler, exporter, no_cache, d
     from diffc.builder import build as _build
 
     path = _build(model, profile=profile, out=out, force=force, steps=steps, sampler=sampler, exporter=exporter,
-                  progress=obj["progress"], no_cache=no_cache)
+                  progress=obj["progress"], no_cache=no_cache, verify_passes=verify_passes)
+    if obj["progress"]:
+        from diffc.builder import format_build_report
+
+        click.echo(format_build_report(json.loads((path / "build_report.json").read_text())))
     click.echo(f"wrote artifact {path}")
 
 
@@ -117,6 +122,17 @@ def demo_model(out):
     from diffc.exporter.demo import write_demo_pipeline
 
     click.echo(f"wrote {write_demo_pipeline(out)}")
+
+
+@main.command()
+@click.option("--profile", "-p", default="cpu", show_default=True, help="Profile name or path to a .toml file.")
+def passes(profile):
+    """Print the ordered pass list a profile runs, with its options."""
+    from diffc.passes import format_pass_list, pass_list
+    from diffc.profiles import load_profile
+
+    prof = load_profile(profile)
+    click.echo(format_pass_list(pass_list(prof.backend.value, **prof.passes)))
 
 
 @main.command()

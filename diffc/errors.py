@@ -56,6 +56,18 @@ class ProfileError(DiffcError):
     code = "profile_error"
 
 
+class PassOptionError(ProfileError):
+    """A pass option (the profile's ``[passes]`` table, or a keyword of ``run_passes``) is invalid."""
+
+    code = "pass_option_error"
+
+
+class PassError(DiffcError):
+    """A graph pass produced an invalid graph, or the graph holds ops the target cannot run."""
+
+    code = "pass_error"
+
+
 class BackendUnavailableError(DiffcError):
     """The profile's backend is not installed, or cannot run the requested precision on this machine."""
 

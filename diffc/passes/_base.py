@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from typing import Any, ClassVar, Iterable, Mapping
+from typing import ClassVar, Iterable
 
 import onnx
 import onnx_ir as ir
@@ -17,24 +17,14 @@ import onnx_ir.passes.common as common_passes
 from onnx_ir.passes.common import _c_api_utils
 from onnxscript.rewriter import pattern
 
-from diffc.errors import DiffcError, ProfileError
+from diffc.passes._errors import PassError, PassOptionError
+
+__all__ = ["DiffcPass", "PassError", "PassOptionError", "apply_rules", "op_counts", "verify"]
 
 log = logging.getLogger("diffc.passes")
 
 #: onnxruntime's contributed-operator domain
 MS_DOMAIN = "com.microsoft"
-
-
-class PassOptionError(ProfileError):
-    """A pass option (the profile's ``[passes]`` table, or a keyword of ``run_passes``) is invalid."""
-
-    code = "pass_option_error"
-
-
-class PassError(DiffcError):
-    """A graph pass produced an invalid graph, or the graph holds ops the target cannot run."""
-
-    code = "pass_error"
 
 
 class DiffcPass(ir.passes.InPlacePass):
@@ -43,6 +33,8 @@ class DiffcPass(ir.passes.InPlacePass):
 
     #: stable name, used in pass lists, reports and the profile's ``[passes].disable``
     name: ClassVar[str] = ""
+    #: run data-propagating shape inference first (the rewrites read ranks and static dims)
+    needs_shapes: ClassVar[bool] = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -52,16 +44,20 @@ class DiffcPass(ir.passes.InPlacePass):
         raise NotImplementedError
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if self.needs_shapes:
+            common_passes.ShapeInferencePass(data_prop=True)(model)
         self.fired = {k: int(v) for k, v in self.run(model).items()}
         modified = any(v > 0 for v in self.fired.values())
         log.debug("%s fired %s", self.name, self.fired)
         return ir.passes.PassResult(model, modified)
 
 
-def apply_rules(model: ir.Model, rules: Iterable[pattern.RewriteRule], *, commute: bool = False) -> int:
+def apply_rules(model: ir.Model, rules: Iterable[pattern.RewriteRule], *, commute: bool = False,
+                lift_constants: bool = True) -> int:
     """Apply ``rules`` until none matches; returns the number of rewrites. Matched nodes are removed by the
     rewriter; nodes left without consumers (e.g. a shape chain feeding only the old subgraph) are removed too.
-    ``commute``: also match every operand order of commutative ops (Add, Mul)."""
+    ``commute``: also match every operand order of commutative ops (Add, Mul). ``lift_constants``: turn the
+    Constant nodes rewrites create into initializers (backends expect weights and shapes there)."""
     rule_set = pattern.RewriteRuleSet(list(rules), commute=commute)
     total = 0
     for _ in range(8):  # rewrites can expose new matches; the rule sets here converge in 1-2 rounds
@@ -71,6 +67,8 @@ def apply_rules(model: ir.Model, rules: Iterable[pattern.RewriteRule], *, commut
             break
     if total:
         common_passes.RemoveUnusedNodesPass()(model)
+    if total and lift_constants:
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     return total
 
 
@@ -135,8 +133,3 @@ def verify(model: ir.Model, *, after: str) -> None:
             f"the graph is invalid after pass {after!r}: {e}. Re-run with that pass disabled "
             f"([passes].disable = [{after!r}]) and report the model config"
         ) from e
-
-
-def freeze_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """Options as plain JSON-able data (tuples become lists) for reports and manifests."""
-    return {k: list(v) if isinstance(v, (tuple, frozenset, set)) else v for k, v in options.items()}

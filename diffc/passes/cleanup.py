@@ -34,18 +34,6 @@ log = logging.getLogger("diffc.passes.cleanup")
 _RULES = tuple(_rewriter._DEFAULT_REWRITE_RULES)
 
 
-def _static_dims(node: ir.Node) -> list[int] | None:
-    """The dims a ``Shape`` node returns, if all of them are static."""
-    x = node.inputs[0]
-    if x is None or x.shape is None:
-        return None
-    rank = len(x.shape)
-    start = node.attributes.get_int("start", 0)
-    end = node.attributes.get_int("end", rank)
-    dims = list(x.shape)[slice(start, end)]
-    return dims if all(isinstance(d, int) for d in dims) else None
-
-
 def _read_of_shape(node: ir.Node) -> np.ndarray | None:
     """``Gather(Shape(x), i)`` / ``Slice(Shape(x), ...)`` whose selected dims of ``x`` are static -> the value.
 
@@ -88,8 +76,10 @@ def _read_of_shape(node: ir.Node) -> np.ndarray | None:
     starts, ends, axes, steps = consts
     if starts is None or ends is None or len(starts) != 1 or (axes is not None and int(axes[0]) not in (0, -1)):
         return None
-    step = 1 if steps is None else int(steps[0])
-    picked = dims[slice(int(max(min(starts[0], 2**62), -(2**62))), int(max(min(ends[0], 2**62), -(2**62))), step)]
+    if steps is not None and int(steps[0]) != 1:
+        return None
+    # ONNX clamps out-of-range starts/ends (INT64_MAX means "to the end") the way Python slicing does
+    picked = dims[int(starts[0]):int(ends[0])]
     if not all(isinstance(d, int) for d in picked):
         return None
     return np.array(picked, dtype=np.int64)
@@ -130,6 +120,7 @@ class CleanupPass(DiffcPass):
     """
 
     name = "cleanup"
+    needs_shapes = False  # runs shape inference itself, every iteration
 
     def __init__(self, *, max_iterations: int = 6, fold_input_size_limit: int = 8192,
                  fold_output_size_limit: int = 512 * 512) -> None:
@@ -150,6 +141,10 @@ class CleanupPass(DiffcPass):
             step: collections.Counter[str] = collections.Counter()
             common_passes.ShapeInferencePass(data_prop=True)(model)
 
+            n = len(g)
+            common_passes.RemoveUnusedNodesPass()(model)
+            step["dead_removed"] += n - len(g)
+
             n = _compute_nodes(g)
             fold_static_shape_reads(g)
             _constant_folding.FoldConstantsPass(
@@ -159,7 +154,7 @@ class CleanupPass(DiffcPass):
             common_passes.RemoveUnusedNodesPass()(model)
             step["folded"] += n - _compute_nodes(g)
 
-            step["simplified"] += apply_rules(model, _RULES)
+            step["simplified"] += apply_rules(model, _RULES, lift_constants=False)
 
             n = _count(g, "Identity")
             common_passes.IdentityEliminationPass()(model)

@@ -43,11 +43,10 @@ import onnx
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
+from diffc.passes import ATTENTION_KINDS
 from diffc.passes._base import MS_DOMAIN, DiffcPass, PassOptionError, apply_rules, const_scalar, onnx_opset
 
 log = logging.getLogger("diffc.passes.fuse_attention")
-
-ATTENTION_KINDS = ("mha", "attention23", "none")
 
 #: additive mask values at or below this count as "masked out" when recognising a causal mask
 _MASKED = -1.0e4
@@ -447,6 +446,11 @@ class _AttentionRule(pattern.RewriteRuleClassBase):
             elif _rank(mask) is None or _rank(mask) > 4:
                 _fail("mask rank is unknown or > 4")
             else:
+                if self.kind == "mha":
+                    # attention_bias must be (B or 1, H or 1, S, L): no broadcasting over the last two axes
+                    dims = [1] * (4 - _rank(mask)) + list(mask.shape)
+                    if not (isinstance(dims[1], int) and dims[1] in (1, heads)) or 1 in (dims[2], dims[3]):
+                        _fail(f"mask shape {dims} is not (B|1, H|1, S, L), the only form attention_bias takes")
                 plan["bias"] = mask
         plan["class"] = ("causal_self_attention" if plan["causal"] else "masked_attention" if plan["bias"] is not None
                          else "self_attention" if self_attention else "cross_attention")

@@ -32,12 +32,11 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
+from diffc.passes import GROUPNORM_FORMS
 from diffc.passes._base import MS_DOMAIN, DiffcPass, PassOptionError, apply_rules, const_ints, const_scalar, onnx_opset
 from diffc.passes.fuse_attention import shape_entries
 
 log = logging.getLogger("diffc.passes.legalize_norms")
-
-GROUPNORM_FORMS = ("instance_norm", "group_normalization", "keep")
 
 
 def _const_array(value: ir.Value | None) -> np.ndarray | None:
@@ -199,6 +198,29 @@ class _LayerNormFusion(pattern.RewriteRuleClassBase):
         return op.LayerNormalization(*inputs, axis=-1, epsilon=self._eps)
 
 
+class _LayerNormBias(pattern.RewriteRuleClassBase):
+    """LayerNormalization(x, scale) + bias -> LayerNormalization(x, scale, bias)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="layer_norm_add_bias")
+
+    def pattern(self, op, x, scale, bias):
+        return op.Add(op.LayerNormalization(x, scale, _outputs=["normed"]), bias)
+
+    def check(self, context, x, bias, normed, **_):
+        result = pattern.MatchResult()
+        node = normed.producer()
+        axis = node.attributes.get_int("axis", -1)
+        if x.shape is None or axis % len(x.shape) != len(x.shape) - 1:
+            return result.fail("LayerNormalization is not over the last axis")
+        if bias.shape is None or list(bias.shape) != [x.shape[-1]]:
+            return result.fail("the added bias is not a vector over the normalized axis")
+        return result
+
+    def rewrite(self, op, x, scale, bias, normed, **_):
+        return op.LayerNormalization(x, scale, bias, **normed.producer().attributes)
+
+
 # ------------------------------------------------------------------------------------------ GELU
 
 
@@ -294,6 +316,8 @@ class LegalizeNormsPass(DiffcPass):
             if opset >= 17:
                 counts["layer_norm"] = apply_rules(
                     model, [_LayerNormFusion.rule(True), _LayerNormFusion.rule(False)], commute=True)
+                # the bias-less rule matches first at the Mul; fold the Add that follows into it
+                apply_rules(model, [_LayerNormBias.rule()], commute=True)
             else:
                 log.info("legalize_norms: opset %d < 17 has no LayerNormalization", opset)
         if self.gelu:

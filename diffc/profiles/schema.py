@@ -100,6 +100,8 @@ class Profile:
     steps: int = 4
     guidance: float | None = 7.5
     onnxruntime: dict[str, Any] = field(default_factory=dict)
+    #: the ``[passes]`` table: options of diffc.passes.pass_list (validated there, per target)
+    passes: dict[str, Any] = field(default_factory=dict)
     tensorrt: TensorRTOptions = TensorRTOptions()
     memory: MemoryBudget = MemoryBudget()
     source: str = ""  # where it was loaded from
@@ -126,6 +128,7 @@ class Profile:
             "sampler": {"kind": data.get("sampler", "auto"), "steps": data.get("steps", 4),
                         "guidance": data.get("guidance")},
             "onnxruntime": data.get("onnxruntime", {}),
+            "passes": data.get("passes", {}),
         }
         # Older manifests have neither table; a profile that left them at their defaults round-trips without them.
         if data.get("tensorrt") and data["backend"] in _TRT_BACKENDS:
@@ -233,9 +236,23 @@ def _parse_memory(table: Any, where: str) -> MemoryBudget:
     return MemoryBudget(budget_mib=_opt_int(table, "budget_mib", where, "[memory].", lo=64))
 
 
+def _parse_passes(table: Any, backend: Backend, where: str) -> dict[str, Any]:
+    """``[passes]``: names and values are checked by diffc.passes for this target, without loading the pass
+    modules (profiles load in the torch- and onnxscript-free runtime)."""
+    if not isinstance(table, dict):
+        raise _err(where, "[passes]", "must be a table")
+    from diffc.passes import resolve_options
+
+    try:
+        resolve_options(backend.value, table)
+    except ProfileError as e:
+        raise _err(where, "[passes]", f"is invalid: {e}") from None
+    return dict(table)
+
+
 def parse_profile(data: dict[str, Any], *, where: str) -> Profile:
-    _check_keys(data, {"name", "description", "backend", "precision", "shapes", "sampler", "onnxruntime", "tensorrt",
-                       "memory"}, where, "")
+    _check_keys(data, {"name", "description", "backend", "precision", "shapes", "sampler", "onnxruntime", "passes",
+                       "tensorrt", "memory"}, where, "")
     name = data.get("name")
     if not isinstance(name, str) or not name:
         raise _err(where, "name", "must be a non-empty string")
@@ -280,13 +297,14 @@ def parse_profile(data: dict[str, Any], *, where: str) -> Profile:
         if not isinstance(value, int) or value < 0:
             raise _err(where, f"[onnxruntime].{key}", f"must be an integer >= 0, got {value!r}")
 
+    passes = _parse_passes(data.get("passes", {}), backend, where)
     tensorrt = _parse_tensorrt(data.get("tensorrt", {}), backend, where)
     memory = _parse_memory(data.get("memory", {}), where)
 
     return Profile(
         name=name, backend=backend, description=str(data.get("description", "")), precision=precision,
         height=height, width=width, batch=batch, sampler=kind, steps=steps,
-        guidance=float(guidance) if guidance is not None else None, onnxruntime=dict(ort_table), tensorrt=tensorrt,
+        guidance=float(guidance) if guidance is not None else None, onnxruntime=dict(ort_table), passes=passes, tensorrt=tensorrt,
         memory=memory, source=where,
     )
 

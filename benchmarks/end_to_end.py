@@ -1,0 +1,302 @@
+"""End-to-end text-to-image on the CPU: diffc against what users run today, side by side in one run.
+
+The pipeline is Stable Diffusion 1.5's architecture built from its published component configs (CLIP
+ViT-L/14 text encoder, the 860 M-parameter UNet, the SD VAE) with random weights from a fixed seed: speed
+does not depend on weight values, and no model hub is reachable here. Every configuration generates the same
+prompt with classifier-free guidance (7.5) and the same sampler (DDIM, which diffc picks for SD 1.5's PNDM
+config), at each size and step count:
+
+  diffusers_fp32   diffusers StableDiffusionPipeline, eager fp32 (where most users start)
+  diffusers_bf16   the same in bf16 with channels_last UNet/VAE (its fastest CPU configuration measured here)
+  optimum_ort      optimum's ORTDiffusionPipeline on the same pipeline exported by optimum (needs optimum-onnx,
+                   whose transformers<4.58 pin conflicts with diffc's export stack: it runs from its own venv,
+                   --optimum-python; without one the row says why it was skipped)
+  diffc_cpu        diffc artifact built with the `cpu` profile, run by diffc's runtime
+
+Each configuration runs in its own process: time to first image from a cold process (imports and model load
+included), then the median wall time per image over --reps runs after that first (warm-up) image, and the
+process's peak resident memory.
+
+    python benchmarks/end_to_end.py --quick          # 256x256, 4 steps, 1 rep
+    python benchmarks/end_to_end.py                  # 256 and 512, 4 and 20 steps, 3 reps
+
+Prints one JSON object with every measurement, `ratios` (baseline time / diffc time per baseline) and the
+machine's details.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import emit, machine  # noqa: E402
+
+log = logging.getLogger("diffc.bench.end_to_end")
+
+PROMPT = "a photograph of an astronaut riding a horse"
+NEGATIVE = "blurry, low quality"
+GUIDANCE = 7.5
+CONFIGS = ("diffusers_fp32", "diffusers_bf16", "optimum_ort", "diffc_cpu")
+
+
+# ------------------------------------------------------------------------------------------------ setup
+
+
+def write_sd15_pipeline(folder: Path) -> Path:
+    """SD 1.5's architecture with random weights, saved as a diffusers folder (with the real CLIP tokenizer)."""
+    if (folder / "model_index.json").is_file():
+        return folder
+    import diffusers
+    import torch
+    import transformers
+
+    from _sd15 import SD15_SCHEDULER, SD15_TEXT_ENCODER, SD15_UNET, SD15_VAE
+    from diffc.exporter.tiny import CLIP_TOKENIZER_ASSETS
+
+    log.info("writing the SD-1.5-architecture pipeline (random weights) to %s", folder)
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(**SD15_UNET)
+    vae = diffusers.AutoencoderKL(**SD15_VAE)
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(**SD15_TEXT_ENCODER))
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_ASSETS)
+    scheduler = diffusers.PNDMScheduler.from_config({k: v for k, v in SD15_SCHEDULER.items() if k != "_class_name"})
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    # SD 1.5's own scheduler config says clip_sample false (PNDM ignores it; DDIM would clip without it)
+    cfg_path = tmp / "scheduler" / "scheduler_config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "clip_sample": False}, indent=2))
+    os.replace(tmp, folder)
+    return folder
+
+
+def weight_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+
+
+def build_diffc(model: Path, out: Path) -> Path:
+    if (out / "manifest.json").is_file():
+        return out
+    import diffc
+
+    log.info("building the diffc artifact %s", out)
+    return diffc.build(model, "cpu", out, progress=False)
+
+
+def export_optimum(python: str, model: Path, out: Path) -> Path:
+    if (out / "model_index.json").is_file():
+        return out
+    log.info("exporting with optimum (%s) to %s", python, out)
+    subprocess.run([python, "-m", "optimum.exporters.onnx", "--model", str(model), "--task", "text-to-image",
+                    str(out)], check=True, capture_output=True, text=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ child
+
+
+def child(config: str, path: str, size: int, steps: int, reps: int) -> None:
+    """Runs inside the measured process. Prints JSON events; the parent timestamps `first_image`."""
+    import resource
+
+    import numpy as np
+
+    def event(**kw):
+        sys.stdout.write(json.dumps(kw) + "\n")
+        sys.stdout.flush()
+
+    if config.startswith("diffusers"):
+        import diffusers
+        import torch
+
+        dtype = torch.bfloat16 if config == "diffusers_bf16" else torch.float32
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(path, dtype=dtype)
+        pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+        if config == "diffusers_bf16":
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+        pipe.set_progress_bar_config(disable=True)
+
+        def generate(seed):
+            with torch.inference_mode():
+                return pipe(PROMPT, negative_prompt=NEGATIVE, guidance_scale=GUIDANCE, num_inference_steps=steps,
+                            height=size, width=size, generator=torch.Generator().manual_seed(seed),
+                            output_type="np").images
+    elif config == "optimum_ort":
+        import diffusers
+        from optimum.onnxruntime import ORTDiffusionPipeline
+
+        pipe = ORTDiffusionPipeline.from_pretrained(path)
+        pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+
+        def generate(seed):
+            return pipe(PROMPT, negative_prompt=NEGATIVE, guidance_scale=GUIDANCE, num_inference_steps=steps,
+                        height=size, width=size, generator=np.random.RandomState(seed), output_type="np").images
+    elif config.startswith("diffc"):
+        import diffc
+        from diffc.runtime.sampler import compile_sampler
+
+        pipe = diffc.load(path, progress=False)
+        m = pipe.manifest
+        # the artifact's sampler tables are data: the same engines serve every step count
+        pipe.tables = compile_sampler(m["sampler"]["kind"], m["build"]["scheduler_config"], steps)
+
+        def generate(seed):
+            return pipe(PROMPT, negative_prompt=NEGATIVE, guidance=GUIDANCE, seed=seed, height=size, width=size)
+    else:
+        raise SystemExit(f"unknown config {config}")
+
+    img = generate(0)
+    event(event="first_image", shape=list(np.asarray(img).shape))
+    times = []
+    for r in range(reps):
+        t0 = time.perf_counter()
+        generate(r + 1)
+        times.append(time.perf_counter() - t0)
+    event(event="done", times=times, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def measure(python: str, config: str, path: Path, size: int, steps: int, reps: int,
+            env: dict[str, str]) -> dict[str, Any]:
+    cmd = [python, str(Path(__file__).resolve()), "--child", config, "--path", str(path), "--size", str(size),
+           "--steps", str(steps), "--reps", str(reps)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **env})
+    first = None
+    done: dict[str, Any] = {}
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        try:
+            ev = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if ev.get("event") == "first_image":
+            first = time.perf_counter() - t0
+        elif ev.get("event") == "done":
+            done = ev
+    err = proc.stderr.read() if proc.stderr else ""
+    if proc.wait() != 0 or first is None:
+        raise RuntimeError(f"{config} {size}px {steps} steps failed: {err[-2000:]}")
+    return {
+        "median_s": round(statistics.median(done["times"]), 3),
+        "runs_s": [round(t, 3) for t in done["times"]],
+        "time_to_first_image_s": round(first, 3),
+        "peak_rss_gib": round(done["peak_rss_bytes"] / 2**30, 2),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="256x256, 4 steps, 1 repetition")
+    ap.add_argument("--sizes", default="256,512")
+    ap.add_argument("--steps", default="4,20")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--workdir", type=Path, default=None, help="keep the pipeline, exports and artifact here")
+    ap.add_argument("--optimum-python", default=os.environ.get("DIFFC_BENCH_OPTIMUM_PYTHON"),
+                    help="python3 of a venv with optimum-onnx installed (it needs transformers<4.58)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--path", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--size", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.path, args.size, int(args.steps), args.reps)
+        return
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.quick:
+        args.sizes, args.steps, args.reps = "256", "4", 1
+    sizes = [int(s) for s in args.sizes.split(",")]
+    step_counts = [int(s) for s in args.steps.split(",")]
+    configs = [c for c in args.configs.split(",") if c]
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="diffc-e2e-"))
+    work.mkdir(parents=True, exist_ok=True)
+    env = {"DIFFC_CACHE_DIR": str(work / "engine-cache")}
+    os.environ.update(env)
+    try:
+        model = write_sd15_pipeline(work / "sd15")
+        paths: dict[str, Path] = {"diffusers_fp32": model, "diffusers_bf16": model}
+        skipped: dict[str, str] = {}
+        setup_s: dict[str, float] = {}
+        if "diffc_cpu" in configs:
+            t0 = time.perf_counter()
+            paths["diffc_cpu"] = build_diffc(model, work / "sd15.diffc")
+            setup_s["diffc_build"] = round(time.perf_counter() - t0, 1)
+        if "optimum_ort" in configs:
+            if not args.optimum_python:
+                skipped["optimum_ort"] = (
+                    "optimum-onnx 0.1.0 requires transformers<4.58 while diffc's export stack uses transformers 5; "
+                    "pass --optimum-python with a venv that has `pip install optimum-onnx onnxruntime diffusers`")
+            else:
+                t0 = time.perf_counter()
+                try:
+                    paths["optimum_ort"] = export_optimum(args.optimum_python, model, work / "optimum")
+                    setup_s["optimum_export"] = round(time.perf_counter() - t0, 1)
+                except subprocess.CalledProcessError as e:
+                    skipped["optimum_ort"] = f"optimum export failed: {(e.stderr or '')[-500:]}"
+
+        results: dict[str, dict[str, Any]] = {}
+        for size in sizes:
+            for steps in step_counts:
+                key = f"{size}px_{steps}steps"
+                results[key] = {}
+                for config in configs:
+                    if config in skipped:
+                        continue
+                    python = args.optimum_python if config == "optimum_ort" else sys.executable
+                    log.info("%s: %s", key, config)
+                    results[key][config] = measure(python, config, paths[config], size, steps, args.reps, env)
+
+        ratios: dict[str, dict[str, float]] = {}
+        for key, row in results.items():
+            if "diffc_cpu" not in row:
+                continue
+            d = row["diffc_cpu"]
+            ratios[key] = {}
+            for config, r in row.items():
+                if config == "diffc_cpu":
+                    continue
+                ratios[key][f"{config}_over_diffc_cpu"] = round(r["median_s"] / d["median_s"], 2)
+                ratios[key][f"{config}_over_diffc_cpu_first_image"] = round(
+                    r["time_to_first_image_s"] / d["time_to_first_image_s"], 2)
+        wb = weight_bytes(model)
+        emit({
+            "benchmark": "end_to_end",
+            "model": "SD-1.5 architecture (CLIP ViT-L/14, 860M UNet, SD VAE), random weights",
+            "prompt": PROMPT, "guidance": GUIDANCE, "sampler": "DDIM", "reps": args.reps,
+            "fp32_weight_bytes": wb,
+            "results": results,
+            "ratios": ratios,
+            "peak_rss_over_weights": {k: {c: round(r["peak_rss_gib"] * 2**30 / wb, 2) for c, r in row.items()}
+                                      for k, row in results.items()},
+            "skipped": skipped,
+            "setup_s": setup_s,
+            "machine": machine(),
+        })
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

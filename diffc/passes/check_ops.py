@@ -1,0 +1,87 @@
+"""Target-ops check: refuse graphs holding ops the target backend cannot run.
+
+Why: onnxruntime loads a graph with a CUDA-only contrib op (``GroupNorm``, ``SkipGroupNorm``,
+``BiasSplitGelu``, ``NhwcConv``, packed-QKV attention ...) only to fail at session creation on a CPU-only
+machine -- or, worse, on the *user's* machine after the artifact shipped. onnxruntime's own SD optimizer emits
+exactly these ops by default. This pass never changes the graph; it raises :class:`PassError` at build time,
+naming the ops and what to do, and runs last so it also catches what an input graph brought in.
+
+* ``onnxruntime`` (CPU provider): ONNX-domain ops, plus the ``com.microsoft`` ops in :data:`ORT_CPU_CONTRIB`
+  (ops onnxruntime registers a CPU kernel for and that diffc may emit or meet); anything else from a
+  non-ONNX domain is refused. ``MultiHeadAttention`` must have separate Q/K/V (packed QKV is CUDA-only).
+* ``tensorrt`` / ``tensorrt_rtx``: ONNX-domain ops only -- TensorRT's parser knows no contrib ops.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+import onnx_ir as ir
+
+from diffc.passes._base import MS_DOMAIN, DiffcPass, PassError, PassOptionError
+
+log = logging.getLogger("diffc.passes.check_ops")
+
+#: contrib ops with a CPU kernel in onnxruntime (subset that diffusion graphs meet)
+ORT_CPU_CONTRIB = frozenset({
+    "MultiHeadAttention", "Attention", "QuickGelu", "Gelu", "FastGelu", "BiasGelu", "FusedMatMul",
+    "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "GroupQueryAttention", "RotaryEmbedding",
+    "MatMulNBits", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "FusedConv", "NchwcConv",
+})
+#: contrib ops onnxruntime implements for CUDA/ROCm/DML only, which SD optimizers like to emit
+CUDA_ONLY_CONTRIB = frozenset({
+    "GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd", "NhwcConv", "PackedAttention",
+    "PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention", "DecoderMaskedSelfAttention",
+    "GemmFastGelu", "BiasDropout", "RemovePadding", "RestorePadding",
+})
+TARGETS = ("onnxruntime", "tensorrt", "tensorrt_rtx")
+
+
+class CheckTargetOpsPass(DiffcPass):
+    """Raise if the graph holds ops the target cannot run. Fire count ``contrib_ops`` = contrib nodes found
+    (all legal); the pass never modifies the graph, so ``modified`` is always False."""
+
+    name = "check_ops"
+    needs_shapes = False
+
+    def __init__(self, *, target: str) -> None:
+        super().__init__()
+        if target not in TARGETS:
+            raise PassOptionError(f"target must be one of {list(TARGETS)}, got {target!r}")
+        self.target = target
+
+    def run(self, model: ir.Model) -> dict[str, int]:
+        bad: collections.Counter[str] = collections.Counter()
+        contrib = 0
+        for node in model.graph.all_nodes():
+            domain = node.domain or ""
+            if domain in ("", "ai.onnx"):
+                continue
+            key = f"{domain}::{node.op_type}"
+            if self.target != "onnxruntime":
+                bad[key] += 1
+            elif domain != MS_DOMAIN or node.op_type not in ORT_CPU_CONTRIB:
+                bad[key] += 1
+            elif node.op_type == "MultiHeadAttention" and (len(node.inputs) < 3 or node.inputs[1] is None
+                                                           or node.inputs[2] is None):
+                bad[f"{key} (packed QKV)"] += 1
+            else:
+                contrib += 1
+        if bad:
+            listing = ", ".join(f"{k} x{v}" for k, v in sorted(bad.items()))
+            if self.target == "onnxruntime":
+                cuda = sorted(k for k in bad if k.split("::")[-1].split(" ")[0] in CUDA_ONLY_CONTRIB)
+                why = (f"{', '.join(cuda)} run on CUDA only; " if cuda else "") + \
+                    "onnxruntime's CPU provider has no kernel for these"
+            else:
+                why = f"{self.target} cannot parse contrib (non-ONNX-domain) ops"
+            raise PassError(
+                f"the graph holds ops the {self.target} target cannot run: {listing} ({why}). Export the model "
+                "with diffc (not a graph optimized for another backend), or disable the pass that emitted them"
+            )
+        return {"contrib_ops": contrib}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.fired = self.run(model)
+        return ir.passes.PassResult(model, False)

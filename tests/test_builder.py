@@ -1,0 +1,94 @@
+"""The build runs the profile's passes, reports them, and the passed artifact matches the unpassed one."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+import diffc  # noqa: E402
+from diffc.builder import format_build_report  # noqa: E402
+from diffc.passes import PASS_NAMES  # noqa: E402
+
+
+def _profile(tmp_path, name, passes: str) -> str:
+    f = tmp_path / f"{name}.toml"
+    f.write_text(f'name = "{name}"\nbackend = "onnxruntime"\n[sampler]\nsteps = 4\n{passes}')
+    return str(f)
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("builds")
+    off = _profile(root, "nopasses", "[passes]\ndisable = " + json.dumps(list(PASS_NAMES)) + "\n")
+    return {
+        "passes": diffc.build("demo", "cpu", root / "with.diffc", progress=False, verify_passes=True),
+        "none": diffc.build("demo", off, root / "without.diffc", progress=False),
+    }
+
+
+def test_passes_keep_the_image(builds):
+    with_p, without = (diffc.load(builds[k], progress=False) for k in ("passes", "none"))
+    for prompt, seed in (("a handwritten digit seven", 0), ("a handwritten digit two", 3)):
+        a = with_p(prompt, seed=seed, negative_prompt="blurry")
+        b = without(prompt, seed=seed, negative_prompt="blurry")
+        assert np.abs(a - b).max() <= 1e-4
+
+
+def test_build_report_lists_passes(builds):
+    report = json.loads((builds["passes"] / "build_report.json").read_text())
+    assert [p["name"] for p in report["pass_order"]] == list(PASS_NAMES)
+    unet = report["components"]["unet"]["passes"]
+    assert [p["name"] for p in unet["passes"]] == list(PASS_NAMES)
+    assert unet["op_counts_after"].get("com.microsoft::MultiHeadAttention", 0) > 0
+    assert unet["op_counts_after"].get("Softmax", 0) == 0
+    assert sum(unet["op_counts_after"].values()) < sum(unet["op_counts_before"].values())
+    text = format_build_report(report)
+    assert "fuse_attention" in text and "unet:" in text
+    off = json.loads((builds["none"] / "build_report.json").read_text())
+    assert off["pass_order"] == [] and off["components"]["unet"]["passes"]["passes"] == []
+
+
+def test_cli_passes_command():
+    from click.testing import CliRunner
+
+    from diffc.cli import main
+
+    r = CliRunner().invoke(main, ["passes", "--profile", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert [line.split()[1] for line in r.output.strip().splitlines()] == list(PASS_NAMES)
+
+
+def test_parity_after_passes_is_checked(builds):
+    report = json.loads((builds["passes"] / "build_report.json").read_text())
+    for name in ("text_encoder", "unet", "vae_decoder"):
+        after = report["components"][name]["parity_after_passes"]
+        assert after["passed"] and after["max_abs_err"] < 1e-4
+    manifest = json.loads((builds["passes"] / "manifest.json").read_text())
+    assert [p["name"] for p in manifest["build"]["passes"]] == list(PASS_NAMES)  # the build can be repeated
+
+
+def test_broken_pass_fails_the_build(tmp_path, monkeypatch):
+    """A pass that changes the numbers is caught by the parity check after passes, and nothing is written."""
+    import onnx
+
+    import diffc.builder as builder
+    from diffc.errors import ParityError
+
+    real = builder.run_passes
+
+    def corrupting(model, component, target, **kw):
+        out, rep = real(model, component, target, **kw)
+        if component == "vae_decoder":  # scale the first float initializer: a silent numeric bug
+            init = next(i for i in out.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and i.raw_data)
+            arr = onnx.numpy_helper.to_array(init) * 1.5
+            init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+        return out, rep
+
+    monkeypatch.setattr(builder, "run_passes", corrupting)
+    with pytest.raises(ParityError, match="vae_decoder differs from PyTorch after the graph passes"):
+        diffc.build("demo", "cpu", tmp_path / "bad.diffc", progress=False)
+    assert not (tmp_path / "bad.diffc").exists()
