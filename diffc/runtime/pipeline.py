@@ -131,7 +131,10 @@ class Pipeline:
         self.check_size(height, width)
         g = float(self.guidance["default_scale"] if guidance is None else guidance)
         mode = self.guidance["mode"]
-        use_cfg = mode == "cfg" and g > 1.0
+        # guidance <= 1 skips the uncond half (as diffusers does), unless the UNet engine has a static batch that
+        # expects it (TensorRT static shapes): then run it anyway; m_u + g * (m_c - m_u) is still exact.
+        unet_min_batch = self.manifest["components"]["unet"].get("shape_ranges", {}).get("batch", [1])[0]
+        use_cfg = mode == "cfg" and (g > 1.0 or unet_min_batch > batch)
 
         cond, pooled = self.encode_text(prompts)
         extra: dict[str, np.ndarray] = {}

@@ -201,3 +201,17 @@ def test_host_engine_cache(artifact, tmp_path, monkeypatch):
     assert not any(s.from_cache for s in uncached.sessions.values())
     images = [p("a handwritten digit four", seed=4) for p in (first, second, uncached)]
     assert np.abs(images[0] - images[1]).max() <= 1e-6 and np.abs(images[0] - images[2]).max() <= 1e-6
+
+
+def test_static_cfg_batch_keeps_uncond_at_guidance_one(copy):
+    """An engine built with a static CFG batch (TensorRT static shapes) still gets batch 2 at guidance <= 1."""
+    plain = load(copy, progress=False)
+    _edit(copy, lambda m: m["components"]["unet"]["shape_ranges"].update(batch=[2, 2, 2]))
+    static = load(copy, progress=False)
+    seen = []
+    real = static.sessions["unet"].run
+    static.sessions["unet"].run = lambda feeds, *a: seen.append(feeds["sample"].shape[0]) or real(feeds, *a)
+    a = static("a handwritten digit eight", seed=2, guidance=1.0)
+    b = plain("a handwritten digit eight", seed=2, guidance=1.0)
+    assert set(seen) == {2}
+    assert np.abs(a - b).max() <= 1e-5
