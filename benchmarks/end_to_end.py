@@ -78,6 +78,9 @@ def write_sd15_pipeline(folder: Path) -> Path:
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    # transformers 5 saves only tokenizer.json; older transformers (optimum's venv) need vocab.json + merges.txt
+    for f in CLIP_TOKENIZER_ASSETS.iterdir():
+        shutil.copy(f, tmp / "tokenizer" / f.name)
     # SD 1.5's own scheduler config says clip_sample false (PNDM ignores it; DDIM would clip without it)
     cfg_path = tmp / "scheduler" / "scheduler_config.json"
     cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "clip_sample": False}, indent=2))
@@ -112,8 +115,6 @@ def export_optimum(python: str, model: Path, out: Path) -> Path:
 
 def child(config: str, path: str, size: int, steps: int, reps: int) -> None:
     """Runs inside the measured process. Prints JSON events; the parent timestamps `first_image`."""
-    import resource
-
     import numpy as np
 
     def event(**kw):
@@ -169,7 +170,10 @@ def child(config: str, path: str, size: int, steps: int, reps: int) -> None:
         t0 = time.perf_counter()
         generate(r + 1)
         times.append(time.perf_counter() - t0)
-    event(event="done", times=times, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec
+    with open("/proc/self/status") as f:
+        hwm_kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    event(event="done", times=times, peak_rss_bytes=hwm_kib * 1024)
 
 
 def measure(python: str, config: str, path: Path, size: int, steps: int, reps: int,

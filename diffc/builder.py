@@ -168,10 +168,9 @@ def plan(model: str | Path, profile: str | Path | Profile = "cpu", *, steps: int
     if steps is not None or sampler is not None:
         prof = prof.with_overrides(steps=steps or prof.steps, sampler=sampler or prof.sampler)
     if str(model) == "demo":
-        from diffc.exporter.demo import DEMO_KIND
-        from diffc.exporter.tiny import tiny_configs
+        from diffc.exporter.demo import demo_configs
 
-        configs = tiny_configs(DEMO_KIND)
+        configs = demo_configs()
         unet_cfg, vae_cfg, present = configs["unet"], configs["vae"], ("text_encoder", "unet", "vae_decoder")
     else:
         source = inspect_model(model)

@@ -21,7 +21,7 @@ Text encoders use the real CLIP BPE (``diffc/assets/clip_tokenizer``, 49408 ids)
 
 Weights are random, from ``torch.manual_seed`` per component, so two calls with the same ``seed`` write
 byte-identical files. ``weights=DIR`` loads ``DIR/<component>.safetensors`` (state dicts of ``unet``, ``vae``,
-``text_encoder`` [, ``text_encoder_2``]) instead -- trained demo weights are a one-argument swap;
+``text_encoder`` [, ``text_encoder_2``]) instead (the trained demo has its own configs: diffc.exporter.demo);
 :func:`save_component_weights` writes such a folder from a pipeline.
 """
 
