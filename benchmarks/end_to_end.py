@@ -146,9 +146,12 @@ def child(config: str, path: str, size: int, steps: int, reps: int) -> None:
         pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
 
+        import torch  # optimum's ORT pipelines take torch generators like diffusers'
+
         def generate(seed):
             return pipe(PROMPT, negative_prompt=NEGATIVE, guidance_scale=GUIDANCE, num_inference_steps=steps,
-                        height=size, width=size, generator=np.random.RandomState(seed), output_type="np").images
+                        height=size, width=size, generator=torch.Generator().manual_seed(seed),
+                        output_type="np").images
     elif config.startswith("diffc"):
         import diffc
         from diffc.runtime.sampler import compile_sampler
@@ -269,7 +272,11 @@ def main() -> None:
                         continue
                     python = args.optimum_python if config == "optimum_ort" else sys.executable
                     log.info("%s: %s", key, config)
-                    results[key][config] = measure(python, config, paths[config], size, steps, args.reps, env)
+                    try:
+                        results[key][config] = measure(python, config, paths[config], size, steps, args.reps, env)
+                    except RuntimeError as e:  # one broken baseline must not lose the other rows
+                        log.error("%s", e)
+                        skipped[f"{config}@{key}"] = str(e)[-1000:]
 
         ratios: dict[str, dict[str, float]] = {}
         for key, row in results.items():
