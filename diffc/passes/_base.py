@@ -7,6 +7,8 @@ changed nothing, and running a pass twice must give ``modified=False`` the secon
 
 from __future__ import annotations
 
+import abc
+
 import collections
 import logging
 from typing import ClassVar, Iterable
@@ -40,8 +42,9 @@ class DiffcPass(ir.passes.InPlacePass):
         super().__init__()
         self.fired: dict[str, int] = {}
 
-    def run(self, model: ir.Model) -> dict[str, int]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def run(self, model: ir.Model) -> dict[str, int]:
+        """Rewrite ``model`` in place; return how often each rewrite fired."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if self.needs_shapes:
@@ -89,28 +92,26 @@ def onnx_opset(model: ir.Model) -> int:
     return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1)))
 
 
-def const_ints(value: ir.Value | None) -> list[int] | None:
-    """The value of a constant integer tensor (initializer or Constant node output), or None."""
+def _const_array(value: ir.Value | None):
+    """The numpy value of a constant tensor (initializer or Constant node output), or None."""
     if value is None:
         return None
     tensor = ir.convenience.get_const_tensor(value)
-    if tensor is None:
-        return None
-    array = tensor.numpy()
-    if array.dtype.kind not in "iu":
+    return None if tensor is None else tensor.numpy()
+
+
+def const_ints(value: ir.Value | None) -> list[int] | None:
+    """The value of a constant integer tensor, or None."""
+    array = _const_array(value)
+    if array is None or array.dtype.kind not in "iu":
         return None
     return [int(v) for v in array.reshape(-1)]
 
 
 def const_scalar(value: ir.Value | None) -> float | None:
     """The value of a constant one-element float/int tensor, or None."""
-    if value is None:
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
-    if tensor is None:
-        return None
-    array = tensor.numpy()
-    if array.size != 1:
+    array = _const_array(value)
+    if array is None or array.size != 1:
         return None
     return float(array.reshape(-1)[0])
 
