@@ -186,6 +186,12 @@ def check_parity(module: torch.nn.Module, contract: Contract, path: Path, shapes
     return rows
 
 
+def worst_parity(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The worst errors over :func:`check_parity`'s rows, and whether every row passed."""
+    return {"max_abs_err": max(r["max_abs_err"] for r in rows), "rel_l2": max(r["rel_l2"] for r in rows),
+            "passed": all(r["passed"] for r in rows)}
+
+
 def export_pipeline_to(pipe, source: ModelSource, out: Path, *, components: Iterable[str] | None = None,
                        opset: int = DEFAULT_OPSET, exporter: str = "torchscript", check: bool = True,
                        progress: bool = True) -> dict[str, Any]:
@@ -212,10 +218,8 @@ def export_pipeline_to(pipe, source: ModelSource, out: Path, *, components: Iter
         if check:
             rows = check_parity(module, contract, path, shapes)
             entry.update({
-                "max_abs_err": max(r["max_abs_err"] for r in rows),
-                "rel_l2": max(r["rel_l2"] for r in rows),
+                **worst_parity(rows),
                 "tolerance": {"atol": contract.atol, "rtol_l2": contract.rtol_l2},
-                "passed": all(r["passed"] for r in rows),
                 "checks": rows,
             })
             log.info("%s: max_abs_err=%.3g rel_l2=%.3g (%s)", name, entry["max_abs_err"], entry["rel_l2"],
