@@ -3,7 +3,7 @@
 Builds the ``demo`` artifact once (the trained digit model, ``cpu`` profile), then generates "a handwritten
 digit <name>" for all ten digits x ``--seeds`` seeds in every configuration (a row):
 
-    steps {1, 2, 4, 8, 20} x sampler {ddim, dpmpp_2m} x cache {off} x precision {fp32}
+    steps {1, 2, 4, 8, 20} x sampler {ddim, dpmpp_2m} x cache {off} x precision {fp32, int8}
 
 and scores each row with
 
@@ -11,6 +11,8 @@ and scores each row with
   tools/train_demo.py, run with numpy: benchmarks/judge) labels as the prompted digit;
 * ``psnr_db``: mean PSNR (images in [0, 1]) against the *same sampler's* 20-step image of the same prompt and
   seed, fp32, cache off (the row's ``reference`` says which); null for the reference row itself;
+* ``psnr_vs_fp32_db`` (rows other than fp32): mean PSNR against the fp32 artifact's image of the same prompt,
+  seed, sampler, step count and cache mode -- what quantization alone changed (issue 7: >= 28 dB);
 * ``latency_ms_per_image``: median wall time of one ``pipe(prompt)`` call (batch 1, classifier-free guidance
   at the artifact's default scale, text encoder + denoiser steps + VAE decoder).
 
@@ -52,7 +54,7 @@ log = logging.getLogger("diffc.bench.quality")
 STEPS = (1, 2, 4, 8, 20)
 SAMPLERS = ("ddim", "dpmpp_2m")
 REFERENCE_STEPS = 20
-GOALS = {"reference_min_accuracy": 0.90, "four_step_min_accuracy": 0.85}
+GOALS = {"reference_min_accuracy": 0.90, "four_step_min_accuracy": 0.85, "int8_min_psnr_vs_fp32_db": 28.0}
 
 
 def _build_fp32(out: Path) -> Path:
@@ -61,13 +63,20 @@ def _build_fp32(out: Path) -> Path:
     return diffc.build("demo", "cpu", out, progress=False)
 
 
+def _build_int8(out: Path) -> Path:
+    """The ``cpu-int8`` profile: calibrated on the demo's own 4-step loop, quality-gated at build time."""
+    import diffc
+
+    return diffc.build("demo", "cpu-int8", out, progress=False)
+
+
 def _cache_off(pipe) -> Callable[[], None]:
     """Configure ``pipe`` for this cache mode; returns the function that undoes it."""
     return lambda: None
 
 
 #: precision -> builds the demo artifact at that precision into the given folder
-PRECISIONS: dict[str, Callable[[Path], Path]] = {"fp32": _build_fp32}
+PRECISIONS: dict[str, Callable[[Path], Path]] = {"fp32": _build_fp32, "int8": _build_int8}
 #: cache mode -> configures a loaded pipeline (returns an undo function)
 CACHE_MODES: dict[str, Callable[[Any], Callable[[], None]]] = {"off": _cache_off}
 REFERENCE = ("fp32", "off")  # (precision, cache) of the reference rows
@@ -134,6 +143,7 @@ def main() -> None:
     labels = np.repeat(np.arange(10), n_seeds)
     rows: list[dict[str, Any]] = []
     refs: dict[str, np.ndarray] = {}
+    fp32_images: dict[tuple[str, str, int], np.ndarray] = {}  # (cache, sampler, steps) -> the fp32 row's images
     build_s: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="diffc-quality-") as work:
         for precision, make in PRECISIONS.items():
@@ -161,6 +171,9 @@ def main() -> None:
                         is_ref = (precision, cache) == REFERENCE and steps == REFERENCE_STEPS
                         if is_ref:
                             refs[sampler] = images
+                        if precision == REFERENCE[0]:
+                            fp32_images[cache, sampler, steps] = images
+                        same = fp32_images.get((cache, sampler, steps)) if precision != REFERENCE[0] else None
                         ref = refs.get(sampler)
                         row = {
                             "precision": precision, "cache": cache, "sampler": sampler, "steps": steps,
@@ -169,6 +182,8 @@ def main() -> None:
                             "psnr_db": None if is_ref or ref is None else round(
                                 float(np.mean([psnr(a, b) for a, b in zip(images, ref)])), 2),
                             "reference": f"{sampler}, {REFERENCE_STEPS} steps, {REFERENCE[0]}, cache {REFERENCE[1]}",
+                            **({} if same is None else {"psnr_vs_fp32_db": round(
+                                float(np.mean([psnr(a, b) for a, b in zip(images, same)])), 2)}),
                             "latency_ms_per_image": round(1000 * statistics.median(times), 2),
                         }
                         rows.append(row)
@@ -187,7 +202,10 @@ def main() -> None:
         **GOALS,
         "met": {
             f"{s}_reference": acc(s, REFERENCE_STEPS) >= GOALS["reference_min_accuracy"] for s in SAMPLERS
-        } | {f"{s}_4_steps": acc(s, 4) >= GOALS["four_step_min_accuracy"] for s in SAMPLERS},
+        } | {f"{s}_4_steps": acc(s, 4) >= GOALS["four_step_min_accuracy"] for s in SAMPLERS}
+        | {f"int8_{s}_4_steps_psnr": next(r["psnr_vs_fp32_db"] for r in rows if r["precision"] == "int8"
+                                          and r["cache"] == REFERENCE[1] and r["sampler"] == s and r["steps"] == 4)
+           >= GOALS["int8_min_psnr_vs_fp32_db"] for s in SAMPLERS if "int8" in PRECISIONS},
     }
     rows.sort(key=lambda r: (list(PRECISIONS).index(r["precision"]), list(CACHE_MODES).index(r["cache"]),
                              SAMPLERS.index(r["sampler"]), r["steps"]))

@@ -12,6 +12,11 @@ UNet call -- batch 2 (classifier-free guidance), text length 77 -- at 32x32 and 
                               with every fusion that emits a CUDA-only op turned off (GroupNorm, SkipGroupNorm,
                               BiasSplitGelu, packed QKV / KV, BiasAdd, NhwcConv): its CPU-safe configuration
 ``diffc_fp32``                ``diffc.passes.run_passes(model, "unet", "onnxruntime")``, same session settings
+``diffc_int8``                diffc_fp32 + diffc's quantize pass (uint8 activations, int8 per-channel weights,
+                              conv_in / conv_out / time embedding in float), as ``cpu-int8`` builds it; ranges
+                              calibrated on this benchmark's own inputs at three timesteps (speed does not
+                              depend on them; image quality is measured on the trained demo model in
+                              ``benchmarks/quality.py``)
 ============================  ================================================================================
 
 All onnxruntime variants start from the same export and use the same session options. ``--extra-variants``
@@ -24,7 +29,8 @@ spreads over all of them instead of skewing one. Medians over cycles are reporte
 
     python benchmarks/unet_step.py [--quick] [--cycles N] [--exporter torchscript|dynamo] [--extra-variants]
 
-Prints one JSON object: median seconds per variant and size, ``ratios`` (anchor time / diffc time), the
+Prints one JSON object: median seconds per variant and size, ``ratios`` (anchor time / diffc time, and
+``fp32_over_int8``: diffc fp32 time / diffc int8 time), the
 machine's measured fp32 GEMM peak, the UNet's FLOPs (Conv/MatMul/Gemm of the exported graph at each shape)
 and the FLOP/s each variant achieves. Everything else goes to the log (stderr).
 """
@@ -191,6 +197,34 @@ def worker_diffc(args) -> dict[str, Any]:
     }
 
 
+def worker_int8(args) -> dict[str, Any]:
+    """diffc's quantize pass over the diffc fp32 graph. Calibration: the graph's own fp32 activations on this
+    benchmark's inputs at timesteps 981, 500 and 21 (percentile 99.99, envelope), as diffc.quantization does."""
+    import onnx_ir as ir
+
+    from diffc.passes.quantize import calibration_targets
+    from diffc.quantization import RangeRecorder, quantize_graph
+    from diffc.profiles.schema import Backend
+
+    t0 = time.perf_counter()
+    model = Path(args.model)
+    targets = calibration_targets(ir.load(model).graph)
+    recorder = RangeRecorder(model, targets, num_steps=3, cfg=True, method="percentile", percentile=99.99)
+    try:
+        for t in (981.0, 500.0, 21.0):
+            f = feeds(args.sizes[-1])
+            f["timestep"] = np.full((BATCH,), t, np.float32)
+            recorder.run(f)
+        ranges = recorder.ranges()
+    finally:
+        recorder.close()
+    calib_s = time.perf_counter() - t0
+    entry = quantize_graph(model, Path(args.out), ranges, qtype="uint8",
+                           keep_float=("conv_in", "conv_out", "time_embedding"), backend=Backend.ONNXRUNTIME)
+    return {"calibration_s": round(calib_s, 1), "tensors": len(ranges), "fired": entry["fired"],
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def _cpu_legal_contrib_ops(path: str) -> dict[str, int]:
     """The graph's contrib ops, after diffc's check that onnxruntime's CPU provider implements every one."""
     import onnx_ir as ir
@@ -233,7 +267,7 @@ def worker_gemm(args) -> dict[str, Any]:
 
 
 WORKERS = {"export": worker_export, "torch": worker_torch, "ort": worker_ort, "sd_optimizer": worker_sd_optimizer,
-           "diffc": worker_diffc, "gemm": worker_gemm}
+           "diffc": worker_diffc, "int8": worker_int8, "gemm": worker_gemm}
 
 
 def call_worker(worker: str, /, **kw) -> dict[str, Any]:
@@ -333,6 +367,10 @@ def main() -> None:
             log.info("diffc passes for %s %s", name, options)
             graphs[name] = work / name / "model.onnx"
             result["diffc"][name] = call_worker("diffc", model=plain, out=graphs[name], options=json.dumps(options))
+        log.info("diffc int8: calibrate and quantize the diffc fp32 graph")
+        graphs["diffc_int8"] = work / "diffc_int8" / "model.onnx"
+        result["diffc"]["diffc_int8"] = call_worker("int8", model=graphs["diffc_fp32"], out=graphs["diffc_int8"],
+                                                    sizes=sizes)
         flops = {f"{s}x{s}": graph_flops(plain, s) for s in sizes}
         log.info("UNet GFLOPs per step: %s", {k: round(v / 1e9, 1) for k, v in flops.items()})
 
@@ -364,14 +402,16 @@ def main() -> None:
             if args.workdir is None:
                 shutil.rmtree(work, ignore_errors=True)
             else:
-                for name in ("ort_sd_optimizer", "diffc_fp32", *EXTRA_DIFFC):
+                for name in ("ort_sd_optimizer", "diffc_fp32", "diffc_int8", *EXTRA_DIFFC):
                     shutil.rmtree(work / name, ignore_errors=True)
 
     median = {size: {v: round(median_of(runs[v][size]), 4) for v in runs} for size in flops}
     minimum = {size: {v: round(min(x for r in runs[v][size] for x in r), 4) for v in runs} for size in flops}
     peak = max(gemm.values())
-    ratios = {size: {a: round(row[a] / row["diffc_fp32"], 3) for a in ANCHORS} for size, row in median.items()}
+    ratios = {size: {**{a: round(row[a] / row["diffc_fp32"], 3) for a in ANCHORS},
+                     "fp32_over_int8": round(row["diffc_fp32"] / row["diffc_int8"], 3)} for size, row in median.items()}
     fastest = {size: min(ANCHORS, key=lambda a: row[a]) for size, row in median.items()}
+    # the int8 graph is not expected to match torch fp32 to fp32 precision: report it, it is not a parity check
     achieved = {size: {v: round(flops[size] / t / 1e9, 1) for v, t in row.items()} for size, row in median.items()}
     result.update({
         "median_s": median,

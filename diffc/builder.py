@@ -51,6 +51,9 @@ def _check_tensorrt(profile: Profile, graphs: dict[str, Path] | None = None) -> 
 
 
 def _check_backend(profile: Profile) -> None:
+    from diffc.quantization import check_quantization
+
+    check_quantization(profile)  # fp8 on the CPU, int8 on a component diffc does not quantize
     if profile.backend in TENSORRT_BACKENDS:
         _check_tensorrt(profile)
         return
@@ -60,15 +63,10 @@ def _check_backend(profile: Profile) -> None:
             "use the 'cpu' profile"
         )
     for comp, prec in profile.precision.items():
-        if prec is Precision.FP8:
+        if prec not in (Precision.FP32, Precision.INT8):
             raise BackendUnavailableError(
-                f"profile {profile.name!r} asks for fp8 ({comp}), but onnxruntime's CPU provider has no FP8 "
-                "kernels; use a TensorRT profile for fp8, or fp32 on the CPU"
-            )
-        if prec is not Precision.FP32:
-            raise BackendUnavailableError(
-                f"profile {profile.name!r} asks for {prec.value} ({comp}); the onnxruntime CPU backend builds fp32 "
-                "only in this version of diffc"
+                f"profile {profile.name!r} asks for {prec.value} ({comp}); the onnxruntime CPU backend builds fp32, "
+                "and int8 for the denoiser (cpu-int8)"
             )
 
 
@@ -211,11 +209,64 @@ def format_build_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _quantize(model: str | Path, prof: Profile, quantized: dict[str, Precision], graphs: dict[str, Path], work: Path,
+              onnx_dir: Path, report: dict[str, Any], *, exporter: str, progress: bool) -> Path:
+    """Build the fp32 reference artifact, calibrate on its loop, and swap Q/DQ graphs into ``graphs``.
+    Returns the reference artifact's path (the quality gate compares against it)."""
+    import onnx_ir as ir
+
+    from diffc.passes.quantize import calibration_targets
+    from diffc.quantization import activation_type, calibrate, quantize_graph, reference_profile
+
+    reference = work / "reference.diffc"
+    log.info("building the fp32 reference artifact for calibration and the quality gate")
+    build(model, reference_profile(prof), reference, exporter=exporter, progress=progress, _export_dir=onnx_dir)
+    opts = prof.quantize
+    for name, precision in quantized.items():
+        qtype = activation_type(prof, precision)
+        targets = calibration_targets(ir.load(graphs[name]).graph, keep_float=opts.keep_float,
+                                      output_ranges=prof.backend is Backend.ONNXRUNTIME)
+        ranges, calib = calibrate(reference, graphs[name], targets, opts, progress=progress)
+        out = work / "quantized" / name / "model.onnx"
+        pass_entry = quantize_graph(graphs[name], out, ranges, qtype=qtype, keep_float=opts.keep_float,
+                                    backend=prof.backend)
+        graphs[name] = out
+        comp = report["components"][name]
+        comp["passes"]["passes"].append({k: pass_entry[k] for k in ("name", "fired", "modified", "seconds")})
+        comp["passes"]["op_counts_after"] = pass_entry["op_counts_after"]
+        comp["quantization"] = {"precision": precision.value, "activations": qtype,
+                                "weights": "fp8 e4m3 per output channel" if qtype == "fp8" else "int8 per output channel",
+                                "keep_float": list(opts.keep_float), "calibration": calib}
+        report.setdefault("pass_order", []).append({"name": "quantize", "options": pass_entry["options"]})
+    return reference
+
+
+def _gate(prof: Profile, quantized: dict[str, Precision], reference: Path, artifact: Path, graphs: dict[str, Path],
+          *, progress: bool) -> dict[str, Any]:
+    """The quality gate: the artifact itself on onnxruntime; for TensorRT, the int8 Q/DQ graph on the CPU (the
+    engine needs a GPU); fp8 cannot run here at all, so it is recorded as not evaluated."""
+    from diffc.quantization import quality_gate
+
+    if prof.quantize.min_psnr_db == 0 and prof.quantize.max_abs_error is None:
+        return {"skipped": "turned off in the profile ([quantize].min_psnr_db = 0)"}
+    if prof.backend is Backend.ONNXRUNTIME:
+        return quality_gate(reference, artifact, prof.quantize, progress=progress)
+    if any(p is Precision.FP8 for p in quantized.values()):
+        return {"skipped": "not evaluated on this machine: FP8 Q/DQ has no onnxruntime CPU kernels and the TensorRT "
+                           "engine needs a GPU; run benchmarks/quality.py against the artifact on the target GPU"}
+    return quality_gate(reference, None, prof.quantize, denoiser=graphs["unet"], progress=progress)
+
+
 def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | Path | None = None, *,
           force: bool = False, steps: int | None = None, sampler: str | None = None, exporter: str = "torchscript",
-          progress: bool = True, no_cache: bool = False, verify_passes: bool = False) -> Path:
+          progress: bool = True, no_cache: bool = False, verify_passes: bool = False,
+          _export_dir: Path | None = None) -> Path:
     """Build an artifact. Returns its path. ``no_cache``: rebuild TensorRT engines the build cache holds;
-    ``verify_passes``: run the onnx checker and shape inference after every graph pass."""
+    ``verify_passes``: run the onnx checker and shape inference after every graph pass.
+
+    A profile with int8 / fp8 components also builds its fp32 onnxruntime twin (in the work folder), runs its
+    sampling loop to calibrate, inserts Q/DQ, and gates the result against it (:mod:`diffc.quantization`).
+    ``_export_dir``: reuse that build's ONNX export instead of exporting again (internal)."""
     from diffc.engines import onnxruntime as ort_engine
     from diffc.exporter.contracts import get_contract
     from diffc.exporter.export import (
@@ -258,14 +309,19 @@ def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | P
 
         components = [c for c in TXT2IMG_COMPONENTS if c in source.components]
         t0 = time.perf_counter()
-        export_report = export_pipeline_to(pipe, source, work / "onnx", components=components, exporter=exporter,
-                                           progress=progress)
+        onnx_dir = work / "onnx"
+        if _export_dir is not None:
+            onnx_dir = Path(_export_dir)
+            export_report = json.loads((onnx_dir / "export_report.json").read_text())
+        else:
+            export_report = export_pipeline_to(pipe, source, onnx_dir, components=components, exporter=exporter,
+                                               progress=progress)
         report["timings"]["export_s"] = round(time.perf_counter() - t0, 3)
 
         t0 = time.perf_counter()
         report["pass_order"] = [spec.to_dict() for spec in pass_list(prof.backend.value, **prof.passes)]
         for name in tqdm(components, desc="passes", unit="component", disable=not progress):
-            graph, pass_report = run_passes(load_model(work / "onnx" / name / "model.onnx"), name,
+            graph, pass_report = run_passes(load_model(onnx_dir / name / "model.onnx"), name,
                                             prof.backend.value, verify=verify_passes, **prof.passes)
             passed = save_model(graph, work / "passed" / name / "model.onnx")
             del graph
@@ -282,16 +338,25 @@ def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | P
                     "[passes].disable in the profile, and report the model config")
         report["timings"]["passes_s"] = round(time.perf_counter() - t0, 3)
 
+        graphs = {n: work / "passed" / n / "model.onnx" for n in components}
+        reference = None
+        quantized = prof.quantized_components(tuple(components))
+        if quantized:
+            t0 = time.perf_counter()
+            reference = _quantize(model, prof, quantized, graphs, work, onnx_dir, report, exporter=exporter,
+                                  progress=progress)
+            report["timings"]["quantize_s"] = round(time.perf_counter() - t0, 3)
+
         manifest_components: dict[str, Any] = {}
         use_trt = prof.backend in TENSORRT_BACKENDS
         if use_trt:
             from diffc.engines import tensorrt as trt_engine
 
             # int8/fp8 need Q/DQ graphs: refuse before the first engine is built, not after
-            _check_tensorrt(prof, {n: work / "passed" / n / "model.onnx" for n in components})
+            _check_tensorrt(prof, graphs)
         t0 = time.perf_counter()
         for name in tqdm(components, desc="engines", unit="component", disable=not progress):
-            onnx_path = work / "passed" / name / "model.onnx"
+            onnx_path = graphs[name]
             ranges = shape_ranges(name, prof, geometry, cfg=pipe.unet.config.get("time_cond_proj_dim") is None)
             if use_trt:
                 rec = trt_engine.build_engine(onnx_path, tmp / name / trt_engine.ENGINE_FILE, no_cache=no_cache,
@@ -384,6 +449,10 @@ def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | P
             "sampler": tables.to_dict(),
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+        if reference is not None:
+            t0 = time.perf_counter()
+            report["quality_gate"] = _gate(prof, quantized, reference, tmp, graphs, progress=progress)
+            report["timings"]["quality_gate_s"] = round(time.perf_counter() - t0, 3)
         report["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
         (tmp / "build_report.json").write_text(json.dumps(report, indent=2))
         (tmp / "export_report.json").write_text(json.dumps(export_report, indent=2))

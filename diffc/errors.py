@@ -80,6 +80,12 @@ class EngineBuildError(DiffcError):
     code = "engine_build_error"
 
 
+class QualityGateError(DiffcError):
+    """A quantized artifact's images differ from the fp32 artifact's by more than the profile allows."""
+
+    code = "quality_gate_error"
+
+
 class CudaError(DiffcError):
     """A CUDA runtime call failed while running a GPU engine."""
 

@@ -43,7 +43,8 @@ if TYPE_CHECKING:  # onnx_ir / onnxscript load only when passes are built or run
 
     from diffc.passes._base import DiffcPass
 
-__all__ = ["PassSpec", "PassError", "PassOptionError", "TARGETS", "ATTENTION_KINDS", "GROUPNORM_FORMS", "pass_list",
+__all__ = ["PassSpec", "PassError", "PassOptionError", "TARGETS", "ATTENTION_KINDS", "GROUPNORM_FORMS",
+           "QUANTIZE_ROLES", "pass_list",
            "format_pass_list", "resolve_options", "run_passes"]
 
 log = logging.getLogger("diffc.passes")
@@ -51,6 +52,9 @@ log = logging.getLogger("diffc.passes")
 TARGETS = ("onnxruntime", "tensorrt", "tensorrt_rtx")
 #: values of the ``attention`` option (fuse_attention's ``kind``)
 ATTENTION_KINDS = ("mha", "attention23", "none")
+#: layer roles the quantize pass can leave in float (``[quantize].keep_float``); see diffc.passes.quantize
+QUANTIZE_ROLES = ("conv_in", "conv_out", "time_embedding", "skip_concat", "output_block", "text_projection", "layer",
+                  "attention_softmax")
 #: values of the ``groupnorm`` option (legalize_norms)
 GROUPNORM_FORMS = ("instance_norm", "group_normalization", "keep")
 

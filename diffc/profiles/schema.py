@@ -87,6 +87,50 @@ class MemoryBudget:
     budget_mib: int | None = None
 
 
+#: what calibration runs by default: varied captions, so the activation ranges cover more than one kind of image
+DEFAULT_CALIBRATION_PROMPTS = (
+    "a photograph of an astronaut riding a horse",
+    "a watercolor painting of a lighthouse at dusk",
+    "a handwritten digit three",
+    "a close-up photo of a red fox in the snow",
+)
+#: the quality gate's prompts: not the calibration ones, so the gate measures what calibration did not see
+DEFAULT_GATE_PROMPTS = (
+    "a bowl of fruit on a wooden table",
+    "a handwritten digit seven",
+    "a portrait of an old sailor, oil painting",
+)
+CALIBRATION_METHODS = ("percentile", "minmax")
+ACTIVATION_TYPES = ("auto", "uint8", "int8")
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """The ``[quantize]`` table: how int8 / fp8 components are calibrated, quantized and quality-gated.
+
+    Calibration runs the artifact's own fp32 sampling loop (onnxruntime, CPU) over ``calibration_prompts`` x
+    ``calibration_seeds`` and records every quantized tensor's range at every step, both CFG halves.
+    ``method``: ``percentile`` clips each call's range to the ``percentile``-th / (100 - p)-th percentile
+    (outliers would otherwise stretch the 8-bit grid), ``minmax`` keeps it whole; the range used is the
+    envelope over all calls. ``keep_float``: layer roles left in float (see diffc.passes.quantize).
+    ``activations``: ``auto`` is uint8 on onnxruntime (x86 VNNI multiplies u8 x s8) and int8 on TensorRT
+    (symmetric only). The gate compares final images with the fp32 artifact's on ``gate_prompts`` x
+    ``gate_seeds`` and fails the build when their mean PSNR is below ``min_psnr_db`` (or an image's max
+    absolute error is above ``max_abs_error``, if set).
+    """
+
+    method: str = "percentile"
+    percentile: float = 99.99
+    calibration_prompts: tuple[str, ...] = DEFAULT_CALIBRATION_PROMPTS
+    calibration_seeds: tuple[int, ...] = (0, 1)
+    keep_float: tuple[str, ...] = ("conv_in", "conv_out", "time_embedding", "skip_concat")
+    activations: str = "auto"
+    gate_prompts: tuple[str, ...] = DEFAULT_GATE_PROMPTS
+    gate_seeds: tuple[int, ...] = (100, 101)
+    min_psnr_db: float = 28.0
+    max_abs_error: float | None = None
+
+
 @dataclass(frozen=True)
 class Profile:
     name: str
@@ -104,10 +148,16 @@ class Profile:
     passes: dict[str, Any] = field(default_factory=dict)
     tensorrt: TensorRTOptions = TensorRTOptions()
     memory: MemoryBudget = MemoryBudget()
+    quantize: QuantizeOptions = QuantizeOptions()
     source: str = ""  # where it was loaded from
 
     def precision_of(self, component: str) -> Precision:
         return self.precision.get(component, self.precision.get("default", Precision.FP32))
+
+    def quantized_components(self, components: tuple[str, ...] = COMPONENTS) -> dict[str, Precision]:
+        """The components this profile builds in int8 or fp8 (they need calibration and Q/DQ graphs)."""
+        return {c: self.precision_of(c) for c in components
+                if self.precision_of(c) in (Precision.INT8, Precision.FP8)}
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -116,6 +166,7 @@ class Profile:
         for key in ("height", "width", "batch"):
             d[key] = getattr(self, key).to_list() if getattr(self, key) is not None else None
         d["tensorrt"]["compute_capabilities"] = list(self.tensorrt.compute_capabilities)
+        d["quantize"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["quantize"].items()}
         return d
 
     @classmethod
@@ -138,6 +189,8 @@ class Profile:
             toml_like["tensorrt"] = trt
         if data.get("memory") and data["memory"].get("budget_mib") is not None:
             toml_like["memory"] = dict(data["memory"])
+        if data.get("quantize"):
+            toml_like["quantize"] = {k: v for k, v in data["quantize"].items() if v is not None}
         return parse_profile(toml_like, where=where)
 
     def with_overrides(self, **changes) -> "Profile":
@@ -250,9 +303,55 @@ def _parse_passes(table: Any, backend: Backend, where: str) -> dict[str, Any]:
     return dict(table)
 
 
+def _str_list(table: dict, key: str, default: tuple, where: str, prefix: str, *, item=str) -> tuple:
+    value = table.get(key, list(default))
+    kind = "strings" if item is str else "integers"
+    if not (isinstance(value, list) and value and all(isinstance(v, item) and not isinstance(v, bool) for v in value)):
+        raise _err(where, f"{prefix}{key}", f"must be a non-empty list of {kind}, got {value!r}")
+    return tuple(value)
+
+
+def _parse_quantize(table: Any, where: str) -> QuantizeOptions:
+    p = "[quantize]."
+    if not isinstance(table, dict):
+        raise _err(where, "[quantize]", "must be a table")
+    _check_keys(table, {f.name for f in QuantizeOptions.__dataclass_fields__.values()}, where, p)
+    d = QuantizeOptions()
+    method = table.get("method", d.method)
+    if method not in CALIBRATION_METHODS:
+        raise _err(where, f"{p}method", f"must be one of {list(CALIBRATION_METHODS)}, got {method!r}")
+    pct = table.get("percentile", d.percentile)
+    if not isinstance(pct, (int, float)) or isinstance(pct, bool) or not 50.0 < pct <= 100.0:
+        raise _err(where, f"{p}percentile", f"must be a number in (50, 100], got {pct!r}")
+    acts = table.get("activations", d.activations)
+    if acts not in ACTIVATION_TYPES:
+        raise _err(where, f"{p}activations", f"must be one of {list(ACTIVATION_TYPES)}, got {acts!r}")
+    keep = table.get("keep_float", list(d.keep_float))
+    from diffc.passes import QUANTIZE_ROLES
+
+    if not isinstance(keep, list) or any(r not in QUANTIZE_ROLES for r in keep):
+        raise _err(where, f"{p}keep_float", f"must be a list of layer roles from {list(QUANTIZE_ROLES)}, got {keep!r}")
+    psnr = table.get("min_psnr_db", d.min_psnr_db)
+    if not isinstance(psnr, (int, float)) or isinstance(psnr, bool) or psnr < 0:
+        raise _err(where, f"{p}min_psnr_db", f"must be a number >= 0 (0 turns the gate off), got {psnr!r}")
+    max_err = table.get("max_abs_error")
+    if max_err is not None and (not isinstance(max_err, (int, float)) or isinstance(max_err, bool)
+                                or not 0 < max_err <= 1):
+        raise _err(where, f"{p}max_abs_error", f"must be a number in (0, 1] (images are in [0, 1]), got {max_err!r}")
+    return QuantizeOptions(
+        method=method, percentile=float(pct),
+        calibration_prompts=_str_list(table, "calibration_prompts", d.calibration_prompts, where, p),
+        calibration_seeds=_str_list(table, "calibration_seeds", d.calibration_seeds, where, p, item=int),
+        keep_float=tuple(keep), activations=acts,
+        gate_prompts=_str_list(table, "gate_prompts", d.gate_prompts, where, p),
+        gate_seeds=_str_list(table, "gate_seeds", d.gate_seeds, where, p, item=int),
+        min_psnr_db=float(psnr), max_abs_error=None if max_err is None else float(max_err),
+    )
+
+
 def parse_profile(data: dict[str, Any], *, where: str) -> Profile:
     _check_keys(data, {"name", "description", "backend", "precision", "shapes", "sampler", "onnxruntime", "passes",
-                       "tensorrt", "memory"}, where, "")
+                       "tensorrt", "memory", "quantize"}, where, "")
     name = data.get("name")
     if not isinstance(name, str) or not name:
         raise _err(where, "name", "must be a non-empty string")
@@ -300,12 +399,13 @@ def parse_profile(data: dict[str, Any], *, where: str) -> Profile:
     passes = _parse_passes(data.get("passes", {}), backend, where)
     tensorrt = _parse_tensorrt(data.get("tensorrt", {}), backend, where)
     memory = _parse_memory(data.get("memory", {}), where)
+    quantize = _parse_quantize(data.get("quantize", {}), where)
 
     return Profile(
         name=name, backend=backend, description=str(data.get("description", "")), precision=precision,
         height=height, width=width, batch=batch, sampler=kind, steps=steps,
         guidance=float(guidance) if guidance is not None else None, onnxruntime=dict(ort_table), passes=passes, tensorrt=tensorrt,
-        memory=memory, source=where,
+        memory=memory, quantize=quantize, source=where,
     )
 
 

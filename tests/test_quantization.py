@@ -1,0 +1,114 @@
+"""int8 builds end to end: calibration from the real loop, the Q/DQ graph onnxruntime fuses, the quality gate,
+and the refusals (fp8 on the CPU, a component diffc does not quantize)."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+pytest.importorskip("torch")
+
+import diffc  # noqa: E402
+from diffc.errors import BackendUnavailableError, ProfileError, QualityGateError  # noqa: E402
+from diffc.profiles import load_profile  # noqa: E402
+from diffc.profiles.schema import Backend, Precision, parse_profile  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def int8_demo(tmp_path_factory):
+    """``diffc build demo --profile cpu-int8``: the trained demo model, quality gate included."""
+    out = tmp_path_factory.mktemp("int8") / "demo-int8.diffc"
+    diffc.build("demo", "cpu-int8", out, progress=False)
+    return out
+
+
+def test_manifest_and_report(int8_demo):
+    manifest = json.loads((int8_demo / "manifest.json").read_text())
+    assert manifest["components"]["unet"]["precision"] == "int8"
+    assert manifest["components"]["text_encoder"]["precision"] == "fp32"
+    assert manifest["profile"]["quantize"]["min_psnr_db"] == 28.0
+    report = json.loads((int8_demo / "build_report.json").read_text())
+    gate = report["quality_gate"]
+    assert gate["passed"] and gate["psnr_db_mean"] >= 28.0 and gate["evaluated_with"] == "artifact"
+    assert gate["images"] == 6 and len(gate["rows"]) == 6
+    q = report["components"]["unet"]["quantization"]
+    assert q["activations"] == "uint8" and q["keep_float"] == ["conv_in", "conv_out", "time_embedding", "skip_concat"]
+    calib = q["calibration"]
+    # the real loop: 4 prompts x 2 seeds, 4 steps each, CFG on (both halves recorded)
+    assert calib["images"] == 8 and calib["steps"] == 4 and calib["denoiser_calls"] == 32 and calib["cfg_halves"]
+    some = next(iter(calib["tensors"].values()))
+    assert len(some["steps"]) == 4 and len(some["cfg_halves"]["uncond"]) == 4
+    lo, hi = some["range"]
+    assert lo <= min(s[0] for s in some["steps"]) and hi >= max(s[1] for s in some["steps"])
+    fired = report["components"]["unet"]["passes"]["passes"][-1]
+    assert fired["name"] == "quantize" and fired["fired"]["conv"] > 10 and fired["fired"]["matmul"] > 10
+    assert [p["name"] for p in report["pass_order"]][-1] == "quantize"
+    # the calibration scratch graph is gone, and nothing but the artifact's own files is in it
+    assert not list(int8_demo.rglob("*.calibration.onnx"))
+
+
+def test_engine_runs_integer_kernels(int8_demo):
+    """The saved engine is what onnxruntime fused: integer kernels, and no float Conv inside the UNet body."""
+    graph = onnx.load(str(int8_demo / "unet" / "model.onnx"), load_external_data=False).graph
+    ops = collections.Counter(n.op_type for n in graph.node)
+    assert ops["QLinearConv"] > 10 and ops["MatMulIntegerToFloat"] > 10
+    assert ops["Conv"] + ops["FusedConv"] == 2 + 4  # conv_in, conv_out and the 4 skip_concat shortcuts: float
+    assert ops["MultiHeadAttention"] > 0  # attention stays fused (and float)
+
+
+def test_images_close_to_fp32(int8_demo, tmp_path):
+    reference = diffc.build("demo", "cpu", tmp_path / "fp32.diffc", progress=False)
+    a = diffc.load(reference, progress=False)("a handwritten digit four", seed=3)
+    b = diffc.load(int8_demo, progress=False)("a handwritten digit four", seed=3)
+    mse = float(np.mean((a - b) ** 2))
+    assert 0 < mse and 10 * np.log10(1 / mse) > 25  # quantized: not identical, but close
+
+
+def _tiny_profile(**quantize):
+    prof = load_profile("cpu-int8")
+    q = dataclasses.replace(prof.quantize, calibration_prompts=("a red square",), calibration_seeds=(0,),
+                            gate_prompts=("a blue circle",), gate_seeds=(0,), **quantize)
+    return dataclasses.replace(prof, quantize=q, steps=2)
+
+
+def test_quality_gate_fails_the_build(tmp_path):
+    from diffc.exporter.tiny import write_tiny_pipeline
+
+    model = write_tiny_pipeline(tmp_path / "sd", "sd")
+    out = tmp_path / "tiny-int8.diffc"
+    with pytest.raises(QualityGateError, match=r"mean PSNR .* \(needs >= 99\)"):
+        diffc.build(model, _tiny_profile(min_psnr_db=99.0), out, progress=False)
+    assert not out.exists() and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_fp8_on_the_cpu_is_refused():
+    prof = parse_profile({"name": "cpu-fp8", "backend": "onnxruntime", "precision": {"unet": "fp8"}}, where="t")
+    with pytest.raises(BackendUnavailableError, match=r"no FP8 kernels.*rtx-fp8.*h100-fp8|h100-fp8.*rtx-fp8"):
+        diffc.build("demo", prof, "/nonexistent/never-written", progress=False)
+
+
+def test_only_the_denoiser_is_quantized():
+    prof = parse_profile({"name": "x", "backend": "onnxruntime", "precision": {"text_encoder": "int8"}}, where="t")
+    with pytest.raises(ProfileError, match=r"\[precision\].text_encoder = 'int8'.*quantizes only \['unet'\]"):
+        diffc.build("demo", prof, "/nonexistent/never-written", progress=False)
+
+
+def test_quantize_table_is_validated():
+    base = {"name": "x", "backend": "onnxruntime"}
+    with pytest.raises(ProfileError, match=r"\[quantize\].method"):
+        parse_profile({**base, "quantize": {"method": "entropyy"}}, where="t")
+    with pytest.raises(ProfileError, match=r"\[quantize\].keep_float"):
+        parse_profile({**base, "quantize": {"keep_float": ["conv_inn"]}}, where="t")
+    with pytest.raises(ProfileError, match=r"\[quantize\].calibration_seeds"):
+        parse_profile({**base, "quantize": {"calibration_seeds": []}}, where="t")
+    with pytest.raises(ProfileError, match=r"\[quantize\].typo"):
+        parse_profile({**base, "quantize": {"typo": 1}}, where="t")
+    prof = load_profile("cpu-int8")
+    assert prof.backend is Backend.ONNXRUNTIME and prof.quantized_components() == {"unet": Precision.INT8}
+    again = type(prof).from_dict(json.loads(json.dumps(prof.to_dict())))
+    assert again.quantize == prof.quantize
