@@ -112,3 +112,34 @@ def test_quantize_table_is_validated():
     assert prof.backend is Backend.ONNXRUNTIME and prof.quantized_components() == {"unet": Precision.INT8}
     again = type(prof).from_dict(json.loads(json.dumps(prof.to_dict())))
     assert again.quantize == prof.quantize
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_tensorrt_builds_from_calibrated_qdq_graphs(tmp_path, precision):
+    """rtx-int8 / rtx-fp8 on the tiny pipeline: real TensorRT-RTX engines from the Q/DQ graph (no GPU needed to
+    build); int8 is gated on the CPU through the s8 Q/DQ graph, fp8 cannot run here and says so."""
+    from diffc.engines import tensorrt as T
+    from diffc.exporter.tiny import write_tiny_pipeline
+
+    if T.available("tensorrt_rtx") is None:
+        pytest.skip("TensorRT-RTX is not installed (pip install 'diffc[tensorrt]')")
+    prof = _tiny_profile(min_psnr_db=20.0)
+    trt = load_profile(f"rtx-{precision}")
+    prof = dataclasses.replace(trt, quantize=dataclasses.replace(prof.quantize, activations="auto"), steps=2,
+                               tensorrt=dataclasses.replace(trt.tensorrt, opt_level=0, compute_capabilities=("SM89",)))
+    out = diffc.build(write_tiny_pipeline(tmp_path / "sd", "sd"), prof, tmp_path / f"tiny-{precision}.diffc",
+                      progress=False, no_cache=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    unet = manifest["components"]["unet"]
+    assert unet["precision"] == precision and unet["backend_options"]["quantized"] == [precision]
+    assert unet["backend_options"]["strongly_typed"] is True
+    assert manifest["components"]["vae_decoder"]["precision"] == "fp16"
+    report = json.loads((out / "build_report.json").read_text())
+    assert report["components"]["unet"]["quantization"]["activations"] == precision  # symmetric int8 / e4m3
+    fired = report["components"]["unet"]["passes"]["passes"][-1]["fired"]
+    assert fired["conv_output"] == 0 and fired["int32_bias"] == 0  # TensorRT's form: inputs only, float bias
+    gate = report["quality_gate"]
+    if precision == "int8":
+        assert gate["evaluated_with"].startswith("onnxruntime") and gate["passed"]
+    else:
+        assert "FP8" in gate["skipped"]

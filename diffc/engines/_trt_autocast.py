@@ -62,6 +62,7 @@ def autocast_fp16(src: str | os.PathLike, dst: str | os.PathLike) -> dict[str, i
         model = convert_float_to_float16(str(src), keep_io_types=True, op_block_list=block)
     finally:
         ort_log.setLevel(level)
+    _drop_repeated_casts(model.graph)
     _toposort(model.graph)  # the converter appends its Cast nodes at the end
     onnx.helper.set_model_props(model, {**{m.key: m.value for m in model.metadata_props}, "diffc.autocast": "fp16"})
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -75,6 +76,24 @@ def autocast_fp16(src: str | os.PathLike, dst: str | os.PathLike) -> dict[str, i
     casts = sum(n.op_type == "Cast" for n in model.graph.node) - casts_before
     log.debug("autocast fp16: %d nodes, %d kept fp32, %d casts inserted", n_before, kept, casts)
     return {"nodes": n_before, "kept_fp32": kept, "casts_inserted": casts}
+
+
+def _drop_repeated_casts(graph) -> None:
+    """The converter inserts one ``Cast`` per consumer of a shared fp32-only input, all with the same output
+    name (e.g. the ``scales`` constant that diffc's cleanup merged for every ``Resize``); TensorRT refuses a graph
+    whose output names repeat. Identical copies are dropped: the first one feeds every consumer."""
+    seen: dict[str, bytes] = {}
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Cast" and len(node.output) == 1:
+            key = node.SerializeToString()
+            if seen.get(node.output[0]) == key:
+                continue
+            seen.setdefault(node.output[0], key)
+        keep.append(node)
+    if len(keep) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(keep)
 
 
 def _toposort(graph) -> None:

@@ -66,9 +66,8 @@ def check_precision(precision: str, *, backend: str, compute_capabilities: Itera
             raise BackendUnavailableError(
                 f"{who}asks for {precision} ({field}), but the {what} graph carries no {precision} "
                 f"QuantizeLinear/DequantizeLinear pairs{has}. TensorRT builds {precision} only from an explicitly "
-                f"quantized (Q/DQ) graph, which diffc's quantization pass produces; that pass is not part of this "
-                f"diffc, so {precision} profiles cannot be built yet. Use an fp16 profile (rtx-fp16) for now, or "
-                f"build from a graph quantized with NVIDIA ModelOpt")
+                f"quantized (Q/DQ) graph: build it with `diffc build` (which calibrates and inserts Q/DQ for "
+                f"{precision} components), or from a graph quantized with NVIDIA ModelOpt")
         if strongly_typed is False:
             raise ProfileError(f"{who}[tensorrt].strongly_typed cannot be false for a Q/DQ graph: the graph's types "
                                f"decide which layers run in {precision}; use \"auto\"")
@@ -189,7 +188,7 @@ def describe_build(profile, component: str, shape_ranges: Mapping[str, Any],
         "component": component, "backend": flavour, "installed": _installed_version(flavour),
         "precision": opts["precision"],
         "graph": ("fp32 graph converted to fp16 (fp32 I/O and normalizations)" if plan["autocast"] == "fp16" else
-                  f"{opts['precision']} Q/DQ graph from the quantization pass (required)"
+                  f"{opts['precision']} Q/DQ graph from diffc's quantize pass, calibrated on the fp32 loop"
                   if opts["precision"] in ("int8", "fp8") else "as exported"),
         "compute_capabilities": opts["compute_capabilities"] or (
             "TensorRT-RTX default: Ampere and later" if flavour == "tensorrt_rtx" else "the build GPU"),

@@ -168,10 +168,10 @@ def test_qdq_graphs_build_strongly_typed(rtx, make_graph, tmp_path, kind, cc):
 
 
 @pytest.mark.parametrize("name", ["rtx-int8", "rtx-fp8"])
-def test_quantized_profiles_refuse_the_unquantized_demo(rtx, tiny_onnx, tiny_ranges, tmp_path, name):
+def test_quantized_profiles_refuse_an_unquantized_graph(rtx, tiny_onnx, tiny_ranges, tmp_path, name):
     prof = load_profile(name)
     opts = T.options_from_profile(prof, "unet", tiny_ranges["unet"])
-    with pytest.raises(BackendUnavailableError, match="quantization pass"):
+    with pytest.raises(BackendUnavailableError, match="no int8|no fp8"):
         T.build_engine(tiny_onnx["unet"], tmp_path / "u.plan", cache_dir=tmp_path, **opts)
     # the profile's other components are fp16 and build
     opts = T.options_from_profile(prof, "vae_decoder", tiny_ranges["vae_decoder"])

@@ -72,3 +72,28 @@ def test_fp32_and_quantized_graphs_are_left_alone(tiny_onnx, make_graph):
     assert T.check_precision("fp32", backend="tensorrt_rtx", graph=tiny_onnx["unet"])["autocast"] is None
     assert T.check_precision("fp16", backend="tensorrt_rtx", graph=tiny_onnx["unet"])["autocast"] == "fp16"
     assert T.check_precision("int8", backend="tensorrt_rtx", graph=make_graph("int8"))["autocast"] is None
+
+
+def test_shared_fp32_input_gets_one_cast(tmp_path):
+    """Two Resize nodes sharing one ``scales`` constant (diffc's cleanup merges such duplicates): the converter
+    casts it once per consumer under one name, which TensorRT refuses; one Cast must remain, feeding both."""
+    from onnx import TensorProto, helper
+
+    scales = helper.make_tensor("scales", TensorProto.FLOAT, [4], [1.0, 1.0, 2.0, 2.0])
+    graph = helper.make_graph(
+        [helper.make_node("Resize", ["x", "", "scales"], ["a"], mode="nearest"),
+         helper.make_node("Relu", ["a"], ["b"]),
+         helper.make_node("Resize", ["b", "", "scales"], ["y"], mode="nearest")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 12, 12])], [scales])
+    src = tmp_path / "in.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), str(src))
+    autocast_fp16(src, tmp_path / "out" / "model.onnx")
+    out = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    names = [o for n in out.graph.node for o in n.output]
+    assert len(names) == len(set(names))
+    onnx.checker.check_model(out, full_check=True)
+    x = np.random.default_rng(0).standard_normal((1, 2, 3, 3)).astype(np.float32)
+    got = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    ref = np.maximum(x, 0).repeat(4, axis=2).repeat(4, axis=3)
+    assert np.abs(got - ref).max() < 1e-2
