@@ -12,6 +12,10 @@ config), at each size and step count:
                    whose transformers<4.58 pin conflicts with diffc's export stack: it runs from its own venv,
                    --optimum-python; without one the row says why it was skipped)
   diffc_cpu        diffc artifact built with the `cpu` profile, run by diffc's runtime
+  diffc_cpu_int8   the `cpu-int8` profile: int8 UNet calibrated on the artifact's own fp32 loop (here 2 prompts x
+                   1 seed at 512x512, to keep the setup short; random weights make image quality meaningless,
+                   so its build-time quality gate is off here -- quality is measured on the trained demo model
+                   by benchmarks/quality.py)
 
 Each configuration runs in its own process: time to first image from a cold process (imports and model load
 included), then the median wall time per image over --reps runs after that first (warm-up) image, and the
@@ -48,7 +52,8 @@ log = logging.getLogger("diffc.bench.end_to_end")
 PROMPT = "a photograph of an astronaut riding a horse"
 NEGATIVE = "blurry, low quality"
 GUIDANCE = 7.5
-CONFIGS = ("diffusers_fp32", "diffusers_bf16", "optimum_ort", "diffc_cpu")
+CONFIGS = ("diffusers_fp32", "diffusers_bf16", "optimum_ort", "diffc_cpu", "diffc_cpu_int8")
+DIFFC_CONFIGS = ("diffc_cpu", "diffc_cpu_int8")
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -92,13 +97,22 @@ def weight_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
 
 
-def build_diffc(model: Path, out: Path) -> Path:
+def build_diffc(model: Path, out: Path, config: str = "diffc_cpu") -> Path:
     if (out / "manifest.json").is_file():
         return out
-    import diffc
+    import dataclasses
 
-    log.info("building the diffc artifact %s", out)
-    return diffc.build(model, "cpu", out, progress=False)
+    import diffc
+    from diffc.profiles import load_profile
+
+    profile = load_profile("cpu")
+    if config == "diffc_cpu_int8":
+        profile = load_profile("cpu-int8")
+        profile = dataclasses.replace(profile, quantize=dataclasses.replace(
+            profile.quantize, calibration_prompts=("a red bicycle by a brick wall", "a lighthouse at dusk, watercolor"),
+            calibration_seeds=(0,), min_psnr_db=0.0))
+    log.info("building the diffc artifact %s (%s)", out, profile.name)
+    return diffc.build(model, profile, out, progress=False)
 
 
 def export_optimum(python: str, model: Path, out: Path) -> Path:
@@ -245,10 +259,10 @@ def main() -> None:
         paths: dict[str, Path] = {"diffusers_fp32": model, "diffusers_bf16": model}
         skipped: dict[str, str] = {}
         setup_s: dict[str, float] = {}
-        if "diffc_cpu" in configs:
+        for config in (c for c in DIFFC_CONFIGS if c in configs):
             t0 = time.perf_counter()
-            paths["diffc_cpu"] = build_diffc(model, work / "sd15.diffc")
-            setup_s["diffc_build"] = round(time.perf_counter() - t0, 1)
+            paths[config] = build_diffc(model, work / f"sd15-{config}.diffc", config)
+            setup_s[f"{config}_build"] = round(time.perf_counter() - t0, 1)
         if "optimum_ort" in configs:
             if not args.optimum_python:
                 skipped["optimum_ort"] = (
@@ -280,16 +294,15 @@ def main() -> None:
 
         ratios: dict[str, dict[str, float]] = {}
         for key, row in results.items():
-            if "diffc_cpu" not in row:
-                continue
-            d = row["diffc_cpu"]
             ratios[key] = {}
-            for config, r in row.items():
-                if config == "diffc_cpu":
-                    continue
-                ratios[key][f"{config}_over_diffc_cpu"] = round(r["median_s"] / d["median_s"], 2)
-                ratios[key][f"{config}_over_diffc_cpu_first_image"] = round(
-                    r["time_to_first_image_s"] / d["time_to_first_image_s"], 2)
+            for target in (c for c in DIFFC_CONFIGS if c in row):
+                d = row[target]
+                for config, r in row.items():
+                    if config in DIFFC_CONFIGS and DIFFC_CONFIGS.index(config) >= DIFFC_CONFIGS.index(target):
+                        continue  # every baseline over every diffc row, and diffc_cpu over diffc_cpu_int8
+                    ratios[key][f"{config}_over_{target}"] = round(r["median_s"] / d["median_s"], 2)
+                    ratios[key][f"{config}_over_{target}_first_image"] = round(
+                        r["time_to_first_image_s"] / d["time_to_first_image_s"], 2)
         wb = weight_bytes(model)
         emit({
             "benchmark": "end_to_end",

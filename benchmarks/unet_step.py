@@ -21,7 +21,9 @@ UNet call -- batch 2 (classifier-free guidance), text length 77 -- at 32x32 and 
 
 All onnxruntime variants start from the same export and use the same session options. ``--extra-variants``
 adds diffc with opset-23 ``Attention`` and with ``GroupNormalization``-21 (the alternatives the pass defaults
-were measured against).
+were measured against), and ``ort_naive_int8``: ``onnxruntime.quantization.quantize_static`` on the plain export
+(QDQ, per-channel, Conv/MatMul/Gemm, U8S8 -- its S8S8 graph does not load in onnxruntime 1.31), the route the
+quantization issue measured as no faster than fp32.
 
 Each measurement runs in a fresh process (an SD-1.5 session holds ~5.5 GB at 64x64; processes give the
 memory back), and the variants are timed round-robin, ``--cycles`` times, so that other load on the machine
@@ -225,6 +227,34 @@ def worker_int8(args) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def worker_naive_int8(args) -> dict[str, Any]:
+    """onnxruntime's own static quantization, run in a scratch working directory (it writes UUID-named files
+    into the current one). Calibrated on one 16x16 input: speed does not depend on the ranges."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter([feeds(16)])
+
+        def get_next(self):
+            return next(self._it, None)
+
+    out = Path(args.out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    src = str(Path(args.model).resolve())
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="naive-int8-") as scratch:
+        cwd = os.getcwd()
+        os.chdir(scratch)
+        try:
+            quantize_static(src, str(out), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, per_channel=True,
+                            op_types_to_quantize=["Conv", "MatMul", "Gemm"], use_external_data_format=True)
+        finally:
+            os.chdir(cwd)
+    return {"seconds": round(time.perf_counter() - t0, 1)}
+
+
 def _cpu_legal_contrib_ops(path: str) -> dict[str, int]:
     """The graph's contrib ops, after diffc's check that onnxruntime's CPU provider implements every one."""
     import onnx_ir as ir
@@ -267,7 +297,7 @@ def worker_gemm(args) -> dict[str, Any]:
 
 
 WORKERS = {"export": worker_export, "torch": worker_torch, "ort": worker_ort, "sd_optimizer": worker_sd_optimizer,
-           "diffc": worker_diffc, "int8": worker_int8, "gemm": worker_gemm}
+           "diffc": worker_diffc, "int8": worker_int8, "naive_int8": worker_naive_int8, "gemm": worker_gemm}
 
 
 def call_worker(worker: str, /, **kw) -> dict[str, Any]:
@@ -371,6 +401,10 @@ def main() -> None:
         graphs["diffc_int8"] = work / "diffc_int8" / "model.onnx"
         result["diffc"]["diffc_int8"] = call_worker("int8", model=graphs["diffc_fp32"], out=graphs["diffc_int8"],
                                                     sizes=sizes)
+        if args.extra_variants:
+            log.info("onnxruntime quantize_static (naive int8)")
+            graphs["ort_naive_int8"] = work / "ort_naive_int8" / "model.onnx"
+            result["ort_naive_int8"] = call_worker("naive_int8", model=plain, out=graphs["ort_naive_int8"])
         flops = {f"{s}x{s}": graph_flops(plain, s) for s in sizes}
         log.info("UNet GFLOPs per step: %s", {k: round(v / 1e9, 1) for k, v in flops.items()})
 
@@ -402,14 +436,16 @@ def main() -> None:
             if args.workdir is None:
                 shutil.rmtree(work, ignore_errors=True)
             else:
-                for name in ("ort_sd_optimizer", "diffc_fp32", "diffc_int8", *EXTRA_DIFFC):
+                for name in ("ort_sd_optimizer", "diffc_fp32", "diffc_int8", "ort_naive_int8", *EXTRA_DIFFC):
                     shutil.rmtree(work / name, ignore_errors=True)
 
     median = {size: {v: round(median_of(runs[v][size]), 4) for v in runs} for size in flops}
     minimum = {size: {v: round(min(x for r in runs[v][size] for x in r), 4) for v in runs} for size in flops}
     peak = max(gemm.values())
     ratios = {size: {**{a: round(row[a] / row["diffc_fp32"], 3) for a in ANCHORS},
-                     "fp32_over_int8": round(row["diffc_fp32"] / row["diffc_int8"], 3)} for size, row in median.items()}
+                     "fp32_over_int8": round(row["diffc_fp32"] / row["diffc_int8"], 3),
+                     **({"ort_naive_int8_over_diffc_int8": round(row["ort_naive_int8"] / row["diffc_int8"], 3)}
+                        if "ort_naive_int8" in row else {})} for size, row in median.items()}
     fastest = {size: min(ANCHORS, key=lambda a: row[a]) for size, row in median.items()}
     # the int8 graph is not expected to match torch fp32 to fp32 precision: report it, it is not a parity check
     achieved = {size: {v: round(flops[size] / t / 1e9, 1) for v, t in row.items()} for size, row in median.items()}
