@@ -162,9 +162,12 @@ def plan(model: str | Path, profile: str | Path | Profile = "cpu", *, steps: int
     would raise before exporting (bad profile field, precision the targets cannot run)."""
     from diffc.exporter.source import inspect_model
 
+    from diffc.quantization import check_quantization, describe
+
     prof = load_profile(profile)
     if steps is not None or sampler is not None:
         prof = prof.with_overrides(steps=steps or prof.steps, sampler=sampler or prof.sampler)
+    quantized = check_quantization(prof)
     if str(model) == "demo":
         from diffc.exporter.demo import demo_configs
 
@@ -187,6 +190,8 @@ def plan(model: str | Path, profile: str | Path | Profile = "cpu", *, steps: int
         else:
             out["components"][name] = {"backend": prof.backend.value, "precision": prof.precision_of(name).value,
                                        "shape_ranges": ranges}
+        if name in quantized:
+            out["components"][name]["quantization"] = describe(prof, quantized[name])
     return out
 
 

@@ -79,6 +79,17 @@ def activation_type(profile: Profile, precision: Precision) -> str:
     return acts
 
 
+def describe(profile: Profile, precision: Precision) -> dict[str, Any]:
+    """What a build will do to quantize a component (for ``diffc build --dry-run``)."""
+    q = profile.quantize
+    return {"activations": activation_type(profile, precision), "keep_float": list(q.keep_float),
+            "calibration": {"method": q.method, "percentile": q.percentile,
+                            "images": len(q.calibration_prompts) * len(q.calibration_seeds), "steps": profile.steps,
+                            "runs": "the fp32 onnxruntime twin of this artifact, built in the work folder"},
+            "quality_gate": {"images": len(q.gate_prompts) * len(q.gate_seeds), "min_psnr_db": q.min_psnr_db,
+                             "max_abs_error": q.max_abs_error}}
+
+
 def reference_profile(profile: Profile) -> Profile:
     """The fp32 onnxruntime twin of ``profile``: same shapes, sampler and guidance, what calibration runs and
     the gate compares against."""

@@ -143,3 +143,15 @@ def test_tensorrt_builds_from_calibrated_qdq_graphs(tmp_path, precision):
         assert gate["evaluated_with"].startswith("onnxruntime") and gate["passed"]
     else:
         assert "FP8" in gate["skipped"]
+
+
+def test_dry_run_shows_the_quantization_plan():
+    from diffc.builder import plan
+
+    unet = plan("demo", "cpu-int8")["components"]["unet"]
+    assert unet["precision"] == "int8" and unet["quantization"]["activations"] == "uint8"
+    assert unet["quantization"]["calibration"]["images"] == 8 and unet["quantization"]["quality_gate"]["images"] == 6
+    assert "quantization" not in plan("demo", "cpu-int8")["components"]["vae_decoder"]
+    prof = parse_profile({"name": "cpu-fp8", "backend": "onnxruntime", "precision": {"unet": "fp8"}}, where="t")
+    with pytest.raises(BackendUnavailableError, match="no FP8 kernels"):
+        plan("demo", prof)
