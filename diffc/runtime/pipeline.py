@@ -189,9 +189,20 @@ class Pipeline:
             w = np.full((unet_batch,), g - 1.0, dtype=np.float32)
             extra[self.guidance.get("input", "timestep_cond")] = guidance_embedding(w, self.guidance["embedding_dim"])
 
-        t = self.tables
         if latents is None:
             latents = self.initial_noise(seed, batch, height, width)
+        x = self.denoise(latents, cond, extra, guidance=g if use_cfg else None, seed=seed, noise=noise)
+        return self.decode(x)
+
+    def denoise(self, latents: np.ndarray, cond: np.ndarray, extra: dict[str, np.ndarray] | None = None, *,
+                guidance: float | None = None, seed: int | None = 0,
+                noise: Sequence[np.ndarray] | None = None) -> np.ndarray:
+        """The denoising loop: standard-normal ``latents`` -> final latents. ``cond`` (and ``extra``) are the
+        UNet's conditioning for the whole denoiser batch; ``guidance`` not None: classifier-free guidance, with
+        ``cond`` holding the uncond half first. Full or shallow UNet per step as :meth:`full_steps` says."""
+        t = self.tables
+        use_cfg = guidance is not None
+        unet_batch = cond.shape[0]
         x = latents.astype(np.float32) * np.float32(t.init_noise_sigma)
         rng = np.random.default_rng(None if seed is None else seed + 1)
         prev_x0 = np.zeros_like(x)
@@ -206,7 +217,7 @@ class Pipeline:
             if use_cfg:
                 model_in = np.concatenate([model_in, model_in])
             feeds = {"sample": model_in, "timestep": np.full((unet_batch,), t.timesteps[i], dtype=np.float32),
-                     "encoder_hidden_states": cond, **extra}
+                     "encoder_hidden_states": cond, **(extra or {})}
             if feature is not None and not full[i]:
                 m = self.sessions[self.cache["shallow_component"]].run({**feeds, feature_name: feature},
                                                                        ["out_sample"])["out_sample"]
@@ -217,12 +228,12 @@ class Pipeline:
                 m = unet.run(feeds, ["out_sample"])["out_sample"]
             if use_cfg:
                 m_uncond, m_cond = np.split(m, 2)
-                m = m_uncond + np.float32(g) * (m_cond - m_uncond)
+                m = m_uncond + np.float32(guidance) * (m_cond - m_uncond)
             step_noise = None
             if t.next_from_noise[i] != 0.0:
                 step_noise = noise[i] if noise is not None else rng.standard_normal(x.shape, dtype=np.float32)
             x, prev_x0 = step(t, i, x, m, prev_x0, step_noise)
-        return self.decode(x)
+        return x
 
 
 def load(artifact: str | Path, **kwargs: Any) -> Pipeline:
