@@ -3,12 +3,13 @@
 Builds the ``demo`` artifact once (the trained digit model, ``cpu`` profile), then generates "a handwritten
 digit <name>" for all ten digits x ``--seeds`` seeds in every configuration (a row):
 
-    steps {1, 2, 4, 8, 20} x sampler {ddim, dpmpp_2m} x cache {off} x precision {fp32}
+    steps {1, 2, 4, 8, 20} x sampler {ddim, dpmpp_2m} x cache {off, interval_2, interval_3} x precision {fp32}
 
 and scores each row with
 
 * ``prompt_accuracy``: the fraction of images the judge (a CNN trained on real MNIST digits by
   tools/train_demo.py, run with numpy: benchmarks/judge) labels as the prompted digit;
+* ``psnr_vs_no_cache_db`` (cache rows): mean PSNR against the cache-off images of the same sampler and step count;
 * ``psnr_db``: mean PSNR (images in [0, 1]) against the *same sampler's* 20-step image of the same prompt and
   seed, fp32, cache off (the row's ``reference`` says which); null for the reference row itself;
 * ``latency_ms_per_image``: median wall time of one ``pipe(prompt)`` call (batch 1, classifier-free guidance
@@ -58,18 +59,26 @@ GOALS = {"reference_min_accuracy": 0.90, "four_step_min_accuracy": 0.85}
 def _build_fp32(out: Path) -> Path:
     import diffc
 
-    return diffc.build("demo", "cpu", out, progress=False)
+    # cache reuse on (branch 0); the "off" cache mode runs the full UNet every step, which equals the cpu profile's
+    # artifact (tests/runtime/test_cache.py checks it within 1e-6)
+    return diffc.build("demo", "cpu-cache", out, progress=False)
 
 
-def _cache_off(pipe) -> Callable[[], None]:
-    """Configure ``pipe`` for this cache mode; returns the function that undoes it."""
-    return lambda: None
+def _cache_interval(n: int | None) -> Callable[[Any], Callable[[], None]]:
+    """Cache mode: full UNet every ``n``-th step (None: every step), shallow UNet on the others."""
+    def configure(pipe) -> Callable[[], None]:
+        old = pipe.cache_schedule
+        pipe.set_cache_schedule(None if n is None else {"kind": "interval", "interval": n})
+        return lambda: pipe.set_cache_schedule(old)
+
+    return configure
 
 
 #: precision -> builds the demo artifact at that precision into the given folder
 PRECISIONS: dict[str, Callable[[Path], Path]] = {"fp32": _build_fp32}
 #: cache mode -> configures a loaded pipeline (returns an undo function)
-CACHE_MODES: dict[str, Callable[[Any], Callable[[], None]]] = {"off": _cache_off}
+CACHE_MODES: dict[str, Callable[[Any], Callable[[], None]]] = {
+    "off": _cache_interval(None), "interval_2": _cache_interval(2), "interval_3": _cache_interval(3)}
 REFERENCE = ("fp32", "off")  # (precision, cache) of the reference rows
 
 
@@ -117,7 +126,8 @@ def main() -> None:
     ap.add_argument("--grid", type=Path, default=None,
                     help="also save the ddim 4-step images (the cpu profile's default) as a PNG grid, one row per digit")
     ap.add_argument("--artifact", type=Path, default=None,
-                    help="use this already built fp32 demo artifact instead of building one")
+                    help="use this already built fp32 demo artifact instead of building one (built with the "
+                         "cpu-cache profile, or the cache rows fail)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -134,6 +144,7 @@ def main() -> None:
     labels = np.repeat(np.arange(10), n_seeds)
     rows: list[dict[str, Any]] = []
     refs: dict[str, np.ndarray] = {}
+    no_cache: dict[tuple[str, int], np.ndarray] = {}  # (sampler, steps) -> images of the cache-off row
     build_s: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="diffc-quality-") as work:
         for precision, make in PRECISIONS.items():
@@ -161,6 +172,9 @@ def main() -> None:
                         is_ref = (precision, cache) == REFERENCE and steps == REFERENCE_STEPS
                         if is_ref:
                             refs[sampler] = images
+                        if cache == "off":
+                            no_cache[sampler, steps] = images
+                        same = no_cache.get((sampler, steps)) if cache != "off" else None
                         ref = refs.get(sampler)
                         row = {
                             "precision": precision, "cache": cache, "sampler": sampler, "steps": steps,
@@ -169,6 +183,9 @@ def main() -> None:
                             "psnr_db": None if is_ref or ref is None else round(
                                 float(np.mean([psnr(a, b) for a, b in zip(images, ref)])), 2),
                             "reference": f"{sampler}, {REFERENCE_STEPS} steps, {REFERENCE[0]}, cache {REFERENCE[1]}",
+                            # cache rows: against the same sampler and step count without cache reuse
+                            "psnr_vs_no_cache_db": None if same is None else round(
+                                float(np.mean([psnr(a, b) for a, b in zip(images, same)])), 2),
                             "latency_ms_per_image": round(1000 * statistics.median(times), 2),
                         }
                         rows.append(row)
