@@ -8,13 +8,16 @@ length 77.
 
 Reported:
 
-* ``step_s``: median seconds of one full step and of one shallow step per branch (each after a warm-up run);
+* ``step_s``: median seconds of one full step and of one shallow step per branch (each after a warm-up run; each
+  measurement in a fresh process that holds one UNet session, so the SD-1.5 graphs never pile up in memory);
   ``ratios.shallow_over_full``: shallow / full per branch (goal: <= 0.30 at branch 0);
 * ``loop_s``: the denoising loop of diffc's runtime (``Pipeline.denoise``: UNet steps, guidance and the DDIM
   update; text encoder and VAE are not part of it) at 8 and 20 steps, without cache and with the full UNet
-  every 2nd / 3rd step at branch 0; ``ratios.loop_speedup``: no-cache time / cached time.
+  every 2nd / 3rd step at branch 0; ``ratios.loop_speedup``: no-cache time / cached time. The loop worker
+  interleaves its configurations (and a full and a branch-0 shallow step) round by round and reports medians,
+  so that load from other processes shifts them alike.
 
-    python benchmarks/cache.py            # all 11 branches, 8- and 20-step loops (about 20-25 minutes on 2 cores)
+    python benchmarks/cache.py            # all 11 branches, 8- and 20-step loops (about 25 minutes on 2 cores)
     python benchmarks/cache.py --quick    # latent 32x32, branches 0 / 5 / 10, 8-step loops only (a few minutes)
 
 Progress goes to the log (stderr); stdout is one JSON object.
@@ -23,8 +26,11 @@ Progress goes to the log (stderr); stdout is one JSON object.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -65,6 +71,7 @@ def export_marked(work: Path, latent: int) -> Path:
     t0 = time.perf_counter()
     graph, _ = run_passes(load_model(raw), "unet", "onnxruntime")
     path = save_model(graph, work / "passed" / "model.onnx")
+    shutil.rmtree(raw.parent)
     log.info("passes in %.0f s", time.perf_counter() - t0)
     return path
 
@@ -96,6 +103,14 @@ def timed(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def feeds_for(latent: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {"sample": rng.standard_normal((BATCH, 4, latent, latent), dtype=np.float32),
+            "timestep": np.full((BATCH,), 500.0, np.float32),
+            "encoder_hidden_states": rng.standard_normal((BATCH, SEQUENCE, SD15_UNET["cross_attention_dim"]),
+                                                         dtype=np.float32)}
+
+
 def loop_runner(sessions: dict[str, Any], branch: int, steps: int):
     """diffc's runtime loop (``Pipeline.denoise``) over the given sessions, without an artifact around it."""
     from diffc.runtime.cache import feature_name
@@ -111,18 +126,84 @@ def loop_runner(sessions: dict[str, Any], branch: int, steps: int):
     return pipe
 
 
+def worker(args) -> dict[str, Any]:
+    """One measurement in a fresh process, so that at most two multi-GB sessions are ever alive."""
+    from diffc.engines.onnxruntime import Session
+    from diffc.runtime.cache import unet_branches
+
+    work, latent = Path(args.workdir), args.latent
+    feeds = feeds_for(latent)
+    if args.worker == "step":
+        b = args.branch
+        path, nodes = cut(work / "passed" / "model.onnx", b, args.kind, work / f"{args.kind}{b}")
+        if args.kind == "shallow":
+            info = unet_branches(SD15_UNET)[b]
+            size = latent >> info["level"]
+            feeds[info["feature"]] = np.random.default_rng(1).standard_normal(
+                (BATCH, info["channels"], size, size), dtype=np.float32)  # speed does not depend on its values
+        sess = Session(path)
+        secs = timed(lambda: sess.run(feeds, ["out_sample"]), args.reps)
+        del sess
+        if b != 0:  # disk: only branch 0's graphs are needed again (by the loop worker)
+            shutil.rmtree(path.parent)
+        return {"seconds": secs, "nodes": nodes}
+    # loop: the full graph and branch 0's shallow graph, cut by earlier step workers
+    sessions = {"unet": Session(work / "full0" / "model.onnx"),
+                "unet_shallow": Session(work / "shallow0" / "model.onnx")}
+    latents = np.random.default_rng(1).standard_normal((1, 4, latent, latent), dtype=np.float32)
+    pipe = loop_runner(sessions, 0, args.steps)
+    shallow_feeds = {**feeds, "cache_feature_0": sessions["unet"].run(feeds, ["cache_feature_0"])["cache_feature_0"]}
+    steps = {"full": lambda: sessions["unet"].run(feeds, ["out_sample"]),
+             "shallow_branch_0": lambda: sessions["unet_shallow"].run(shallow_feeds, ["out_sample"])}
+    for fn in steps.values():
+        fn()  # warm-up
+    # Rounds that interleave every configuration, medians over rounds: load from other processes on the machine
+    # then shifts all of them alike instead of biasing one.
+    times: dict[str, list[float]] = {}
+    for _ in range(args.reps):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            times.setdefault(f"step_{name}", []).append(time.perf_counter() - t0)
+        for interval in (None, 2, 3):
+            pipe.set_cache_schedule(None if interval is None else {"kind": "interval", "interval": interval})
+            t0 = time.perf_counter()
+            pipe.denoise(latents, feeds["encoder_hidden_states"], guidance=GUIDANCE)
+            times.setdefault("no_cache" if interval is None else f"interval_{interval}", []).append(
+                time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def run_worker(work: Path, latent: int, **opts: Any) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--workdir", str(work), "--latent", str(latent)]
+    for k, v in opts.items():
+        cmd += [f"--{k}", str(v)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"worker {opts} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="latent 32x32, three branches, 8-step loops only")
-    ap.add_argument("--reps", type=int, default=None, help="timed runs per full step (default 3, --quick 2)")
+    ap.add_argument("--reps", type=int, default=None, help="timed runs per step (default 3, --quick 2)")
+    ap.add_argument("--worker", choices=["step", "loop"], help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", help=argparse.SUPPRESS)
+    ap.add_argument("--latent", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--branch", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--kind", default="shallow", help=argparse.SUPPRESS)
+    ap.add_argument("--steps", type=int, default=8, help=argparse.SUPPRESS)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     for noisy in ("diffc.export", "diffc.passes", "diffc.engines", "onnxscript", "onnx_ir"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
     t_start = time.perf_counter()
 
-    from diffc.engines.onnxruntime import Session
     from diffc.runtime.cache import unet_branches
 
     latent = 32 if args.quick else 64
@@ -130,68 +211,39 @@ def main() -> None:
     n_branches = len(unet_branches(SD15_UNET))
     branches = [0, n_branches // 2, n_branches - 1] if args.quick else list(range(n_branches))
     loop_steps = (8,) if args.quick else (8, 20)
-    intervals = (2, 3)
-
-    rng = np.random.default_rng(0)
-    feeds = {"sample": rng.standard_normal((BATCH, 4, latent, latent), dtype=np.float32),
-             "timestep": np.full((BATCH,), 500.0, np.float32),
-             "encoder_hidden_states": rng.standard_normal((BATCH, SEQUENCE, SD15_UNET["cross_attention_dim"]),
-                                                          dtype=np.float32)}
+    loop_reps = 2 if args.quick else 1
     result: dict[str, Any] = {"benchmark": "cache", "mode": "quick" if args.quick else "full",
                               "model": "SD-1.5-architecture UNet, random weights, fp32, onnxruntime CPU (diffc passes)",
                               "latent": [latent, latent], "batch": BATCH, "sequence": SEQUENCE,
                               "step_s": {}, "nodes": {}, "loop_s": {}, "ratios": {}}
     with tempfile.TemporaryDirectory(prefix="diffc-bench-cache-") as work:
         work = Path(work)
-        marked = export_marked(work, latent)
-        # every branch's feature and the full output, from one run of the marked graph (it outputs them all);
-        # one 3.4 GB session at a time
-        marked_sess = Session(marked)
-        features = marked_sess.run(feeds)
-        del marked_sess
-        full_path, result["nodes"]["full"] = cut(marked, 0, "full", work / "full")
-        sess = Session(full_path)
-        result["step_s"]["full"] = round(timed(lambda: sess.run(feeds, ["out_sample"]), reps), 3)
-        del sess
-        log.info("full step: %.2f s", result["step_s"]["full"])
-        shallow_paths = {}
+        export_marked(work, latent)
+        full = run_worker(work, latent, worker="step", kind="full", branch=0, reps=reps)
+        result["step_s"]["full"], result["nodes"]["full"] = round(full["seconds"], 3), full["nodes"]
+        log.info("full step: %.2f s", full["seconds"])
         ratios = {}
         for b in branches:
-            path, nodes = cut(marked, b, "shallow", work / f"shallow{b}")
-            shallow_paths[b] = path
-            sess = Session(path)
-            shallow_feeds = {**feeds, f"cache_feature_{b}": features[f"cache_feature_{b}"]}
-            got = sess.run(shallow_feeds, ["out_sample"])["out_sample"]
-            err = float(np.abs(got - features["out_sample"]).max())
-            secs = timed(lambda: sess.run(shallow_feeds, ["out_sample"]), 1 if b else reps)
-            result["step_s"][f"shallow_branch_{b}"] = round(secs, 3)
-            result["nodes"][f"shallow_branch_{b}"] = nodes
-            ratios[str(b)] = round(secs / result["step_s"]["full"], 3)
-            log.info("branch %d: shallow %.2f s (%.3f of full), %d nodes, max |shallow - full| = %.2g", b, secs,
-                     ratios[str(b)], nodes, err)
-            del sess
+            got = run_worker(work, latent, worker="step", kind="shallow", branch=b, reps=reps if b == 0 else 1)
+            result["step_s"][f"shallow_branch_{b}"] = round(got["seconds"], 3)
+            result["nodes"][f"shallow_branch_{b}"] = got["nodes"]
+            ratios[str(b)] = round(got["seconds"] / full["seconds"], 3)
+            log.info("branch %d: shallow %.2f s (%.3f of full), %d nodes", b, got["seconds"], ratios[str(b)],
+                     got["nodes"])
         result["ratios"]["shallow_over_full"] = ratios
         result["ratios"]["goal_branch_0"] = {"max": 0.30, "met": ratios["0"] <= 0.30}
-
-        # the loops at branch 0; one full-size session at a time above, two from here on
-        sessions = {"unet": Session(full_path), "unet_shallow": Session(shallow_paths[0])}
-        latents = np.random.default_rng(1).standard_normal((1, 4, latent, latent), dtype=np.float32)
-        cond = feeds["encoder_hidden_states"]
         speedups = {}
         for steps in loop_steps:
-            pipe = loop_runner(sessions, 0, steps)
-            base = None
-            for interval in (None, *intervals):
-                pipe.set_cache_schedule(None if interval is None else {"kind": "interval", "interval": interval})
-                t0 = time.perf_counter()
-                pipe.denoise(latents, cond, guidance=GUIDANCE)
-                secs = time.perf_counter() - t0
-                key = f"{steps}_steps_" + ("no_cache" if interval is None else f"interval_{interval}")
+            got = run_worker(work, latent, worker="loop", steps=steps, reps=loop_reps)
+            step_full, step_shallow = got.pop("step_full"), got.pop("step_shallow_branch_0")
+            result["step_s"][f"interleaved_with_{steps}_step_loops"] = {
+                "full": round(step_full, 3), "shallow_branch_0": round(step_shallow, 3)}
+            result["ratios"][f"shallow_over_full_branch_0_interleaved_{steps}"] = round(step_shallow / step_full, 3)
+            for mode, secs in got.items():
+                key = f"{steps}_steps_{mode}"
                 result["loop_s"][key] = round(secs, 2)
-                if interval is None:
-                    base = secs
-                else:
-                    speedups[key] = round(base / secs, 3)
+                if mode != "no_cache":
+                    speedups[key] = round(got["no_cache"] / secs, 3)
                 log.info("%s: %.1f s", key, secs)
         result["ratios"]["loop_speedup"] = speedups
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
