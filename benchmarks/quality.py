@@ -3,12 +3,13 @@
 Builds the ``demo`` artifact once (the trained digit model, ``cpu`` profile), then generates "a handwritten
 digit <name>" for all ten digits x ``--seeds`` seeds in every configuration (a row):
 
-    steps {1, 2, 4, 8, 20} x sampler {ddim, dpmpp_2m} x cache {off} x precision {fp32, int8}
+    steps {1, 2, 4, 8, 20} x sampler {ddim, dpmpp_2m} x cache {off, interval_2, interval_3} x precision {fp32, int8}
 
 and scores each row with
 
 * ``prompt_accuracy``: the fraction of images the judge (a CNN trained on real MNIST digits by
   tools/train_demo.py, run with numpy: benchmarks/judge) labels as the prompted digit;
+* ``psnr_vs_no_cache_db`` (cache rows): mean PSNR against the cache-off images of the same sampler and step count;
 * ``psnr_db``: mean PSNR (images in [0, 1]) against the *same sampler's* 20-step image of the same prompt and
   seed, fp32, cache off (the row's ``reference`` says which); null for the reference row itself;
 * ``psnr_vs_fp32_db`` (rows other than fp32): mean PSNR against the fp32 artifact's image of the same prompt,
@@ -60,25 +61,38 @@ GOALS = {"reference_min_accuracy": 0.90, "four_step_min_accuracy": 0.85, "int8_m
 def _build_fp32(out: Path) -> Path:
     import diffc
 
-    return diffc.build("demo", "cpu", out, progress=False)
+    # cache reuse on (branch 0); the "off" cache mode runs the full UNet every step, which equals the cpu profile's
+    # artifact (tests/runtime/test_cache.py checks it within 1e-6)
+    return diffc.build("demo", "cpu-cache", out, progress=False)
 
 
 def _build_int8(out: Path) -> Path:
-    """The ``cpu-int8`` profile: calibrated on the demo's own 4-step loop, quality-gated at build time."""
+    """The ``cpu-int8`` profile with ``cpu-cache``'s cache reuse (so the cache modes apply to it too): calibrated on
+    the demo's own 4-step loop, quality-gated at build time against its fp32 twin."""
+    import dataclasses
+
     import diffc
+    from diffc.profiles import load_profile
 
-    return diffc.build("demo", "cpu-int8", out, progress=False)
+    profile = dataclasses.replace(load_profile("cpu-int8"), cache=load_profile("cpu-cache").cache)
+    return diffc.build("demo", profile, out, progress=False)
 
 
-def _cache_off(pipe) -> Callable[[], None]:
-    """Configure ``pipe`` for this cache mode; returns the function that undoes it."""
-    return lambda: None
+def _cache_interval(n: int | None) -> Callable[[Any], Callable[[], None]]:
+    """Cache mode: full UNet every ``n``-th step (None: every step), shallow UNet on the others."""
+    def configure(pipe) -> Callable[[], None]:
+        old = pipe.cache_schedule
+        pipe.set_cache_schedule(None if n is None else {"kind": "interval", "interval": n})
+        return lambda: pipe.set_cache_schedule(old)
+
+    return configure
 
 
 #: precision -> builds the demo artifact at that precision into the given folder
 PRECISIONS: dict[str, Callable[[Path], Path]] = {"fp32": _build_fp32, "int8": _build_int8}
 #: cache mode -> configures a loaded pipeline (returns an undo function)
-CACHE_MODES: dict[str, Callable[[Any], Callable[[], None]]] = {"off": _cache_off}
+CACHE_MODES: dict[str, Callable[[Any], Callable[[], None]]] = {
+    "off": _cache_interval(None), "interval_2": _cache_interval(2), "interval_3": _cache_interval(3)}
 REFERENCE = ("fp32", "off")  # (precision, cache) of the reference rows
 
 
@@ -126,7 +140,8 @@ def main() -> None:
     ap.add_argument("--grid", type=Path, default=None,
                     help="also save the ddim 4-step images (the cpu profile's default) as a PNG grid, one row per digit")
     ap.add_argument("--artifact", type=Path, default=None,
-                    help="use this already built fp32 demo artifact instead of building one")
+                    help="use this already built fp32 demo artifact instead of building one (built with the "
+                         "cpu-cache profile, or the cache rows fail)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -144,6 +159,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     refs: dict[str, np.ndarray] = {}
     fp32_images: dict[tuple[str, str, int], np.ndarray] = {}  # (cache, sampler, steps) -> the fp32 row's images
+    no_cache: dict[tuple[str, str, int], np.ndarray] = {}  # (precision, sampler, steps) -> the cache-off row's images
     build_s: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="diffc-quality-") as work:
         for precision, make in PRECISIONS.items():
@@ -174,6 +190,9 @@ def main() -> None:
                         if precision == REFERENCE[0]:
                             fp32_images[cache, sampler, steps] = images
                         same = fp32_images.get((cache, sampler, steps)) if precision != REFERENCE[0] else None
+                        if cache == "off":
+                            no_cache[precision, sampler, steps] = images
+                        uncached = no_cache.get((precision, sampler, steps)) if cache != "off" else None
                         ref = refs.get(sampler)
                         row = {
                             "precision": precision, "cache": cache, "sampler": sampler, "steps": steps,
@@ -184,6 +203,9 @@ def main() -> None:
                             "reference": f"{sampler}, {REFERENCE_STEPS} steps, {REFERENCE[0]}, cache {REFERENCE[1]}",
                             **({} if same is None else {"psnr_vs_fp32_db": round(
                                 float(np.mean([psnr(a, b) for a, b in zip(images, same)])), 2)}),
+                            # cache rows: against the same precision, sampler and step count without cache reuse
+                            "psnr_vs_no_cache_db": None if uncached is None else round(
+                                float(np.mean([psnr(a, b) for a, b in zip(images, uncached)])), 2),
                             "latency_ms_per_image": round(1000 * statistics.median(times), 2),
                         }
                         rows.append(row)

@@ -32,6 +32,8 @@ log = logging.getLogger("diffc.build")
 #: components the text-to-image loop runs, in build order
 TXT2IMG_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
 TENSORRT_BACKENDS = (Backend.TENSORRT, Backend.TENSORRT_RTX)
+#: the denoiser graphs: the UNet, and with cache reuse its shallow half (same inputs plus the cached feature)
+UNET_COMPONENTS = ("unet", "unet_shallow")
 
 
 def _check_tensorrt(profile: Profile, graphs: dict[str, Path] | None = None) -> None:
@@ -99,22 +101,63 @@ def geometry_from_configs(unet_cfg: dict[str, Any], vae_cfg: dict[str, Any], pro
     return out
 
 
-def shape_ranges(component: str, profile: Profile, geometry: dict[str, Any], *, cfg: bool) -> dict[str, list[int]]:
+def shape_ranges(component: str, profile: Profile, geometry: dict[str, Any], *, cfg: bool,
+                 feature_level: int | None = None) -> dict[str, list[int]]:
     """[min, opt, max] per dynamic axis of one component, as the loop will feed it.
 
     Classifier-free guidance runs uncond and cond in one denoiser batch, so the UNet's batch range doubles
-    (its minimum stays 1: guidance <= 1 skips the uncond half).
+    (its minimum stays 1: guidance <= 1 skips the uncond half). ``unet_shallow`` (cache reuse) takes the UNet's
+    inputs plus the cached feature, ``latent / 2**feature_level`` in height and width.
     """
+    from diffc.runtime.cache import feature_dims
+
     f = geometry["vae_scale_factor"]
     b = profile.batch
-    batch = [b.min, 2 * b.opt, 2 * b.max] if (cfg and component == "unet" and profile.guidance) else b.to_list()
+    unet = component in UNET_COMPONENTS
+    batch = [b.min, 2 * b.opt, 2 * b.max] if (cfg and unet and profile.guidance) else b.to_list()
     ranges: dict[str, list[int]] = {"batch": batch}
-    if component.startswith("text_encoder") or component == "unet":
+    if component.startswith("text_encoder") or unet:
         ranges["sequence"] = [77, 77, 77]
-    if component in ("unet", "vae_decoder"):
+    if unet or component == "vae_decoder":
         ranges["height"] = [v // f for v in geometry["height"]]
         ranges["width"] = [v // f for v in geometry["width"]]
+    if component == "unet_shallow" and feature_level:
+        for axis, name in zip(("height", "width"), feature_dims(feature_level)):
+            ranges[name] = [max(1, v // 2 ** feature_level) for v in ranges[axis]]
     return ranges
+
+
+def _split_cache(marked: Path, out: Path, cache: dict[str, Any], module, contract, shapes) -> dict[str, Any]:
+    """Split the passed, cache-marked UNet into ``out/unet`` (full) and ``out/unet_shallow``, and check the cut:
+    on the sample inputs, the shallow graph fed the full graph's feature must give the full graph's output."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from diffc.passes.cache_reuse import split
+    from diffc.runtime.cache import feature_dims
+
+    full, shallow, rep = split(load_model(marked), cache["branch"],
+                               dims=("batch", None, *feature_dims(cache["level"])))
+    paths = {"full": save_model(full, out / "unet" / "model.onnx"),
+             "shallow": save_model(shallow, out / "unet_shallow" / "model.onnx")}
+    del full, shallow
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
+    worst = 0.0
+    for shape in shapes:
+        inputs = contract.make_inputs(module, shape, torch.Generator().manual_seed(0))
+        feeds = {n: t.numpy() for n, t in zip(contract.input_names, inputs)}
+        out_full, feature = sess["full"].run(["out_sample", cache["feature"]], feeds)
+        out_shallow = sess["shallow"].run(["out_sample"], {**feeds, cache["feature"]: feature})[0]
+        worst = max(worst, float(np.abs(out_full.astype(np.float64) - out_shallow).max()))
+    rep["shallow_check"] = {"max_abs_err": worst, "passed": worst <= contract.atol}
+    if worst > contract.atol:
+        raise ParityError(f"the shallow UNet (cache branch {cache['branch']}) differs from the full UNet by "
+                          f"{worst:.3g} on the same feature; the cut is wrong. Build without [cache] and report "
+                          "the model config")
+    return rep
 
 
 def _fast_tokenizer(pipe, source_path: Path, folder_name: str):
@@ -181,8 +224,11 @@ def plan(model: str | Path, profile: str | Path | Profile = "cpu", *, steps: int
     out: dict[str, Any] = {"model": str(model), "profile": prof.name, "backend": prof.backend.value,
                            "image": {k: geometry[k] for k in ("height", "width")}, "batch": prof.batch.to_list(),
                            "components": {}}
-    for name in (c for c in TXT2IMG_COMPONENTS if c in present):
-        ranges = shape_ranges(name, prof, geometry, cfg=cfg)
+    cache = cache_plan(unet_cfg, prof)
+    if cache is not None:
+        out["cache"] = cache
+    for name in build_components(present, cache):
+        ranges = shape_ranges(name, prof, geometry, cfg=cfg, feature_level=cache["level"] if cache else None)
         if prof.backend in TENSORRT_BACKENDS:
             from diffc.engines import tensorrt as trt_engine
 
@@ -192,6 +238,33 @@ def plan(model: str | Path, profile: str | Path | Profile = "cpu", *, steps: int
                                        "shape_ranges": ranges}
         if name in quantized:
             out["components"][name]["quantization"] = describe(prof, quantized[name])
+    return out
+
+
+def cache_plan(unet_cfg: dict[str, Any], profile: Profile) -> dict[str, Any] | None:
+    """The manifest's ``cache`` entry (without the split's node counts) when the profile enables cache reuse:
+    the branch checked against the UNet (typed error naming the valid range), its feature, and the per-step
+    full/shallow mask precomputed from the schedule. None when ``[cache].enabled`` is false."""
+    from diffc.runtime.cache import branch_info, full_steps, unet_branches
+
+    if not profile.cache.enabled:
+        return None
+    info = branch_info(unet_cfg, profile.cache.branch, where=f"profile {profile.source or profile.name}: "
+                                                             "[cache].branch")
+    schedule = profile.cache.schedule_dict()
+    return {"branch": info["branch"], "feature": info["feature"], "level": info["level"],
+            "channels": info["channels"], "branches": len(unet_branches(unet_cfg)),
+            "full_component": "unet", "shallow_component": "unet_shallow",
+            "schedule": schedule, "full_steps": full_steps(schedule, profile.steps)}
+
+
+def build_components(present, cache: dict[str, Any] | None) -> list[str]:
+    """The components to build, in order: the loop's, plus ``unet_shallow`` after ``unet`` with cache reuse."""
+    out = []
+    for name in (c for c in TXT2IMG_COMPONENTS if c in present):
+        out.append(name)
+        if name == "unet" and cache is not None:
+            out.append("unet_shallow")
     return out
 
 
@@ -211,6 +284,11 @@ def format_build_report(report: dict[str, Any]) -> str:
         changed = [f"{o} {before.get(o, 0)}->{after.get(o, 0)}" for o in ops if before.get(o, 0) != after.get(o, 0)]
         if changed:
             lines.append("  ops: " + ", ".join(changed))
+        split = comp.get("cache_split")
+        if split:
+            lines.append(f"  cache_reuse branch {split['branch']}: full {split['nodes']['full']} nodes, shallow "
+                         f"{split['nodes']['shallow']} ({100 * split['shallow_fraction']:.0f} %), shallow vs full "
+                         f"max_abs_err {split['shallow_check']['max_abs_err']:.3g}")
     return "\n".join(lines)
 
 
@@ -231,17 +309,24 @@ def _quantize(model: str | Path, prof: Profile, quantized: dict[str, Precision],
         qtype = activation_type(prof, precision)
         targets = calibration_targets(ir.load(graphs[name]).graph, keep_float=opts.keep_float,
                                       output_ranges=prof.backend is Backend.ONNXRUNTIME)
+        # With cache reuse the loop also runs unet_shallow; calibration records the full graph (a superset of
+        # the shallow one's tensors, by name), and both graphs are quantized with the same ranges.
         ranges, calib = calibrate(reference, graphs[name], targets, opts, progress=progress)
-        out = work / "quantized" / name / "model.onnx"
-        pass_entry = quantize_graph(graphs[name], out, ranges, qtype=qtype, keep_float=opts.keep_float,
-                                    backend=prof.backend)
-        graphs[name] = out
         comp = report["components"][name]
-        comp["passes"]["passes"].append({k: pass_entry[k] for k in ("name", "fired", "modified", "seconds")})
-        comp["passes"]["op_counts_after"] = pass_entry["op_counts_after"]
         comp["quantization"] = {"precision": precision.value, "activations": qtype,
                                 "weights": "fp8 e4m3 per output channel" if qtype == "fp8" else "int8 per output channel",
                                 "keep_float": list(opts.keep_float), "calibration": calib}
+        for graph_name in [n for n in graphs if n == name or n == f"{name}_shallow"]:
+            out = work / "quantized" / graph_name / "model.onnx"
+            pass_entry = quantize_graph(graphs[graph_name], out, ranges, qtype=qtype, keep_float=opts.keep_float,
+                                        backend=prof.backend)
+            graphs[graph_name] = out
+            entry = {k: pass_entry[k] for k in ("name", "fired", "modified", "seconds")}
+            if graph_name == name:
+                comp["passes"]["passes"].append(entry)
+                comp["passes"]["op_counts_after"] = pass_entry["op_counts_after"]
+            else:
+                comp["quantization"][f"{graph_name}_pass"] = entry
         report.setdefault("pass_order", []).append({"name": "quantize", "options": pass_entry["options"]})
     return reference
 
@@ -259,7 +344,8 @@ def _gate(prof: Profile, quantized: dict[str, Precision], reference: Path, artif
     if any(p is Precision.FP8 for p in quantized.values()):
         return {"skipped": "not evaluated on this machine: FP8 Q/DQ has no onnxruntime CPU kernels and the TensorRT "
                            "engine needs a GPU; run benchmarks/quality.py against the artifact on the target GPU"}
-    return quality_gate(reference, None, prof.quantize, denoiser=graphs["unet"], progress=progress)
+    return quality_gate(reference, None, prof.quantize, progress=progress,
+                        denoiser={n: graphs[n] for n in ("unet", "unet_shallow") if n in graphs})
 
 
 def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | Path | None = None, *,
@@ -311,6 +397,7 @@ def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | P
         kind = prof.sampler if prof.sampler != "auto" else default_kind_for(sched_cfg.get("_class_name") or "")
         tables = compile_sampler(kind, sched_cfg, prof.steps)
         geometry = image_geometry(pipe, prof)
+        cache = cache_plan(dict(pipe.unet.config), prof)
 
         components = [c for c in TXT2IMG_COMPONENTS if c in source.components]
         t0 = time.perf_counter()
@@ -320,7 +407,7 @@ def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | P
             export_report = json.loads((onnx_dir / "export_report.json").read_text())
         else:
             export_report = export_pipeline_to(pipe, source, onnx_dir, components=components, exporter=exporter,
-                                               progress=progress)
+                                               progress=progress, cache_marks=cache is not None)
         report["timings"]["export_s"] = round(time.perf_counter() - t0, 3)
 
         t0 = time.perf_counter()
@@ -332,7 +419,9 @@ def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | P
             del graph
             # The passed graph is what ships: check it against PyTorch again, at the same two shapes as export.
             module = component_module(pipe, name)
-            rows = check_parity(module, get_contract(name, module), passed, sample_shapes(pipe, name))
+            marked = cache is not None and name == "unet"
+            contract = get_contract(name, module, **({"cache_marks": True} if marked else {}))
+            rows = check_parity(module, contract, passed, sample_shapes(pipe, name))
             after = worst_parity(rows)
             report["components"][name] = {"passes": pass_report, "parity_after_passes": after}
             if not after["passed"]:
@@ -341,9 +430,13 @@ def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | P
                     f"{name} differs from PyTorch after the graph passes (max_abs_err={after['max_abs_err']:.3g}, "
                     f"rel_l2={after['rel_l2']:.3g}); passes that changed it: {fired}. Leave them out with "
                     "[passes].disable in the profile, and report the model config")
+            if marked:
+                report["components"][name]["cache_split"] = _split_cache(passed, work / "passed", cache, module,
+                                                                         contract, sample_shapes(pipe, name))
         report["timings"]["passes_s"] = round(time.perf_counter() - t0, 3)
+        engine_components = build_components(components, cache)
 
-        graphs = {n: work / "passed" / n / "model.onnx" for n in components}
+        graphs = {n: work / "passed" / n / "model.onnx" for n in engine_components}
         reference = None
         quantized = prof.quantized_components(tuple(components))
         if quantized:
@@ -360,19 +453,29 @@ def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | P
             # int8/fp8 need Q/DQ graphs: refuse before the first engine is built, not after
             _check_tensorrt(prof, graphs)
         t0 = time.perf_counter()
-        for name in tqdm(components, desc="engines", unit="component", disable=not progress):
+        shared: dict[str, dict[str, Any]] = {}
+        if cache is not None and not use_trt:
+            # one weights file for both UNet graphs: unet/model.onnx, unet/shallow.onnx, unet/weights.data
+            shared = ort_engine.build_engines_sharing_weights(
+                {"unet": (graphs["unet"], tmp / "unet" / "model.onnx"),
+                 "unet_shallow": (graphs["unet_shallow"], tmp / "unet" / "shallow.onnx")},
+                tmp / "unet" / "weights.data")
+        for name in tqdm(engine_components, desc="engines", unit="component", disable=not progress):
             onnx_path = graphs[name]
-            ranges = shape_ranges(name, prof, geometry, cfg=pipe.unet.config.get("time_cond_proj_dim") is None)
+            ranges = shape_ranges(name, prof, geometry, cfg=pipe.unet.config.get("time_cond_proj_dim") is None,
+                                  feature_level=cache["level"] if cache else None)
             if use_trt:
                 rec = trt_engine.build_engine(onnx_path, tmp / name / trt_engine.ENGINE_FILE, no_cache=no_cache,
                                               **trt_engine.options_from_profile(prof, name, ranges))
                 manifest_components[name] = {**trt_engine.manifest_entry(rec, name), "shape_ranges": ranges}
                 engine_report = {"engine_bytes": rec["report"]["engine_bytes"], "tensorrt": rec["report"]}
             else:
-                engine_path = tmp / name / "model.onnx"
-                info = ort_engine.build_engine(onnx_path, engine_path)
-                io = _io(engine_path)
-                files = [f"{name}/{f}" for f in info["files"]]
+                if name in shared:
+                    info, folder = shared[name], "unet"
+                else:
+                    info, folder = ort_engine.build_engine(onnx_path, tmp / name / "model.onnx"), name
+                files = [f"{folder}/{f}" for f in info["files"]]
+                io = _io(tmp / files[0])
                 manifest_components[name] = {
                     "file": files[0],
                     "files": {f: sha256_file(tmp / f) for f in files},
@@ -384,9 +487,9 @@ def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | P
                     "shape_ranges": ranges,
                 }
                 engine_report = {"engine_bytes": sum((tmp / f).stat().st_size for f in files)}
-            ec = export_report["components"][name]
-            report["components"][name].update(parity={k: ec[k] for k in ("max_abs_err", "rel_l2", "passed")},
-                                              **engine_report)
+            ec = export_report["components"]["unet" if name == "unet_shallow" else name]
+            report["components"].setdefault(name, {}).update(
+                parity={k: ec[k] for k in ("max_abs_err", "rel_l2", "passed")}, **engine_report)
         report["timings"]["engines_s"] = round(time.perf_counter() - t0, 3)
         if not use_trt:  # a TensorRT engine may be for a GPU this machine lacks: nothing to warm up here
             # Fill this host's engine cache now, so the first `diffc run` here starts as fast as later ones.
@@ -453,6 +556,9 @@ def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | P
             "guidance": guidance,
             "sampler": tables.to_dict(),
         }
+        if cache is not None:
+            split = report["components"]["unet"]["cache_split"]
+            manifest["cache"] = {**cache, "nodes": split["nodes"], "shallow_fraction": split["shallow_fraction"]}
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
         if reference is not None:
             t0 = time.perf_counter()

@@ -104,12 +104,17 @@ def build(obj, model, profile, out, force, steps, sampler, exporter, verify_pass
 @click.option("--width", type=int, default=None)
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="PNG file to write.")
 @click.option("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: automatic).")
+@click.option("--cache-interval", type=click.IntRange(min=1), default=None,
+              help="Artifacts built with [cache]: run the full UNet every N-th step (1: every step, no reuse) "
+                   "instead of the built schedule.")
 @click.pass_obj
-def run(obj, artifact, prompt, negative_prompt, seed, guidance, height, width, out, threads):
+def run(obj, artifact, prompt, negative_prompt, seed, guidance, height, width, out, threads, cache_interval):
     """Generate an image from ARTIFACT (torch-free)."""
     from diffc.runtime import load, save_png
 
     pipe = load(artifact, threads=threads, progress=obj["progress"])
+    if cache_interval is not None:
+        pipe.set_cache_schedule({"kind": "interval", "interval": cache_interval})
     images = pipe(prompt, negative_prompt=negative_prompt, seed=seed, guidance=guidance, height=height, width=width)
     save_png(images[0], out)
     click.echo(f"wrote {out}")
@@ -158,6 +163,13 @@ def inspect(artifact):
         "components": {k: {"backend": v["backend"], "precision": v["precision"]} for k, v in m["components"].items()},
         "image": m["image"], "guidance": m["guidance"],
     }
+    if m.get("cache"):
+        from diffc.runtime.cache import schedule_summary
+
+        c = m["cache"]
+        summary["cache"] = {"branch": c["branch"], "feature": c["feature"], "schedule": c["schedule"],
+                            "full_steps": schedule_summary(c["full_steps"]),
+                            "components": [c["full_component"], c["shallow_component"]]}
     click.echo(json.dumps(summary, indent=2))
 
 

@@ -11,11 +11,13 @@ Two problems this module exists for:
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 import onnx
 import onnx.helper
+from onnx import numpy_helper
 
 #: protobuf cannot serialize messages past 2 GiB; above this many weight bytes we write external data
 EXTERNAL_DATA_THRESHOLD = 1 << 30
@@ -79,6 +81,62 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external: boo
     else:
         onnx.save_model(model, str(path))
     return path
+
+
+def save_models_sharing_data(models: dict[Path, onnx.ModelProto], data_path: str | os.PathLike, *,
+                             size_threshold: int = 1024, align: int = 4096) -> dict[str, int]:
+    """Save several graphs so that one external data file holds every large initializer of all of them once.
+
+    Two graphs cut from one model (diffc's full and shallow UNet) share most weights: a tensor whose bytes were
+    already written is pointed at by offset instead of being written again, whatever its name. Every model must
+    live in the data file's folder (runtimes resolve external data relative to the model and refuse paths that
+    leave its folder). Offsets are ``align``-aligned so backends can map tensors straight from the file.
+    The models are modified (their tensors now point into the file). Returns tensor and byte counts.
+    """
+    data_path = Path(data_path)
+    for path in models:
+        if Path(path).parent.resolve() != data_path.parent.resolve():
+            raise ValueError(f"{path} is not in {data_path.parent}: external data must sit next to its graph")
+    data_path.parent.mkdir(parents=True, exist_ok=True)
+    written: dict[bytes, tuple[int, int]] = {}
+    stats = {"tensors": 0, "shared": 0, "bytes_written": 0, "bytes_referenced": 0}
+    tmp = data_path.with_name(data_path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        for model in models.values():
+            for tensor in model.graph.initializer:
+                if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                    raise ValueError(f"initializer {tensor.name} still points to external data; load the model with "
+                                     "its external data first")
+                raw = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
+                if len(raw) < size_threshold:
+                    continue
+                key = hashlib.sha256(raw).digest()
+                stats["tensors"] += 1
+                stats["bytes_referenced"] += len(raw)
+                if key in written:
+                    stats["shared"] += 1
+                else:
+                    offset = f.tell()
+                    if offset % align:
+                        f.write(b"\0" * (align - offset % align))
+                        offset = f.tell()
+                    f.write(raw)
+                    written[key] = (offset, len(raw))
+                    stats["bytes_written"] += len(raw)
+                offset, length = written[key]
+                dtype, dims, name = tensor.data_type, list(tensor.dims), tensor.name
+                tensor.Clear()
+                tensor.name, tensor.data_type = name, dtype
+                tensor.dims.extend(dims)
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                for k, v in (("location", data_path.name), ("offset", str(offset)), ("length", str(length))):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = k, v
+    os.replace(tmp, data_path)
+    for path, model in models.items():
+        model.ir_version = max(model.ir_version, min_ir_version(model))
+        onnx.save_model(model, str(path))
+    return stats
 
 
 def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> onnx.ModelProto:

@@ -91,8 +91,8 @@ def describe(profile: Profile, precision: Precision) -> dict[str, Any]:
 
 
 def reference_profile(profile: Profile) -> Profile:
-    """The fp32 onnxruntime twin of ``profile``: same shapes, sampler and guidance, what calibration runs and
-    the gate compares against."""
+    """The fp32 onnxruntime twin of ``profile``: same shapes, sampler, guidance and cache reuse, what
+    calibration runs and the gate compares against."""
     from dataclasses import replace
 
     from diffc.profiles.schema import MemoryBudget, TensorRTOptions
@@ -127,7 +127,8 @@ class RangeRecorder:
         self.targets = list(targets)
         self.num_steps, self.cfg, self.method, self.percentile = num_steps, cfg, method, percentile
         proto = onnx.load(str(model_path), load_external_data=False)
-        present = {o.name for o in proto.graph.output}
+        self.outputs = [o.name for o in proto.graph.output]  # returned to the loop (out_sample, a cache feature)
+        present = set(self.outputs)
         for name in self.targets:
             if name not in present:
                 proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
@@ -141,7 +142,7 @@ class RangeRecorder:
         self.hi = np.full((len(self.targets), num_steps, halves), -np.inf)
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
-        out = self._session.run(feeds, ["out_sample", *self.targets])
+        out = self._session.run(feeds, [*self.outputs, *(t for t in self.targets if t not in self.outputs)])
         step = self.calls % self.num_steps
         self.calls += 1
         for i, name in enumerate(self.targets):
@@ -151,7 +152,7 @@ class RangeRecorder:
                 lo, hi = _range(part, self.method, self.percentile)
                 self.lo[i, step, h] = min(self.lo[i, step, h], lo)
                 self.hi[i, step, h] = max(self.hi[i, step, h], hi)
-        return {"out_sample": out["out_sample"]}
+        return {name: out[name] for name in self.outputs}
 
     def close(self) -> None:
         self._session = None
@@ -195,6 +196,8 @@ def calibrate(reference: Path, graph: Path, targets: Sequence[str], options: Qua
     cfg = pipe.guidance["mode"] == "cfg" and float(pipe.guidance["default_scale"]) > 1.0
     recorder = RangeRecorder(graph, targets, num_steps=pipe.tables.num_steps, cfg=cfg, method=options.method,
                              percentile=options.percentile)
+    if getattr(pipe, "cache", None):
+        pipe.set_cache_schedule(None)  # the full UNet at every step: every step's ranges, for both graphs
     try:
         pipe.sessions["unet"] = recorder
         jobs = [(p, s) for p in options.calibration_prompts for s in options.calibration_seeds]
@@ -216,10 +219,11 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
 
 
-def quality_gate(reference: Path, candidate: Path | None, options: QuantizeOptions, *, denoiser: Path | None = None,
-                 progress: bool = True) -> dict[str, Any]:
-    """Final images of ``candidate`` (an artifact) -- or of the reference with its denoiser replaced by the
-    graph ``denoiser``, run with onnxruntime (for engines this machine cannot run) -- against ``reference``.
+def quality_gate(reference: Path, candidate: Path | None, options: QuantizeOptions, *,
+                 denoiser: dict[str, Path] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Final images of ``candidate`` (an artifact) -- or of the reference with its denoiser graphs replaced by
+    ``denoiser`` (component -> graph), run with onnxruntime (for engines this machine cannot run) -- against
+    ``reference``.
     Raises :class:`QualityGateError` when below the thresholds; returns the numbers otherwise."""
     from diffc.engines.onnxruntime import Session
     from diffc.runtime.pipeline import Pipeline
@@ -229,7 +233,8 @@ def quality_gate(reference: Path, candidate: Path | None, options: QuantizeOptio
         cand = Pipeline(candidate, progress=False, cache=False)
     else:
         cand = Pipeline(reference, progress=False, cache=False)
-        cand.sessions["unet"] = Session(denoiser)
+        for name, graph in (denoiser or {}).items():
+            cand.sessions[name] = Session(graph)
     rows = []
     jobs = [(p, s) for p in options.gate_prompts for s in options.gate_seeds]
     for prompt, seed in tqdm(jobs, desc="quality gate", unit="image", disable=not progress):

@@ -52,10 +52,11 @@ def _session_options(threads: int = 0, inter_threads: int = 0):
     return opts
 
 
-def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike) -> dict[str, Any]:
+def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *,
+                 external: bool | None = None) -> dict[str, Any]:
     """Optimize ``onnx_path`` with onnxruntime's portable graph optimizations and save it at ``engine_path``.
 
-    Large models keep their weights in one external file next to the engine.
+    Large models keep their weights in one external file next to the engine (``external=True``: always).
     """
     ort = _ort()
     engine_path = Path(engine_path)
@@ -65,7 +66,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike) -
     opts.optimized_model_filepath = str(engine_path)
     onnx_size = Path(onnx_path).stat().st_size
     data = Path(str(onnx_path) + ".data")
-    if data.exists() or onnx_size > (1 << 30):
+    if external or (external is None and (data.exists() or onnx_size > (1 << 30))):
         opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                       engine_path.name + ".data")
         opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
@@ -74,6 +75,34 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike) -
     if (engine_path.parent / (engine_path.name + ".data")).exists():
         files.append(engine_path.name + ".data")
     return {"backend": NAME, "backend_version": ort.__version__, "optimization": BUILD_OPTIMIZATION, "files": files}
+
+
+def build_engines_sharing_weights(graphs: dict[str, tuple[Path, Path]], data_path: Path) -> dict[str, dict[str, Any]]:
+    """:func:`build_engine` for several graphs cut from one model (the cache-reuse UNet pair), saved so that one
+    external data file (``data_path``, next to every engine) holds each weight once.
+
+    onnxruntime's optimizer writes its own data file per graph and may rename what it folds, so the optimized
+    graphs are rewritten afterwards with identical tensors deduplicated by content
+    (:func:`diffc.onnx_io.save_models_sharing_data`). ``graphs``: name -> (onnx path, engine path).
+    Returns name -> :func:`build_engine`'s record, whose ``files`` are relative to ``data_path``'s folder.
+    """
+    import onnx
+
+    from diffc.onnx_io import save_models_sharing_data
+
+    records, models = {}, {}
+    with tempfile.TemporaryDirectory(prefix="diffc-ort-") as scratch:
+        for name, (onnx_path, engine_path) in graphs.items():
+            optimized = Path(scratch) / name / "model.onnx"
+            records[name] = build_engine(onnx_path, optimized, external=True)
+            models[Path(engine_path)] = onnx.load(str(optimized))
+        stats = save_models_sharing_data(models, data_path)
+    log.info("shared weights: %d tensors, %d of them shared, %.1f MB written for %.1f MB referenced",
+             stats["tensors"], stats["shared"], stats["bytes_written"] / 1e6, stats["bytes_referenced"] / 1e6)
+    for name, (_, engine_path) in graphs.items():
+        records[name]["files"] = [Path(engine_path).name, data_path.name]
+        records[name]["shared_weights"] = stats
+    return records
 
 
 def cpu_signature() -> str:
@@ -112,7 +141,7 @@ class Session:
     """
 
     def __init__(self, path: str | os.PathLike, *, threads: int = 0, inter_threads: int = 0,
-                 cache_key: str | None = None):
+                 cache_key: str | None = None, external_data: bool | None = None):
         ort = _ort()
         path = Path(path)
         opts = _session_options(threads, inter_threads)
@@ -131,7 +160,8 @@ class Session:
                     entry.parent.mkdir(parents=True, exist_ok=True)
                     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
                     opts.optimized_model_filepath = str(tmp / "model.onnx")
-                    if Path(str(path) + ".data").exists():
+                    has_data = Path(str(path) + ".data").exists() if external_data is None else external_data
+                    if has_data:
                         opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                                       "model.onnx.data")
                         opts.add_session_config_entry(

@@ -19,9 +19,11 @@ import torch
 # Symbolic axis names, shared by all contracts so the runtime and the TensorRT profiles can map them.
 BATCH, SEQUENCE, HEIGHT, WIDTH = "batch", "sequence", "height", "width"
 IMAGE_HEIGHT, IMAGE_WIDTH = "image_height", "image_width"
+#: spatial axes of cached UNet features below the latent resolution (diffc.runtime.cache.feature_dims)
+FEATURE_AXES = frozenset(f"{axis}_div{2 ** level}" for axis in ("height", "width") for level in range(1, 7))
 #: only these names become dynamic axes; other string dims (``"channels"``, ``"hidden"``) are static and read
 #: off the exported graph
-DYNAMIC_AXES = frozenset({BATCH, SEQUENCE, HEIGHT, WIDTH, IMAGE_HEIGHT, IMAGE_WIDTH})
+DYNAMIC_AXES = frozenset({BATCH, SEQUENCE, HEIGHT, WIDTH, IMAGE_HEIGHT, IMAGE_WIDTH}) | FEATURE_AXES
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,58 @@ class _UNet(torch.nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0]
 
 
+class _CacheMarkedUNet(_UNet):
+    """:class:`_UNet` that also returns, per cache branch, the main-branch tensor its up layer concatenates with
+    a skip feature (``cache_feature_<m>``, DeepCache numbering: diffc.runtime.cache).
+
+    The tensors are captured with forward hooks on the diffusers modules, so the graph marks them by name
+    whichever exporter traces it, and no node name is ever guessed. In ``CrossAttnUpBlock2D`` / ``UpBlock2D``
+    layer ``j`` runs ``torch.cat([hidden_states, res_hidden_states])`` on the up block's input (``j == 0``)
+    or on what layer ``j - 1`` returned (its attention if the block has attentions, else its resnet). FreeU,
+    when enabled, rescales that tensor *after* this point, so a cut here is exact with or without it.
+    """
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__(unet)
+        from diffc.runtime.cache import unet_branches
+
+        self.branches = unet_branches(dict(unet.config))
+        self._captured: dict[int, torch.Tensor] = {}
+
+    def _hook_points(self):
+        for b in self.branches:
+            block = self.unet.up_blocks[b["up_block"]]
+            if b["layer"] == 0:
+                yield b["branch"], block, True
+            else:
+                layers = getattr(block, "attentions", None) or block.resnets
+                yield b["branch"], layers[b["layer"] - 1], False
+
+    def forward(self, sample, timestep, encoder_hidden_states, *extra):
+        self._captured = {}
+        handles = []
+
+        def capture(branch):
+            def pre_hook(module, args, kwargs):
+                self._captured[branch] = args[0] if args else kwargs["hidden_states"]
+
+            def post_hook(module, args, output):
+                self._captured[branch] = output[0] if isinstance(output, (tuple, list)) else output
+
+            return pre_hook, post_hook
+
+        for branch, module, before in self._hook_points():
+            pre, post = capture(branch)
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True) if before
+                           else module.register_forward_hook(post))
+        try:
+            out = super().forward(sample, timestep, encoder_hidden_states, *extra)
+        finally:
+            for h in handles:
+                h.remove()
+        return (out, *(self._captured[b["branch"]] for b in self.branches))
+
+
 class _VaeDecoder(torch.nn.Module):
     """Decodes *unscaled* latents (the runtime divides by scaling_factor, as the manifest says)."""
 
@@ -214,8 +268,12 @@ def _text_encoder_contract(name: str) -> Contract:
     )
 
 
-def unet_contract(unet: torch.nn.Module | None = None) -> Contract:
-    """The UNet's inputs depend on its config: SDXL adds ``text_embeds``/``time_ids``, LCM ``timestep_cond``."""
+def unet_contract(unet: torch.nn.Module | None = None, *, cache_marks: bool = False) -> Contract:
+    """The UNet's inputs depend on its config: SDXL adds ``text_embeds``/``time_ids``, LCM ``timestep_cond``.
+
+    ``cache_marks``: also output every cache branch's feature (``cache_feature_<m>``, see
+    :class:`_CacheMarkedUNet`), which the ``cache_reuse`` pass splits the graph at. Needs ``unet``.
+    """
     inputs = [
         TensorSpec("sample", "float32", (BATCH, "channels", HEIGHT, WIDTH)),
         TensorSpec("timestep", "float32", (BATCH,)),
@@ -235,19 +293,29 @@ def unet_contract(unet: torch.nn.Module | None = None) -> Contract:
             )
         if cfg.get("time_cond_proj_dim") is not None:
             inputs.append(TensorSpec("timestep_cond", "float32", (BATCH, cfg.time_cond_proj_dim)))
+    outputs = [TensorSpec("out_sample", "float32", (BATCH, "channels", HEIGHT, WIDTH))]
+    if cache_marks:
+        from diffc.runtime.cache import feature_dims, unet_branches
+
+        if unet is None:
+            from diffc.errors import ExportError
+
+            raise ExportError("unet_contract(cache_marks=True) needs the UNet module: its config names the branches")
+        for b in unet_branches(dict(unet.config)):
+            outputs.append(TensorSpec(b["feature"], "float32", (BATCH, b["channels"], *feature_dims(b["level"]))))
     return Contract(
         name="unet",
         attribute="unet",
         inputs=tuple(inputs),
-        outputs=(TensorSpec("out_sample", "float32", (BATCH, "channels", HEIGHT, WIDTH)),),
-        wrap=_UNet,
+        outputs=tuple(outputs),
+        wrap=_CacheMarkedUNet if cache_marks else _UNet,
         make_inputs=_unet_inputs,
         atol=2e-3,
         rtol_l2=1e-4,
     )
 
 
-CONTRACTS: dict[str, Callable[[torch.nn.Module | None], Contract]] = {
+CONTRACTS: dict[str, Callable[..., Contract]] = {
     "text_encoder": lambda m=None: _text_encoder_contract("text_encoder"),
     "text_encoder_2": lambda m=None: _text_encoder_contract("text_encoder_2"),
     "unet": unet_contract,
@@ -274,11 +342,12 @@ CONTRACTS: dict[str, Callable[[torch.nn.Module | None], Contract]] = {
 }
 
 
-def get_contract(name: str, module: torch.nn.Module | None = None) -> Contract:
+def get_contract(name: str, module: torch.nn.Module | None = None, **options: Any) -> Contract:
+    """The contract of component ``name``; ``options`` go to its factory (``unet``: ``cache_marks``)."""
     try:
         factory = CONTRACTS[name]
     except KeyError:
         from diffc.errors import ExportError
 
         raise ExportError(f"no export contract for component {name!r}; known: {sorted(CONTRACTS)}") from None
-    return factory(module)
+    return factory(module, **options)

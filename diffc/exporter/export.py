@@ -194,8 +194,11 @@ def worst_parity(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def export_pipeline_to(pipe, source: ModelSource, out: Path, *, components: Iterable[str] | None = None,
                        opset: int = DEFAULT_OPSET, exporter: str = "torchscript", check: bool = True,
-                       progress: bool = True) -> dict[str, Any]:
-    """Export into an existing folder ``out`` (no atomicity here; callers wrap it). Returns the report."""
+                       progress: bool = True, cache_marks: bool = False) -> dict[str, Any]:
+    """Export into an existing folder ``out`` (no atomicity here; callers wrap it). Returns the report.
+
+    ``cache_marks``: export the UNet with its cache-branch features as extra outputs (for ``cache_reuse``).
+    """
     names = list(components or source.components)
     unknown = [n for n in names if n not in source.components]
     if unknown:
@@ -207,7 +210,7 @@ def export_pipeline_to(pipe, source: ModelSource, out: Path, *, components: Iter
     for name in bar:
         bar.set_postfix_str(name)
         module = component_module(pipe, name)
-        contract = get_contract(name, module)
+        contract = get_contract(name, module, **({"cache_marks": True} if cache_marks and name == "unet" else {}))
         shapes = sample_shapes(pipe, name)
         t0 = time.perf_counter()
         sample = contract.make_inputs(module, shapes[0], torch.Generator().manual_seed(0))

@@ -132,6 +132,33 @@ class QuantizeOptions:
 
 
 @dataclass(frozen=True)
+class CacheOptions:
+    """The ``[cache]`` table: DeepCache-style feature reuse (diffc.runtime.cache, docs/manifest.md).
+
+    ``branch``: which UNet tensor is cached (0 = shallowest, cheapest shallow step; the build checks it against
+    the UNet). ``schedule``: ``"interval"`` (full UNet every ``interval``-th step), ``"nonuniform"`` (as many full
+    steps as ``interval`` gives, placed by DeepCache's power law around step ``center`` with exponent
+    ``power``) or ``"mask"`` (``mask``: one 1/0 per step, 1 = full). Step 0 is always full.
+    """
+
+    enabled: bool = False
+    branch: int = 0
+    schedule: str = "interval"
+    interval: int = 2
+    mask: tuple[int, ...] = ()
+    power: float = 1.4
+    center: int | None = None  # None: steps // 2
+
+    def schedule_dict(self) -> dict[str, Any]:
+        """The schedule as diffc.runtime.cache.full_steps takes it (and the manifest records it)."""
+        if self.schedule == "mask":
+            return {"kind": "mask", "mask": list(self.mask)}
+        if self.schedule == "nonuniform":
+            return {"kind": "nonuniform", "interval": self.interval, "power": self.power, "center": self.center}
+        return {"kind": "interval", "interval": self.interval}
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     backend: Backend
@@ -149,6 +176,7 @@ class Profile:
     tensorrt: TensorRTOptions = TensorRTOptions()
     memory: MemoryBudget = MemoryBudget()
     quantize: QuantizeOptions = QuantizeOptions()
+    cache: CacheOptions = CacheOptions()
     source: str = ""  # where it was loaded from
 
     def precision_of(self, component: str) -> Precision:
@@ -167,6 +195,7 @@ class Profile:
             d[key] = getattr(self, key).to_list() if getattr(self, key) is not None else None
         d["tensorrt"]["compute_capabilities"] = list(self.tensorrt.compute_capabilities)
         d["quantize"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["quantize"].items()}
+        d["cache"]["mask"] = list(self.cache.mask)
         return d
 
     @classmethod
@@ -191,6 +220,8 @@ class Profile:
             toml_like["memory"] = dict(data["memory"])
         if data.get("quantize"):
             toml_like["quantize"] = {k: v for k, v in data["quantize"].items() if v is not None}
+        if data.get("cache") and data["cache"].get("enabled"):
+            toml_like["cache"] = {k: v for k, v in data["cache"].items() if v is not None}
         return parse_profile(toml_like, where=where)
 
     def with_overrides(self, **changes) -> "Profile":
@@ -289,6 +320,41 @@ def _parse_memory(table: Any, where: str) -> MemoryBudget:
     return MemoryBudget(budget_mib=_opt_int(table, "budget_mib", where, "[memory].", lo=64))
 
 
+def _parse_cache(table: Any, where: str, steps: int) -> CacheOptions:
+    from diffc.runtime.cache import SCHEDULE_KINDS, full_steps
+
+    p = "[cache]."
+    if not isinstance(table, dict):
+        raise _err(where, "[cache]", "must be a table")
+    _check_keys(table, {f.name for f in CacheOptions.__dataclass_fields__.values()}, where, p)
+    schedule = table.get("schedule", "interval")
+    if schedule not in SCHEDULE_KINDS:
+        raise _err(where, f"{p}schedule", f"must be one of {list(SCHEDULE_KINDS)}, got {schedule!r}")
+    mask = table.get("mask", [])
+    if not (isinstance(mask, list) and all(v in (0, 1) for v in mask)):  # True/False compare equal to 1/0
+        raise _err(where, f"{p}mask", f"must be a list of 1 (full UNet) and 0 (reuse the cache), got {mask!r}")
+    if schedule == "mask" and not mask:
+        raise _err(where, f"{p}mask", "is required with schedule = \"mask\": one 1/0 per step")
+    power = table.get("power", 1.4)
+    if not isinstance(power, (int, float)) or isinstance(power, bool) or not 1.0 < power <= 4.0:
+        raise _err(where, f"{p}power", f"must be a number in (1, 4], got {power!r}")
+    opts = CacheOptions(
+        enabled=_bool(table, "enabled", False, where, p),
+        branch=_opt_int(table, "branch", where, p, lo=0) if "branch" in table else 0,
+        schedule=schedule,
+        interval=_opt_int(table, "interval", where, p, lo=1) if "interval" in table else 2,
+        mask=tuple(int(v) for v in mask),
+        power=float(power),
+        center=_opt_int(table, "center", where, p, lo=0),
+    )
+    if opts.enabled:
+        try:  # the schedule must produce a mask for this profile's step count (mask length, center in range)
+            full_steps(opts.schedule_dict(), steps)
+        except ProfileError as e:
+            raise _err(where, "[cache]", f"does not fit [sampler].steps = {steps}: {e}") from None
+    return opts
+
+
 def _parse_passes(table: Any, backend: Backend, where: str) -> dict[str, Any]:
     """``[passes]``: names and values are checked by diffc.passes for this target, without loading the pass
     modules (profiles load in the torch- and onnxscript-free runtime)."""
@@ -351,7 +417,7 @@ def _parse_quantize(table: Any, where: str) -> QuantizeOptions:
 
 def parse_profile(data: dict[str, Any], *, where: str) -> Profile:
     _check_keys(data, {"name", "description", "backend", "precision", "shapes", "sampler", "onnxruntime", "passes",
-                       "tensorrt", "memory", "quantize"}, where, "")
+                       "tensorrt", "memory", "quantize", "cache"}, where, "")
     name = data.get("name")
     if not isinstance(name, str) or not name:
         raise _err(where, "name", "must be a non-empty string")
@@ -400,12 +466,13 @@ def parse_profile(data: dict[str, Any], *, where: str) -> Profile:
     tensorrt = _parse_tensorrt(data.get("tensorrt", {}), backend, where)
     memory = _parse_memory(data.get("memory", {}), where)
     quantize = _parse_quantize(data.get("quantize", {}), where)
+    cache = _parse_cache(data.get("cache", {}), where, steps)
 
     return Profile(
         name=name, backend=backend, description=str(data.get("description", "")), precision=precision,
         height=height, width=width, batch=batch, sampler=kind, steps=steps,
         guidance=float(guidance) if guidance is not None else None, onnxruntime=dict(ort_table), passes=passes, tensorrt=tensorrt,
-        memory=memory, quantize=quantize, source=where,
+        memory=memory, quantize=quantize, cache=cache, source=where,
     )
 
 

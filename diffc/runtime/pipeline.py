@@ -15,7 +15,8 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from diffc.errors import InputError
+from diffc.errors import InputError, ProfileError
+from diffc.runtime.cache import full_steps
 from diffc.runtime.manifest import artifact_path, read_manifest, verify_files
 from diffc.runtime.sampler import SamplerTables, guidance_embedding, step
 from diffc.runtime.tokenizer import PromptTokenizer
@@ -29,7 +30,8 @@ def _open_session(component: dict[str, Any], path: Path, threads: int, cache_key
     if backend == "onnxruntime":
         from diffc.engines.onnxruntime import Session
 
-        return Session(path, threads=threads, cache_key=cache_key)
+        # more than one file: the graph keeps its weights in an external data file (perhaps shared)
+        return Session(path, threads=threads, cache_key=cache_key, external_data=len(component["files"]) > 1)
     if backend in ("tensorrt", "tensorrt_rtx"):
         # checks TensorRT version and GPU architecture against the record before deserializing
         from diffc.engines.tensorrt import Session
@@ -75,6 +77,35 @@ class Pipeline:
         self.image = m["image"]
         self.latent = m["latent"]
         self.guidance = m["guidance"]
+        #: the manifest's cache-reuse entry (None: the artifact has no shallow UNet)
+        self.cache = m.get("cache")
+        self.cache_schedule = self.cache["schedule"] if self.cache else None
+
+    def set_cache_schedule(self, schedule: dict[str, Any] | None) -> None:
+        """Change which steps run the full UNet: a schedule as in the manifest's ``cache.schedule``
+        (``{"kind": "interval", "interval": 3}``, ...), or None to run the full UNet on every step."""
+        if schedule is not None:
+            if self.cache is None:
+                raise InputError("this artifact was built without cache reuse; rebuild it with a profile whose "
+                                 "[cache].enabled = true (e.g. cpu-cache)")
+            try:
+                full_steps(schedule, self.tables.num_steps)
+            except ProfileError as e:
+                raise InputError(f"bad cache schedule {schedule!r}: {e}") from None
+        self.cache_schedule = schedule
+
+    def full_steps(self) -> list[bool]:
+        """Per step of the current sampler tables: True = full UNet (refreshes the cache), False = shallow."""
+        n = self.tables.num_steps
+        if self.cache_schedule is None:
+            return [True] * n
+        if self.cache_schedule == self.cache["schedule"] and len(self.cache["full_steps"]) == n:
+            return [bool(v) for v in self.cache["full_steps"]]  # what the build precomputed
+        try:
+            return full_steps(self.cache_schedule, n)
+        except ProfileError as e:
+            raise InputError(f"the cache schedule does not fit {n} steps: {e}; set another with "
+                             "set_cache_schedule()") from None
 
     # ------------------------------------------------------------------------------------------ pieces
 
@@ -158,28 +189,51 @@ class Pipeline:
             w = np.full((unet_batch,), g - 1.0, dtype=np.float32)
             extra[self.guidance.get("input", "timestep_cond")] = guidance_embedding(w, self.guidance["embedding_dim"])
 
-        t = self.tables
         if latents is None:
             latents = self.initial_noise(seed, batch, height, width)
+        x = self.denoise(latents, cond, extra, guidance=g if use_cfg else None, seed=seed, noise=noise)
+        return self.decode(x)
+
+    def denoise(self, latents: np.ndarray, cond: np.ndarray, extra: dict[str, np.ndarray] | None = None, *,
+                guidance: float | None = None, seed: int | None = 0,
+                noise: Sequence[np.ndarray] | None = None) -> np.ndarray:
+        """The denoising loop: standard-normal ``latents`` -> final latents. ``cond`` (and ``extra``) are the
+        UNet's conditioning for the whole denoiser batch; ``guidance`` not None: classifier-free guidance, with
+        ``cond`` holding the uncond half first. Full or shallow UNet per step as :meth:`full_steps` says."""
+        t = self.tables
+        use_cfg = guidance is not None
+        unet_batch = cond.shape[0]
         x = latents.astype(np.float32) * np.float32(t.init_noise_sigma)
         rng = np.random.default_rng(None if seed is None else seed + 1)
         prev_x0 = np.zeros_like(x)
         unet = self.sessions["unet"]
+        full = self.full_steps()
+        # The cached feature lives only in this call: every image starts from a full step and never sees another
+        # image's feature. It holds the whole denoiser batch (uncond and cond halves under CFG).
+        feature = None
+        feature_name = self.cache["feature"] if self.cache else None
         for i in tqdm(range(t.num_steps), desc="sampling", unit="step", disable=not self.progress, leave=False):
             model_in = (x * np.float32(t.c_in[i])).astype(np.float32)
             if use_cfg:
                 model_in = np.concatenate([model_in, model_in])
             feeds = {"sample": model_in, "timestep": np.full((unet_batch,), t.timesteps[i], dtype=np.float32),
-                     "encoder_hidden_states": cond, **extra}
-            m = unet.run(feeds)["out_sample"]
+                     "encoder_hidden_states": cond, **(extra or {})}
+            if feature is not None and not full[i]:
+                m = self.sessions[self.cache["shallow_component"]].run({**feeds, feature_name: feature},
+                                                                       ["out_sample"])["out_sample"]
+            elif feature_name is not None and self.cache_schedule is not None:
+                out = unet.run(feeds, ["out_sample", feature_name])
+                m, feature = out["out_sample"], out[feature_name]
+            else:
+                m = unet.run(feeds, ["out_sample"])["out_sample"]
             if use_cfg:
                 m_uncond, m_cond = np.split(m, 2)
-                m = m_uncond + np.float32(g) * (m_cond - m_uncond)
+                m = m_uncond + np.float32(guidance) * (m_cond - m_uncond)
             step_noise = None
             if t.next_from_noise[i] != 0.0:
                 step_noise = noise[i] if noise is not None else rng.standard_normal(x.shape, dtype=np.float32)
             x, prev_x0 = step(t, i, x, m, prev_x0, step_noise)
-        return self.decode(x)
+        return x
 
 
 def load(artifact: str | Path, **kwargs: Any) -> Pipeline:

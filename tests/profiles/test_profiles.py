@@ -28,6 +28,14 @@ def test_round_trip_through_dict():
     assert q.to_dict() | {"source": ""} == p.to_dict() | {"source": ""}
 
 
+def test_cache_profile_round_trips_and_others_leave_it_off():
+    p = load_profile("cpu-cache")
+    assert p.cache.enabled and p.cache.branch == 0 and p.cache.schedule_dict() == {"kind": "interval", "interval": 2}
+    q = Profile.from_dict(p.to_dict(), where="manifest")
+    assert q.to_dict() | {"source": ""} == p.to_dict() | {"source": ""}
+    assert not any(load_profile(n).cache.enabled for n in list_profiles() if n != "cpu-cache")
+
+
 def _write(tmp_path, text):
     f = tmp_path / "mine.toml"
     f.write_text(text)
@@ -46,6 +54,14 @@ def _write(tmp_path, text):
         ('name = "x"\n[shapes]\nheight = [512, 256, 1024]\n', "[shapes].height"),
         ('name = "x"\n[shapes]\nwidth = [256, 512]\n', "[shapes].width"),
         ('name = "x"\nbogus = 1\n', "bogus"),
+        ('name = "x"\n[cache]\nenabled = true\nbranches = 1\n', "[cache].branches"),
+        ('name = "x"\n[cache]\nenabled = true\nschedule = "every"\n', "[cache].schedule"),
+        ('name = "x"\n[cache]\nenabled = true\ninterval = 0\n', "[cache].interval"),
+        ('name = "x"\n[cache]\nenabled = true\nbranch = -1\n', "[cache].branch"),
+        ('name = "x"\n[cache]\nenabled = true\npower = 0.5\n', "[cache].power"),
+        ('name = "x"\n[cache]\nenabled = true\nschedule = "mask"\nmask = [1, 2]\n', "[cache].mask"),
+        ('name = "x"\n[cache]\nenabled = true\nschedule = "mask"\nmask = [1, 0]\n', "[cache].mask"),
+        ('name = "x"\n[cache]\nenabled = true\nschedule = "mask"\nmask = [0, 1, 1, 1]\n', "[cache].mask"),
         ('backend = "onnxruntime"\n', "name"),
     ],
 )
