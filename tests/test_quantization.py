@@ -7,7 +7,6 @@ import collections
 import dataclasses
 import json
 
-import numpy as np
 import onnx
 import pytest
 
@@ -59,14 +58,6 @@ def test_engine_runs_integer_kernels(int8_demo):
     assert ops["QLinearConv"] > 10 and ops["MatMulIntegerToFloat"] > 10
     assert ops["Conv"] + ops["FusedConv"] == 2 + 4  # conv_in, conv_out and the 4 skip_concat shortcuts: float
     assert ops["MultiHeadAttention"] > 0  # attention stays fused (and float)
-
-
-def test_images_close_to_fp32(int8_demo, tmp_path):
-    reference = diffc.build("demo", "cpu", tmp_path / "fp32.diffc", progress=False)
-    a = diffc.load(reference, progress=False)("a handwritten digit four", seed=3)
-    b = diffc.load(int8_demo, progress=False)("a handwritten digit four", seed=3)
-    mse = float(np.mean((a - b) ** 2))
-    assert 0 < mse and 10 * np.log10(1 / mse) > 25  # quantized: not identical, but close
 
 
 def _tiny_profile(**quantize):
