@@ -228,17 +228,18 @@ def test_session_needs_a_gpu(engines):
 
 
 def test_cache_reuse_builds_both_unet_engines(rtx, tmp_path):
-    """A cache-enabled TensorRT-RTX build of the demo: the full and the shallow UNet both become engines, the
-    shallow one with a shape profile for the cached feature derived from the UNet's geometry."""
+    """A cache-enabled TensorRT-RTX fp16 build of the demo (rtx-fp16 with [cache], at opt level 0): every
+    component becomes an engine, the full and the shallow UNet both, the shallow one with a shape profile for
+    the cached feature derived from the UNet's geometry. (The demo VAE is also the regression case for a Resize
+    scales constant shared by two upsamplers, which the fp16 autocast once cast twice under one name.)"""
     prof = tmp_path / "rtx-cache.toml"
-    # the demo VAE decoder stays fp32: its fp16 autocast graph does not parse in TensorRT-RTX ("Output name is
-    # not unique: ..._cast_to_fp32"), a problem of the autocast pass unrelated to cache reuse
     prof.write_text('name = "rtx-cache"\nbackend = "tensorrt_rtx"\n[precision]\ndefault = "fp16"\n'
-                    'vae_decoder = "fp32"\n'
                     '[tensorrt]\ncompute_capabilities = ["SM89"]\nopt_level = 0\n'
                     '[cache]\nenabled = true\nbranch = 1\ninterval = 2\n')
     art = diffc.build("demo", prof, tmp_path / "rtx-cache.diffc", progress=False)
     m = json.loads((art / "manifest.json").read_text())
+    assert {c["precision"] for c in m["components"].values()} == {"fp16"}
+    assert {c["backend"] for c in m["components"].values()} == {"tensorrt_rtx"}
     assert m["cache"]["branch"] == 1 and m["cache"]["level"] == 1
     full, shallow = m["components"]["unet"], m["components"]["unet_shallow"]
     for comp in (full, shallow):
