@@ -16,6 +16,8 @@ config), at each size and step count:
                    1 seed at 512x512, to keep the setup short; random weights make image quality meaningless,
                    so its build-time quality gate is off here -- quality is measured on the trained demo model
                    by benchmarks/quality.py)
+  diffc_cpu_cache  the `cpu-cache` profile: fp32, cache reuse at branch 0, full UNet every 2nd step
+  diffc_cpu_int8_cache  both: `cpu-int8` (calibrated as above) with `cpu-cache`'s [cache] table
 
 Each configuration runs in its own process: time to first image from a cold process (imports and model load
 included), then the median wall time per image over --reps runs after that first (warm-up) image, and the
@@ -52,8 +54,8 @@ log = logging.getLogger("diffc.bench.end_to_end")
 PROMPT = "a photograph of an astronaut riding a horse"
 NEGATIVE = "blurry, low quality"
 GUIDANCE = 7.5
-CONFIGS = ("diffusers_fp32", "diffusers_bf16", "optimum_ort", "diffc_cpu", "diffc_cpu_int8")
-DIFFC_CONFIGS = ("diffc_cpu", "diffc_cpu_int8")
+DIFFC_CONFIGS = ("diffc_cpu", "diffc_cpu_int8", "diffc_cpu_cache", "diffc_cpu_int8_cache")
+CONFIGS = ("diffusers_fp32", "diffusers_bf16", "optimum_ort", *DIFFC_CONFIGS)
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -105,12 +107,14 @@ def build_diffc(model: Path, out: Path, config: str = "diffc_cpu") -> Path:
     import diffc
     from diffc.profiles import load_profile
 
-    profile = load_profile("cpu")
-    if config == "diffc_cpu_int8":
+    profile = load_profile("cpu-cache" if config == "diffc_cpu_cache" else "cpu")
+    if config in ("diffc_cpu_int8", "diffc_cpu_int8_cache"):
         profile = load_profile("cpu-int8")
         profile = dataclasses.replace(profile, quantize=dataclasses.replace(
             profile.quantize, calibration_prompts=("a red bicycle by a brick wall", "a lighthouse at dusk, watercolor"),
             calibration_seeds=(0,), min_psnr_db=0.0))
+        if config == "diffc_cpu_int8_cache":
+            profile = dataclasses.replace(profile, cache=load_profile("cpu-cache").cache)
     log.info("building the diffc artifact %s (%s)", out, profile.name)
     return diffc.build(model, profile, out, progress=False)
 
