@@ -146,3 +146,26 @@ def test_dry_run_shows_the_quantization_plan():
     prof = parse_profile({"name": "cpu-fp8", "backend": "onnxruntime", "precision": {"unet": "fp8"}}, where="t")
     with pytest.raises(BackendUnavailableError, match="no FP8 kernels"):
         plan("demo", prof)
+
+
+def test_int8_with_cache_reuse(tmp_path):
+    """int8 + cache: calibration runs the full UNet at every step, both UNet graphs are quantized from it and
+    share one weights file, and the manifest says int8 for both."""
+    import onnx
+
+    from diffc.exporter.tiny import write_tiny_pipeline
+
+    prof = dataclasses.replace(_tiny_profile(min_psnr_db=15.0), cache=load_profile("cpu-cache").cache)
+    out = diffc.build(write_tiny_pipeline(tmp_path / "sd", "sd"), prof, tmp_path / "tiny.diffc", progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["cache"]["full_steps"] == [True, False]
+    for name in ("unet", "unet_shallow"):
+        comp = manifest["components"][name]
+        assert comp["precision"] == "int8" and "unet/weights.data" in comp["files"]
+        ops = collections.Counter(n.op_type for n in onnx.load(str(out / comp["file"]), load_external_data=False).graph.node)
+        assert ops["QLinearConv"] > 0
+    calib = json.loads((out / "build_report.json").read_text())["components"]["unet"]["quantization"]
+    assert calib["calibration"]["denoiser_calls"] == 2  # 1 image x 2 steps, full UNet at both
+    assert calib["unet_shallow_pass"]["fired"]["conv"] > 0
+    image = diffc.load(out, progress=False)("a red square", seed=0)
+    assert image.shape[-1] == 3 and float(image.std()) > 0

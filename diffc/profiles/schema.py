@@ -180,6 +180,8 @@ class Profile:
     source: str = ""  # where it was loaded from
 
     def precision_of(self, component: str) -> Precision:
+        if component == "unet_shallow":  # cache reuse's shallow half of the UNet is built like the UNet
+            component = "unet"
         return self.precision.get(component, self.precision.get("default", Precision.FP32))
 
     def quantized_components(self, components: tuple[str, ...] = COMPONENTS) -> dict[str, Precision]:
