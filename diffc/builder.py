@@ -23,7 +23,7 @@ from diffc.errors import BackendUnavailableError, ParityError, ProfileError
 from diffc.onnx_io import load_model, save_model
 from diffc.passes import pass_list, run_passes
 from diffc.profiles import Profile, load_profile
-from diffc.profiles.schema import Backend, Precision, Range
+from diffc.profiles.schema import Backend, Precision, Range, base_component
 from diffc.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION
 from diffc.runtime.pipeline import open_sessions
 
@@ -32,9 +32,6 @@ log = logging.getLogger("diffc.build")
 #: components the text-to-image loop runs, in build order
 TXT2IMG_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
 TENSORRT_BACKENDS = (Backend.TENSORRT, Backend.TENSORRT_RTX)
-#: the denoiser graphs: the UNet, and with cache reuse its shallow half (same inputs plus the cached feature)
-UNET_COMPONENTS = ("unet", "unet_shallow")
-
 
 def _check_tensorrt(profile: Profile, graphs: dict[str, Path] | None = None) -> None:
     """Refuse what the TensorRT profile cannot build before any work: a missing backend, a precision the
@@ -113,7 +110,7 @@ def shape_ranges(component: str, profile: Profile, geometry: dict[str, Any], *, 
 
     f = geometry["vae_scale_factor"]
     b = profile.batch
-    unet = component in UNET_COMPONENTS
+    unet = base_component(component) == "unet"  # also unet_shallow and the step-group variants unet_g1...
     batch = [b.min, 2 * b.opt, 2 * b.max] if (cfg and unet and profile.guidance) else b.to_list()
     ranges: dict[str, list[int]] = {"batch": batch}
     if component.startswith("text_encoder") or unet:
@@ -294,8 +291,10 @@ def format_build_report(report: dict[str, Any]) -> str:
 
 def _quantize(model: str | Path, prof: Profile, quantized: dict[str, Precision], graphs: dict[str, Path], work: Path,
               onnx_dir: Path, report: dict[str, Any], *, exporter: str, progress: bool) -> Path:
-    """Build the fp32 reference artifact, calibrate on its loop, and swap Q/DQ graphs into ``graphs``.
-    Returns the reference artifact's path (the quality gate compares against it)."""
+    """Build the fp32 reference artifact, calibrate on its loop, and swap Q/DQ graphs into ``graphs``; with
+    ``[quantize].step_groups`` > 1 also add one graph per further step group (``unet_g1``, ...: same weights,
+    scales from that group's steps). Returns the reference artifact's path (the quality gate compares
+    against it)."""
     import onnx_ir as ir
 
     from diffc.passes.quantize import calibration_targets
@@ -311,14 +310,19 @@ def _quantize(model: str | Path, prof: Profile, quantized: dict[str, Precision],
                                       output_ranges=prof.backend is Backend.ONNXRUNTIME)
         # With cache reuse the loop also runs unet_shallow; calibration records the full graph (a superset of
         # the shallow one's tensors, by name), and both graphs are quantized with the same ranges.
-        ranges, calib = calibrate(reference, graphs[name], targets, opts, progress=progress)
+        group_ranges, calib = calibrate(reference, graphs[name], targets, opts, progress=progress)
         comp = report["components"][name]
         comp["quantization"] = {"precision": precision.value, "activations": qtype,
                                 "weights": "fp8 e4m3 per output channel" if qtype == "fp8" else "int8 per output channel",
                                 "keep_float": list(opts.keep_float), "calibration": calib}
-        for graph_name in [n for n in graphs if n == name or n == f"{name}_shallow"]:
+        # (source graph, output name, ranges): the UNet (and its shallow half) with the first group's scales,
+        # then one more UNet per further step group
+        jobs = [(n, n, group_ranges[0]) for n in graphs if n == name or n == f"{name}_shallow"]
+        jobs += [(name, f"{name}_g{g}", r) for g, r in enumerate(group_ranges[1:], start=1)]
+        source = dict(graphs)
+        for src, graph_name, ranges in jobs:
             out = work / "quantized" / graph_name / "model.onnx"
-            pass_entry = quantize_graph(graphs[graph_name], out, ranges, qtype=qtype, keep_float=opts.keep_float,
+            pass_entry = quantize_graph(source[src], out, ranges, qtype=qtype, keep_float=opts.keep_float,
                                         backend=prof.backend)
             graphs[graph_name] = out
             entry = {k: pass_entry[k] for k in ("name", "fired", "modified", "seconds")}
@@ -344,8 +348,9 @@ def _gate(prof: Profile, quantized: dict[str, Precision], reference: Path, artif
     if any(p is Precision.FP8 for p in quantized.values()):
         return {"skipped": "not evaluated on this machine: FP8 Q/DQ has no onnxruntime CPU kernels and the TensorRT "
                            "engine needs a GPU; run benchmarks/quality.py against the artifact on the target GPU"}
-    return quality_gate(reference, None, prof.quantize, progress=progress,
-                        denoiser={n: graphs[n] for n in ("unet", "unet_shallow") if n in graphs})
+    manifest = json.loads((artifact / MANIFEST_NAME).read_text())
+    return quality_gate(reference, None, prof.quantize, progress=progress, step_variants=manifest.get("step_variants"),
+                        denoiser={n: graphs[n] for n in graphs if base_component(n) == "unet"})
 
 
 def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | Path | None = None, *,
@@ -444,6 +449,9 @@ def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | P
             reference = _quantize(model, prof, quantized, graphs, work, onnx_dir, report, exporter=exporter,
                                   progress=progress)
             report["timings"]["quantize_s"] = round(time.perf_counter() - t0, 3)
+            variants = [n for n in graphs if n not in engine_components]  # unet_g1, ...: right after the UNet
+            at = engine_components.index("unet") + 1
+            engine_components[at:at] = variants
 
         manifest_components: dict[str, Any] = {}
         use_trt = prof.backend in TENSORRT_BACKENDS
@@ -487,7 +495,7 @@ def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | P
                     "shape_ranges": ranges,
                 }
                 engine_report = {"engine_bytes": sum((tmp / f).stat().st_size for f in files)}
-            ec = export_report["components"]["unet" if name == "unet_shallow" else name]
+            ec = export_report["components"][base_component(name)]
             report["components"].setdefault(name, {}).update(
                 parity={k: ec[k] for k in ("max_abs_err", "rel_l2", "passed")}, **engine_report)
         report["timings"]["engines_s"] = round(time.perf_counter() - t0, 3)
@@ -556,6 +564,14 @@ def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | P
             "guidance": guidance,
             "sampler": tables.to_dict(),
         }
+        groups = report["components"]["unet"].get("quantization", {}).get("calibration", {}).get("step_groups")
+        if groups:
+            from diffc.quantization import timestep_bounds
+
+            manifest["step_variants"] = {
+                "components": ["unet", *(f"unet_g{g}" for g in range(1, len(groups)))],
+                "timestep_bounds": timestep_bounds(tables.timesteps, [g["steps"] for g in groups]),
+                "steps": [g for g, grp in enumerate(groups) for _ in grp["steps"]]}
         if cache is not None:
             split = report["components"]["unet"]["cache_split"]
             manifest["cache"] = {**cache, "nodes": split["nodes"], "shallow_fraction": split["shallow_fraction"]}

@@ -63,6 +63,14 @@ def check_quantization(profile: Profile) -> dict[str, Precision]:
             raise ProfileError(
                 f"profile {profile.name!r}: [precision].{comp} = {prec.value!r}, but diffc quantizes only "
                 f"{list(QUANTIZABLE)} (the denoiser, where the sampling time goes); set {comp} to fp32 or fp16")
+    groups = profile.quantize.step_groups
+    if wanted and groups > 1:
+        if groups > profile.steps:
+            raise ProfileError(f"profile {profile.name!r}: [quantize].step_groups = {groups} is more than the "
+                               f"{profile.steps} sampling steps; use at most {profile.steps} groups")
+        if profile.cache.enabled:
+            raise ProfileError(f"profile {profile.name!r}: [quantize].step_groups > 1 does not combine with cache "
+                               "reuse ([cache].enabled) yet; use one of them, or step_groups = 1 with the cache")
     return wanted
 
 
@@ -79,10 +87,26 @@ def activation_type(profile: Profile, precision: Precision) -> str:
     return acts
 
 
+def step_groups(num_steps: int, groups: int) -> list[list[int]]:
+    """Steps ``0 .. num_steps - 1`` cut into ``groups`` contiguous groups, as equal as possible (earlier groups
+    take the remainder): the steps each per-step-group variant is calibrated on."""
+    return [[int(i) for i in part] for part in np.array_split(np.arange(num_steps), groups)]
+
+
+def timestep_bounds(timesteps: Sequence[float], groups: Sequence[Sequence[int]]) -> list[float]:
+    """One bound between each pair of neighbouring groups: the midpoint of the last timestep of a group and the
+    first of the next. The runtime runs variant ``g`` = how many bounds lie above the step's timestep, so the
+    choice depends on the timestep, not on the step index, and holds for any step count."""
+    return [round((float(timesteps[a[-1]]) + float(timesteps[b[0]])) / 2, 4) for a, b in zip(groups, groups[1:])]
+
+
 def describe(profile: Profile, precision: Precision) -> dict[str, Any]:
     """What a build will do to quantize a component (for ``diffc build --dry-run``)."""
     q = profile.quantize
     return {"activations": activation_type(profile, precision), "keep_float": list(q.keep_float),
+            "step_groups": q.step_groups,
+            **({"step_group_engines": ["unet", *(f"unet_g{g}" for g in range(1, q.step_groups))]}
+               if q.step_groups > 1 else {}),
             "calibration": {"method": q.method, "percentile": q.percentile,
                             "images": len(q.calibration_prompts) * len(q.calibration_seeds), "steps": profile.steps,
                             "runs": "the fp32 onnxruntime twin of this artifact, built in the work folder"},
@@ -158,9 +182,11 @@ class RangeRecorder:
         self._session = None
         self._path.unlink(missing_ok=True)
 
-    def ranges(self) -> dict[str, tuple[float, float]]:
-        lo = np.nanmin(np.where(np.isinf(self.lo), np.nan, self.lo), axis=(1, 2))
-        hi = np.nanmax(np.where(np.isinf(self.hi), np.nan, self.hi), axis=(1, 2))
+    def ranges(self, steps: Sequence[int] | None = None) -> dict[str, tuple[float, float]]:
+        """Per tensor, the envelope of its recorded ranges over ``steps`` (default: every step) and CFG halves."""
+        sel = slice(None) if steps is None else list(steps)
+        lo = np.nanmin(np.where(np.isinf(self.lo[:, sel]), np.nan, self.lo[:, sel]), axis=(1, 2))
+        hi = np.nanmax(np.where(np.isinf(self.hi[:, sel]), np.nan, self.hi[:, sel]), axis=(1, 2))
         return {n: (float(a), float(b)) for n, a, b in zip(self.targets, lo, hi) if np.isfinite(a) and np.isfinite(b)}
 
     def report(self) -> dict[str, Any]:
@@ -187,9 +213,10 @@ class RangeRecorder:
 
 
 def calibrate(reference: Path, graph: Path, targets: Sequence[str], options: QuantizeOptions, *,
-              progress: bool = True) -> tuple[dict[str, tuple[float, float]], dict[str, Any]]:
+              progress: bool = True) -> tuple[list[dict[str, tuple[float, float]]], dict[str, Any]]:
     """Run the reference artifact's loop over the calibration prompts and seeds with :class:`RangeRecorder` in
-    the denoiser's place. Returns (ranges, report)."""
+    the denoiser's place. Returns (ranges per step group -- one dict unless ``options.step_groups`` > 1 --,
+    report)."""
     from diffc.runtime.pipeline import Pipeline
 
     pipe = Pipeline(reference, progress=False, cache=False)
@@ -203,13 +230,17 @@ def calibrate(reference: Path, graph: Path, targets: Sequence[str], options: Qua
         jobs = [(p, s) for p in options.calibration_prompts for s in options.calibration_seeds]
         for prompt, seed in tqdm(jobs, desc="calibration", unit="image", disable=not progress):
             pipe(prompt, seed=seed)
-        ranges = recorder.ranges()
+        groups = step_groups(pipe.tables.num_steps, options.step_groups)
+        ranges = [recorder.ranges(g) for g in groups]
         report = {"method": options.method, "percentile": options.percentile, "images": len(jobs),
                   "steps": pipe.tables.num_steps, "cfg_halves": cfg, "denoiser_calls": recorder.calls,
-                  "tensors_recorded": len(ranges), **recorder.report()}
+                  "tensors_recorded": len(ranges[0]), **recorder.report()}
+        if len(groups) > 1:
+            report["step_groups"] = [{"steps": g, "timesteps": [float(pipe.tables.timesteps[i]) for i in g]}
+                                     for g in groups]
     finally:
         recorder.close()
-    log.info("calibration: %d tensors over %d images x %d steps%s", len(ranges), len(jobs), pipe.tables.num_steps,
+    log.info("calibration: %d tensors over %d images x %d steps%s", len(ranges[0]), len(jobs), pipe.tables.num_steps,
              " x 2 CFG halves" if cfg else "")
     return ranges, report
 
@@ -220,10 +251,11 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def quality_gate(reference: Path, candidate: Path | None, options: QuantizeOptions, *,
-                 denoiser: dict[str, Path] | None = None, progress: bool = True) -> dict[str, Any]:
+                 denoiser: dict[str, Path] | None = None, step_variants: dict[str, Any] | None = None,
+                 progress: bool = True) -> dict[str, Any]:
     """Final images of ``candidate`` (an artifact) -- or of the reference with its denoiser graphs replaced by
-    ``denoiser`` (component -> graph), run with onnxruntime (for engines this machine cannot run) -- against
-    ``reference``.
+    ``denoiser`` (component -> graph; ``step_variants`` as the artifact's manifest has it), run with
+    onnxruntime (for engines this machine cannot run) -- against ``reference``.
     Raises :class:`QualityGateError` when below the thresholds; returns the numbers otherwise."""
     from diffc.engines.onnxruntime import Session
     from diffc.runtime.pipeline import Pipeline
@@ -235,6 +267,8 @@ def quality_gate(reference: Path, candidate: Path | None, options: QuantizeOptio
         cand = Pipeline(reference, progress=False, cache=False)
         for name, graph in (denoiser or {}).items():
             cand.sessions[name] = Session(graph)
+        if step_variants:
+            cand.manifest = {**cand.manifest, "step_variants": step_variants}
     rows = []
     jobs = [(p, s) for p in options.gate_prompts for s in options.gate_seeds]
     for prompt, seed in tqdm(jobs, desc="quality gate", unit="image", disable=not progress):

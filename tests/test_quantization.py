@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+from pathlib import Path
 
 import onnx
 import pytest
@@ -114,7 +115,8 @@ def test_tensorrt_builds_from_calibrated_qdq_graphs(tmp_path, precision):
 
     if T.available("tensorrt_rtx") is None:
         pytest.skip("TensorRT-RTX is not installed (pip install 'diffc[tensorrt]')")
-    prof = _tiny_profile(min_psnr_db=20.0)
+    # int8 also with two step groups: a second UNet engine, gated on the CPU with the variants in place
+    prof = _tiny_profile(min_psnr_db=20.0, step_groups=2 if precision == "int8" else 1)
     trt = load_profile(f"rtx-{precision}")
     prof = dataclasses.replace(trt, quantize=dataclasses.replace(prof.quantize, activations="auto"), steps=2,
                                tensorrt=dataclasses.replace(trt.tensorrt, opt_level=0, compute_capabilities=("SM89",)))
@@ -132,6 +134,9 @@ def test_tensorrt_builds_from_calibrated_qdq_graphs(tmp_path, precision):
     gate = report["quality_gate"]
     if precision == "int8":
         assert gate["evaluated_with"].startswith("onnxruntime") and gate["passed"]
+        g1 = manifest["components"]["unet_g1"]
+        assert g1["precision"] == "int8" and g1["backend_options"]["quantized"] == ["int8"]
+        assert g1["backend_options"]["engine_sha256"] != unet["backend_options"]["engine_sha256"] and manifest["step_variants"]["steps"] == [0, 1]
     else:
         assert "FP8" in gate["skipped"]
 
@@ -169,3 +174,108 @@ def test_int8_with_cache_reuse(tmp_path):
     assert calib["unet_shallow_pass"]["fired"]["conv"] > 0
     image = diffc.load(out, progress=False)("a red square", seed=0)
     assert image.shape[-1] == 3 and float(image.std()) > 0
+
+
+def test_step_groups_and_bounds():
+    from diffc.quantization import step_groups, timestep_bounds
+    from diffc.runtime.pipeline import unet_for_timestep
+
+    assert step_groups(4, 1) == [[0, 1, 2, 3]]
+    assert step_groups(5, 2) == [[0, 1, 2], [3, 4]]
+    assert step_groups(4, 4) == [[0], [1], [2], [3]]
+    assert timestep_bounds([999, 749, 499, 249], [[0, 1], [2, 3]]) == [624.0]
+    variants = {"components": ["unet", "unet_g1", "unet_g2"], "timestep_bounds": [700.0, 300.0]}
+    assert [unet_for_timestep(variants, t) for t in (999, 700, 699.9, 301, 300, 0)] == [
+        "unet", "unet", "unet_g1", "unet_g1", "unet_g1", "unet_g2"]
+    assert unet_for_timestep(None, 500) == "unet"
+
+
+def test_range_recorder_envelopes_per_step_group(tmp_path):
+    """ranges(steps) is the envelope over just those steps (and both CFG halves)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from diffc.quantization import RangeRecorder
+
+    graph = helper.make_graph([helper.make_node("Relu", ["sample"], ["h"]), helper.make_node("Identity", ["h"], ["out_sample"])],
+                              "g", [helper.make_tensor_value_info("sample", TensorProto.FLOAT, ["b", 3])],
+                              [helper.make_tensor_value_info("out_sample", TensorProto.FLOAT, ["b", 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    rec = RangeRecorder(tmp_path / "m.onnx", ["h"], num_steps=3, cfg=True, method="minmax", percentile=100.0)
+    for scale in (8.0, 4.0, 1.0):  # one call per step, batch 2 = uncond + cond
+        rec.run({"sample": np.array([[0, 1, scale / 2], [0, 0, scale]], np.float32)})
+    rec.close()
+    assert rec.ranges()["h"] == (0.0, 8.0)
+    assert rec.ranges([0])["h"] == (0.0, 8.0) and rec.ranges([1, 2])["h"] == (0.0, 4.0)
+    assert rec.ranges([2])["h"] == (0.0, 1.0)
+    assert rec.report()["per_step_group_candidates"] == ["h"]  # spread 8 / 1 >= 4
+
+
+def test_step_groups_are_checked_before_any_work():
+    prof = load_profile("cpu-int8")
+    with pytest.raises(ProfileError, match=r"\[quantize\].step_groups"):
+        parse_profile({"name": "x", "backend": "onnxruntime", "quantize": {"step_groups": 0}}, where="t")
+    too_many = dataclasses.replace(prof, quantize=dataclasses.replace(prof.quantize, step_groups=5))
+    with pytest.raises(ProfileError, match="step_groups = 5 is more than the 4 sampling steps"):
+        diffc.build("demo", too_many, "/nonexistent/never-written", progress=False)
+    with_cache = dataclasses.replace(too_many, quantize=dataclasses.replace(prof.quantize, step_groups=2),
+                                     cache=load_profile("cpu-cache").cache)
+    with pytest.raises(ProfileError, match="does not combine with cache reuse"):
+        diffc.build("demo", with_cache, "/nonexistent/never-written", progress=False)
+
+
+def test_per_step_group_variants(tmp_path, monkeypatch):
+    """step_groups = 2: two int8 UNets with scales from their own steps, chosen per step by timestep."""
+    import numpy as np
+    import onnx
+
+    from diffc.exporter.tiny import write_tiny_pipeline
+    from diffc.runtime.manifest import read_manifest
+    from diffc.runtime.sampler import compile_sampler
+
+    jsonschema = pytest.importorskip("jsonschema")
+    prof = _tiny_profile(min_psnr_db=15.0, step_groups=2)
+    out = diffc.build(write_tiny_pipeline(tmp_path / "sd", "sd"), prof, tmp_path / "tiny.diffc", progress=False)
+    manifest = read_manifest(out)
+    schema = json.loads((Path(diffc.__file__).parent / "runtime" / "manifest.schema.json").read_text())
+    jsonschema.validate(manifest, schema)
+    variants = manifest["step_variants"]
+    timesteps = manifest["sampler"]["timesteps"]
+    assert variants["components"] == ["unet", "unet_g1"] and variants["steps"] == [0, 1]
+    assert timesteps[1] < variants["timestep_bounds"][0] < timesteps[0]
+    assert manifest["components"]["unet_g1"]["precision"] == "int8"
+    assert manifest["components"]["unet_g1"]["shape_ranges"] == manifest["components"]["unet"]["shape_ranges"]
+    report = json.loads((out / "build_report.json").read_text())
+    q = report["components"]["unet"]["quantization"]
+    assert [g["steps"] for g in q["calibration"]["step_groups"]] == [[0], [1]]
+    assert q["unet_g1_pass"]["fired"]["conv"] > 0 and report["quality_gate"]["passed"]
+
+    def input_scales(name):  # the activation scales the int8 convs read: per group, from its own ranges
+        g = onnx.load(str(out / manifest["components"][name]["file"]))
+        inits = {i.name: onnx.numpy_helper.to_array(i) for i in g.graph.initializer}
+        return [float(inits[n.input[1]]) for n in g.graph.node if n.op_type == "QLinearConv"]
+
+    assert input_scales("unet") and len(input_scales("unet")) == len(input_scales("unet_g1"))
+    assert input_scales("unet") != input_scales("unet_g1")
+
+    pipe = diffc.load(out, progress=False)
+    calls = []
+    for name in ("unet", "unet_g1"):
+        sess = pipe.sessions[name]
+
+        def spy(feeds, outputs=None, _run=sess.run, _name=name):
+            calls.append((_name, float(feeds["timestep"][0])))
+            return _run(feeds, outputs)
+
+        monkeypatch.setattr(sess, "run", spy)
+    image = pipe("a red square", seed=0)
+    assert [c[0] for c in calls] == ["unet", "unet_g1"] and float(np.std(image)) > 0
+    # another step count: the variant follows the timestep, not the step index
+    calls.clear()
+    pipe.tables = compile_sampler(manifest["sampler"]["kind"], manifest["build"]["scheduler_config"], 6)
+    pipe("a red square", seed=0)
+    bound = variants["timestep_bounds"][0]
+    assert [c[0] for c in calls] == ["unet" if t >= bound else "unet_g1" for _, t in calls]
+    assert {c[0] for c in calls} == {"unet", "unet_g1"}

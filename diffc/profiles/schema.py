@@ -8,6 +8,7 @@ a typo must not silently fall back to a default.
 from __future__ import annotations
 
 import enum
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -117,6 +118,11 @@ class QuantizeOptions:
     (symmetric only). The gate compares final images with the fp32 artifact's on ``gate_prompts`` x
     ``gate_seeds`` and fails the build when their mean PSNR is below ``min_psnr_db`` (or an image's max
     absolute error is above ``max_abs_error``, if set).
+    ``step_groups``: 1 (one static scale per tensor, from all steps) or N > 1: the steps are cut into N
+    contiguous groups, each gets its own scales from its own steps' ranges and its own UNet engine
+    (``unet``, ``unet_g1``, ...); the manifest's ``step_variants`` says which engine runs at which timestep.
+    For a model whose activations change too much over the loop for one scale (the build report lists such
+    tensors as ``per_step_group_candidates``).
     """
 
     method: str = "percentile"
@@ -129,6 +135,7 @@ class QuantizeOptions:
     gate_seeds: tuple[int, ...] = (100, 101)
     min_psnr_db: float = 28.0
     max_abs_error: float | None = None
+    step_groups: int = 1
 
 
 @dataclass(frozen=True)
@@ -180,8 +187,7 @@ class Profile:
     source: str = ""  # where it was loaded from
 
     def precision_of(self, component: str) -> Precision:
-        if component == "unet_shallow":  # cache reuse's shallow half of the UNet is built like the UNet
-            component = "unet"
+        component = base_component(component)
         return self.precision.get(component, self.precision.get("default", Precision.FP32))
 
     def quantized_components(self, components: tuple[str, ...] = COMPONENTS) -> dict[str, Precision]:
@@ -228,6 +234,12 @@ class Profile:
 
     def with_overrides(self, **changes) -> "Profile":
         return replace(self, **changes)
+
+
+def base_component(name: str) -> str:
+    """The model component an engine is built from: cache reuse's ``unet_shallow`` and the per-step-group
+    quantized variants ``unet_g1``, ``unet_g2``... are all the UNet."""
+    return "unet" if name == "unet_shallow" or re.fullmatch(r"unet_g[1-9][0-9]*", name) else name
 
 
 def _err(where: str, field_: str, msg: str) -> ProfileError:
@@ -414,6 +426,7 @@ def _parse_quantize(table: Any, where: str) -> QuantizeOptions:
         gate_prompts=_str_list(table, "gate_prompts", d.gate_prompts, where, p),
         gate_seeds=_str_list(table, "gate_seeds", d.gate_seeds, where, p, item=int),
         min_psnr_db=float(psnr), max_abs_error=None if max_err is None else float(max_err),
+        step_groups=_opt_int(table, "step_groups", where, p, lo=1) if "step_groups" in table else 1,
     )
 
 

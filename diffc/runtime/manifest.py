@@ -74,6 +74,14 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
     for name, comp in comps.items():
         if not isinstance(comp, dict) or not isinstance(comp.get("files"), dict) or "file" not in comp:
             raise ManifestError(f"{path}: component {name!r} lacks 'file'/'files'; {_REBUILD}")
+    variants = manifest.get("step_variants")
+    if variants is not None:
+        names = variants.get("components") if isinstance(variants, dict) else None
+        bounds = variants.get("timestep_bounds") if isinstance(variants, dict) else None
+        if (not isinstance(names, list) or not isinstance(bounds, list) or len(bounds) != len(names) - 1
+                or any(n not in comps for n in names)):
+            raise ManifestError(f"{path}: 'step_variants' must name components of this manifest and hold one "
+                                f"timestep bound fewer than components; {_REBUILD}")
     return manifest
 
 

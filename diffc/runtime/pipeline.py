@@ -61,6 +61,15 @@ def open_sessions(root: Path, manifest: dict[str, Any], *, threads: int = 0, ver
     return sessions
 
 
+def unet_for_timestep(step_variants: dict[str, Any] | None, timestep: float) -> str:
+    """The UNet component that runs at ``timestep``: ``unet``, or with per-step-group quantized variants (the
+    manifest's ``step_variants``) the one whose group holds it -- variant ``g`` = how many of the descending
+    ``timestep_bounds`` lie above ``timestep``."""
+    if not step_variants:
+        return "unet"
+    return step_variants["components"][sum(1 for b in step_variants["timestep_bounds"] if timestep < b)]
+
+
 class Pipeline:
     """A loaded artifact. Call it with a prompt; get ``float32 (B, H, W, 3)`` images in [0, 1]."""
 
@@ -206,7 +215,7 @@ class Pipeline:
         x = latents.astype(np.float32) * np.float32(t.init_noise_sigma)
         rng = np.random.default_rng(None if seed is None else seed + 1)
         prev_x0 = np.zeros_like(x)
-        unet = self.sessions["unet"]
+        variants = self.manifest.get("step_variants")
         full = self.full_steps()
         # The cached feature lives only in this call: every image starts from a full step and never sees another
         # image's feature. It holds the whole denoiser batch (uncond and cond halves under CFG).
@@ -216,6 +225,7 @@ class Pipeline:
             model_in = (x * np.float32(t.c_in[i])).astype(np.float32)
             if use_cfg:
                 model_in = np.concatenate([model_in, model_in])
+            unet = self.sessions[unet_for_timestep(variants, t.timesteps[i])]
             feeds = {"sample": model_in, "timestep": np.full((unet_batch,), t.timesteps[i], dtype=np.float32),
                      "encoder_hidden_states": cond, **(extra or {})}
             if feature is not None and not full[i]:
