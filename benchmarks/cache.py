@@ -118,7 +118,7 @@ def loop_runner(sessions: dict[str, Any], branch: int, steps: int):
     from diffc.runtime.sampler import compile_sampler
 
     pipe = Pipeline.__new__(Pipeline)  # the loop needs sessions, tables and the cache entry; no files
-    pipe.sessions, pipe.progress = sessions, False
+    pipe.sessions, pipe.progress, pipe.manifest = sessions, False, {}
     pipe.tables = compile_sampler("ddim", SD15_SCHEDULER, steps)
     pipe.cache = {"feature": feature_name(branch), "shallow_component": "unet_shallow",
                   "schedule": {"kind": "interval", "interval": 1}, "full_steps": [True] * steps}
