@@ -23,7 +23,7 @@ from diffc.errors import BackendUnavailableError, ParityError, ProfileError
 from diffc.onnx_io import load_model, save_model
 from diffc.passes import pass_list, run_passes
 from diffc.profiles import Profile, load_profile
-from diffc.profiles.schema import Backend, Precision, Range, base_component
+from diffc.profiles.schema import Backend, Precision, Range, base_component, step_group_components
 from diffc.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION
 from diffc.runtime.pipeline import open_sessions
 
@@ -318,7 +318,8 @@ def _quantize(model: str | Path, prof: Profile, quantized: dict[str, Precision],
         # (source graph, output name, ranges): the UNet (and its shallow half) with the first group's scales,
         # then one more UNet per further step group
         jobs = [(n, n, group_ranges[0]) for n in graphs if n == name or n == f"{name}_shallow"]
-        jobs += [(name, f"{name}_g{g}", r) for g, r in enumerate(group_ranges[1:], start=1)]
+        variants = step_group_components(len(group_ranges))[1:]
+        jobs += [(name, variant, r) for variant, r in zip(variants, group_ranges[1:])]
         source = dict(graphs)
         for src, graph_name, ranges in jobs:
             out = work / "quantized" / graph_name / "model.onnx"
@@ -336,7 +337,7 @@ def _quantize(model: str | Path, prof: Profile, quantized: dict[str, Precision],
 
 
 def _gate(prof: Profile, quantized: dict[str, Precision], reference: Path, artifact: Path, graphs: dict[str, Path],
-          *, progress: bool) -> dict[str, Any]:
+          *, step_variants: dict[str, Any] | None, progress: bool) -> dict[str, Any]:
     """The quality gate: the artifact itself on onnxruntime; for TensorRT, the int8 Q/DQ graph on the CPU (the
     engine needs a GPU); fp8 cannot run here at all, so it is recorded as not evaluated."""
     from diffc.quantization import quality_gate
@@ -348,8 +349,7 @@ def _gate(prof: Profile, quantized: dict[str, Precision], reference: Path, artif
     if any(p is Precision.FP8 for p in quantized.values()):
         return {"skipped": "not evaluated on this machine: FP8 Q/DQ has no onnxruntime CPU kernels and the TensorRT "
                            "engine needs a GPU; run benchmarks/quality.py against the artifact on the target GPU"}
-    manifest = json.loads((artifact / MANIFEST_NAME).read_text())
-    return quality_gate(reference, None, prof.quantize, progress=progress, step_variants=manifest.get("step_variants"),
+    return quality_gate(reference, None, prof.quantize, progress=progress, step_variants=step_variants,
                         denoiser={n: graphs[n] for n in graphs if base_component(n) == "unet"})
 
 
@@ -569,7 +569,7 @@ def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | P
             from diffc.quantization import timestep_bounds
 
             manifest["step_variants"] = {
-                "components": ["unet", *(f"unet_g{g}" for g in range(1, len(groups)))],
+                "components": step_group_components(len(groups)),
                 "timestep_bounds": timestep_bounds(tables.timesteps, [g["steps"] for g in groups]),
                 "steps": [g for g, grp in enumerate(groups) for _ in grp["steps"]]}
         if cache is not None:
@@ -578,7 +578,8 @@ def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | P
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
         if reference is not None:
             t0 = time.perf_counter()
-            report["quality_gate"] = _gate(prof, quantized, reference, tmp, graphs, progress=progress)
+            report["quality_gate"] = _gate(prof, quantized, reference, tmp, graphs,
+                                           step_variants=manifest.get("step_variants"), progress=progress)
             report["timings"]["quality_gate_s"] = round(time.perf_counter() - t0, 3)
         report["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
         (tmp / "build_report.json").write_text(json.dumps(report, indent=2))

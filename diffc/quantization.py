@@ -29,7 +29,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from diffc.errors import BackendUnavailableError, ProfileError, QualityGateError
-from diffc.profiles.schema import Backend, Precision, Profile, QuantizeOptions, list_profiles, load_profile
+from diffc.profiles.schema import (
+    Backend,
+    Precision,
+    Profile,
+    QuantizeOptions,
+    list_profiles,
+    load_profile,
+    step_group_components,
+)
 
 log = logging.getLogger("diffc.quantization")
 
@@ -105,8 +113,7 @@ def describe(profile: Profile, precision: Precision) -> dict[str, Any]:
     q = profile.quantize
     return {"activations": activation_type(profile, precision), "keep_float": list(q.keep_float),
             "step_groups": q.step_groups,
-            **({"step_group_engines": ["unet", *(f"unet_g{g}" for g in range(1, q.step_groups))]}
-               if q.step_groups > 1 else {}),
+            **({"step_group_engines": step_group_components(q.step_groups)} if q.step_groups > 1 else {}),
             "calibration": {"method": q.method, "percentile": q.percentile,
                             "images": len(q.calibration_prompts) * len(q.calibration_seeds), "steps": profile.steps,
                             "runs": "the fp32 onnxruntime twin of this artifact, built in the work folder"},

@@ -242,6 +242,12 @@ def base_component(name: str) -> str:
     return "unet" if name == "unet_shallow" or re.fullmatch(r"unet_g[1-9][0-9]*", name) else name
 
 
+def step_group_components(groups: int) -> list[str]:
+    """The UNet engines of ``[quantize].step_groups`` = ``groups``: ``unet`` for the first group, then
+    ``unet_g1``, ``unet_g2``..."""
+    return ["unet", *(f"unet_g{g}" for g in range(1, groups))]
+
+
 def _err(where: str, field_: str, msg: str) -> ProfileError:
     return ProfileError(f"profile {where}: {field_} {msg}")
 
