@@ -99,12 +99,10 @@ def weight_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
 
 
-def build_diffc(model: Path, out: Path, config: str = "diffc_cpu") -> Path:
-    if (out / "manifest.json").is_file():
-        return out
+def diffc_profile(config: str):
+    """The profile each diffc row is built with."""
     import dataclasses
 
-    import diffc
     from diffc.profiles import load_profile
 
     profile = load_profile("cpu-cache" if config == "diffc_cpu_cache" else "cpu")
@@ -115,8 +113,27 @@ def build_diffc(model: Path, out: Path, config: str = "diffc_cpu") -> Path:
             calibration_seeds=(0,), min_psnr_db=0.0))
         if config == "diffc_cpu_int8_cache":
             profile = dataclasses.replace(profile, cache=load_profile("cpu-cache").cache)
+    return profile
+
+
+def build_diffc(model: Path, out: Path, config: str = "diffc_cpu") -> Path:
+    import diffc
+
+    from diffc.profiles.schema import Profile
+
+    profile = diffc_profile(config)
+    if (out / "manifest.json").is_file():
+        # a kept artifact is reused only if it was built with the profile this run asks for (the shipped
+        # profiles change between diffc versions); read back through the schema, so fields added since with
+        # their default values compare equal
+        def fields(prof):
+            return {k: v for k, v in prof.to_dict().items() if k != "source"}
+
+        if fields(Profile.from_dict(json.loads((out / "manifest.json").read_text())["profile"])) == fields(profile):
+            return out
+        log.info("%s was built with another profile than %s asks for now: rebuilding it", out, config)
     log.info("building the diffc artifact %s (%s)", out, profile.name)
-    return diffc.build(model, profile, out, progress=False)
+    return diffc.build(model, profile, out, progress=False, force=True)
 
 
 def export_optimum(python: str, model: Path, out: Path) -> Path:
