@@ -234,7 +234,7 @@ def plan(model: str | Path, profile: str | Path | Profile = "cpu", *, steps: int
             out["components"][name] = {"backend": prof.backend.value, "precision": prof.precision_of(name).value,
                                        "shape_ranges": ranges}
         if name in quantized:
-            out["components"][name]["quantization"] = describe(prof, quantized[name])
+            out["components"][name]["quantization"] = describe(prof, quantized[name], name)
     return out
 
 
@@ -304,21 +304,23 @@ def _quantize(model: str | Path, prof: Profile, quantized: dict[str, Precision],
     log.info("building the fp32 reference artifact for calibration and the quality gate")
     build(model, reference_profile(prof), reference, exporter=exporter, progress=progress, _export_dir=onnx_dir)
     opts = prof.quantize
+    ort_form = prof.backend is Backend.ONNXRUNTIME
+    # With cache reuse the loop also runs unet_shallow; calibration records the full graph (a superset of the
+    # shallow one's tensors, by name), and both graphs are quantized with the same ranges.
+    calibrated = calibrate(reference, {name: (graphs[name], calibration_targets(
+        ir.load(graphs[name]).graph, keep_float=opts.keep_float, output_ranges=ort_form)) for name in quantized},
+        opts, progress=progress)
     for name, precision in quantized.items():
         qtype = activation_type(prof, precision)
-        targets = calibration_targets(ir.load(graphs[name]).graph, keep_float=opts.keep_float,
-                                      output_ranges=prof.backend is Backend.ONNXRUNTIME)
-        # With cache reuse the loop also runs unet_shallow; calibration records the full graph (a superset of
-        # the shallow one's tensors, by name), and both graphs are quantized with the same ranges.
-        group_ranges, calib = calibrate(reference, graphs[name], targets, opts, progress=progress)
+        group_ranges, calib = calibrated[name]
         comp = report["components"][name]
         comp["quantization"] = {"precision": precision.value, "activations": qtype,
                                 "weights": "fp8 e4m3 per output channel" if qtype == "fp8" else "int8 per output channel",
                                 "keep_float": list(opts.keep_float), "calibration": calib}
-        # (source graph, output name, ranges): the UNet (and its shallow half) with the first group's scales,
-        # then one more UNet per further step group
+        # (source graph, output name, ranges): the component (and the UNet's shallow half) with the first
+        # group's scales, then one more UNet per further step group
         jobs = [(n, n, group_ranges[0]) for n in graphs if n == name or n == f"{name}_shallow"]
-        variants = step_group_components(len(group_ranges))[1:]
+        variants = step_group_components(len(group_ranges))[1:] if name == "unet" else []
         jobs += [(name, variant, r) for variant, r in zip(variants, group_ranges[1:])]
         source = dict(graphs)
         for src, graph_name, ranges in jobs:
@@ -332,7 +334,7 @@ def _quantize(model: str | Path, prof: Profile, quantized: dict[str, Precision],
                 comp["passes"]["op_counts_after"] = pass_entry["op_counts_after"]
             else:
                 comp["quantization"][f"{graph_name}_pass"] = entry
-        report.setdefault("pass_order", []).append({"name": "quantize", "options": pass_entry["options"]})
+    report.setdefault("pass_order", []).append({"name": "quantize", "options": pass_entry["options"]})
     return reference
 
 
@@ -350,7 +352,7 @@ def _gate(prof: Profile, quantized: dict[str, Precision], reference: Path, artif
         return {"skipped": "not evaluated on this machine: FP8 Q/DQ has no onnxruntime CPU kernels and the TensorRT "
                            "engine needs a GPU; run benchmarks/quality.py against the artifact on the target GPU"}
     return quality_gate(reference, None, prof.quantize, progress=progress, step_variants=step_variants,
-                        denoiser={n: graphs[n] for n in graphs if base_component(n) == "unet"})
+                        replace={n: graphs[n] for n in graphs if base_component(n) in quantized})
 
 
 def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | Path | None = None, *,

@@ -41,8 +41,10 @@ from diffc.profiles.schema import (
 
 log = logging.getLogger("diffc.quantization")
 
-#: components diffc can quantize: the denoiser is where the time goes (>90% of a few-step generation)
-QUANTIZABLE = ("unet",)
+#: components diffc can quantize: the denoiser, where most of the time goes, and the VAE decoder, which takes
+#: a large share of a few-step generation (SD 1.5 at 256x256: ~0.6 TFLOP per image, as much as ~1.7 UNet steps
+#: with CFG); the text encoder runs once per prompt on 77 tokens and is not worth its error
+QUANTIZABLE = ("unet", "vae_decoder")
 #: a tensor whose largest per-step range is this many times its smallest is flagged in the report
 SPREAD_FLAG = 4.0
 _SAMPLE = 1 << 20
@@ -108,14 +110,16 @@ def timestep_bounds(timesteps: Sequence[float], groups: Sequence[Sequence[int]])
     return [round((float(timesteps[a[-1]]) + float(timesteps[b[0]])) / 2, 4) for a, b in zip(groups, groups[1:])]
 
 
-def describe(profile: Profile, precision: Precision) -> dict[str, Any]:
+def describe(profile: Profile, precision: Precision, component: str = "unet") -> dict[str, Any]:
     """What a build will do to quantize a component (for ``diffc build --dry-run``)."""
     q = profile.quantize
+    groups = q.step_groups if component == "unet" else 1
+    calls = f"{profile.steps} steps" if component == "unet" else "the final latents of each image"
     return {"activations": activation_type(profile, precision), "keep_float": list(q.keep_float),
-            "step_groups": q.step_groups,
-            **({"step_group_engines": step_group_components(q.step_groups)} if q.step_groups > 1 else {}),
+            "step_groups": groups,
+            **({"step_group_engines": step_group_components(groups)} if groups > 1 else {}),
             "calibration": {"method": q.method, "percentile": q.percentile,
-                            "images": len(q.calibration_prompts) * len(q.calibration_seeds), "steps": profile.steps,
+                            "images": len(q.calibration_prompts) * len(q.calibration_seeds), "records": calls,
                             "runs": "the fp32 onnxruntime twin of this artifact, built in the work folder"},
             "quality_gate": {"images": len(q.gate_prompts) * len(q.gate_seeds), "min_psnr_db": q.min_psnr_db,
                              "max_abs_error": q.max_abs_error}}
@@ -219,37 +223,48 @@ class RangeRecorder:
         return {"tensors": tensors, "per_step_group_candidates": flagged, "spread_flag": SPREAD_FLAG}
 
 
-def calibrate(reference: Path, graph: Path, targets: Sequence[str], options: QuantizeOptions, *,
-              progress: bool = True) -> tuple[list[dict[str, tuple[float, float]]], dict[str, Any]]:
-    """Run the reference artifact's loop over the calibration prompts and seeds with :class:`RangeRecorder` in
-    the denoiser's place. Returns (ranges per step group -- one dict unless ``options.step_groups`` > 1 --,
-    report)."""
+def calibrate(reference: Path, graphs: dict[str, tuple[Path, Sequence[str]]], options: QuantizeOptions, *,
+              progress: bool = True) -> dict[str, tuple[list[dict[str, tuple[float, float]]], dict[str, Any]]]:
+    """Run the reference artifact's loop over the calibration prompts and seeds once, with a
+    :class:`RangeRecorder` in the place of every component in ``graphs`` (component -> (graph to quantize, its
+    target tensors)): the UNet's ranges per step and CFG half, the VAE decoder's from the final latents it
+    decodes. Returns, per component, (ranges per step group -- one dict unless it is the UNet and
+    ``options.step_groups`` > 1 --, report)."""
     from diffc.runtime.pipeline import Pipeline
 
     pipe = Pipeline(reference, progress=False, cache=False)
     cfg = pipe.guidance["mode"] == "cfg" and float(pipe.guidance["default_scale"]) > 1.0
-    recorder = RangeRecorder(graph, targets, num_steps=pipe.tables.num_steps, cfg=cfg, method=options.method,
-                             percentile=options.percentile)
+    steps = pipe.tables.num_steps
+    recorders: dict[str, RangeRecorder] = {}
     if getattr(pipe, "cache", None):
         pipe.set_cache_schedule(None)  # the full UNet at every step: every step's ranges, for both graphs
+    jobs = [(p, s) for p in options.calibration_prompts for s in options.calibration_seeds]
     try:
-        pipe.sessions["unet"] = recorder
-        jobs = [(p, s) for p in options.calibration_prompts for s in options.calibration_seeds]
+        for name, (graph, targets) in graphs.items():
+            denoiser = name == "unet"  # called once per step, on the CFG batch; the decoder once per image
+            recorders[name] = RangeRecorder(graph, targets, num_steps=steps if denoiser else 1,
+                                            cfg=cfg and denoiser, method=options.method,
+                                            percentile=options.percentile)
+            pipe.sessions[name] = recorders[name]
         for prompt, seed in tqdm(jobs, desc="calibration", unit="image", disable=not progress):
             pipe(prompt, seed=seed)
-        groups = step_groups(pipe.tables.num_steps, options.step_groups)
-        ranges = [recorder.ranges(g) for g in groups]
-        report = {"method": options.method, "percentile": options.percentile, "images": len(jobs),
-                  "steps": pipe.tables.num_steps, "cfg_halves": cfg, "denoiser_calls": recorder.calls,
-                  "tensors_recorded": len(ranges[0]), **recorder.report()}
-        if len(groups) > 1:
-            report["step_groups"] = [{"steps": g, "timesteps": [float(pipe.tables.timesteps[i]) for i in g]}
-                                     for g in groups]
+        out = {}
+        for name, recorder in recorders.items():
+            groups = step_groups(steps, options.step_groups) if name == "unet" else [[0]]
+            ranges = [recorder.ranges(g) for g in groups]
+            report = {"method": options.method, "percentile": options.percentile, "images": len(jobs),
+                      "steps": steps, "calls": recorder.calls, "cfg_halves": recorder.cfg,
+                      "tensors_recorded": len(ranges[0]), **recorder.report()}
+            if len(groups) > 1:
+                report["step_groups"] = [{"steps": g, "timesteps": [float(pipe.tables.timesteps[i]) for i in g]}
+                                         for g in groups]
+            out[name] = (ranges, report)
+            log.info("calibration of %s: %d tensors over %d images%s", name, len(ranges[0]), len(jobs),
+                     f" x {steps} steps" + (" x 2 CFG halves" if recorder.cfg else "") if name == "unet" else "")
     finally:
-        recorder.close()
-    log.info("calibration: %d tensors over %d images x %d steps%s", len(ranges[0]), len(jobs), pipe.tables.num_steps,
-             " x 2 CFG halves" if cfg else "")
-    return ranges, report
+        for recorder in recorders.values():
+            recorder.close()
+    return out
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -258,10 +273,10 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def quality_gate(reference: Path, candidate: Path | None, options: QuantizeOptions, *,
-                 denoiser: dict[str, Path] | None = None, step_variants: dict[str, Any] | None = None,
+                 replace: dict[str, Path] | None = None, step_variants: dict[str, Any] | None = None,
                  progress: bool = True) -> dict[str, Any]:
-    """Final images of ``candidate`` (an artifact) -- or of the reference with its denoiser graphs replaced by
-    ``denoiser`` (component -> graph; ``step_variants`` as the artifact's manifest has it), run with
+    """Final images of ``candidate`` (an artifact) -- or of the reference with its quantized graphs swapped in
+    from ``replace`` (component -> graph; ``step_variants`` as the artifact's manifest has it), run with
     onnxruntime (for engines this machine cannot run) -- against ``reference``.
     Raises :class:`QualityGateError` when below the thresholds; returns the numbers otherwise."""
     from diffc.engines.onnxruntime import Session
@@ -272,7 +287,7 @@ def quality_gate(reference: Path, candidate: Path | None, options: QuantizeOptio
         cand = Pipeline(candidate, progress=False, cache=False)
     else:
         cand = Pipeline(reference, progress=False, cache=False)
-        for name, graph in (denoiser or {}).items():
+        for name, graph in (replace or {}).items():
             cand.sessions[name] = Session(graph)
         if step_variants:
             cand.manifest = {**cand.manifest, "step_variants": step_variants}

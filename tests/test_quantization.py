@@ -40,7 +40,7 @@ def test_manifest_and_report(int8_demo):
     assert q["activations"] == "uint8" and q["keep_float"] == ["conv_in", "conv_out", "time_embedding", "skip_concat"]
     calib = q["calibration"]
     # the real loop: 4 prompts x 2 seeds, 4 steps each, CFG on (both halves recorded)
-    assert calib["images"] == 8 and calib["steps"] == 4 and calib["denoiser_calls"] == 32 and calib["cfg_halves"]
+    assert calib["images"] == 8 and calib["steps"] == 4 and calib["calls"] == 32 and calib["cfg_halves"]
     some = next(iter(calib["tensors"].values()))
     assert len(some["steps"]) == 4 and len(some["cfg_halves"]["uncond"]) == 4
     lo, hi = some["range"]
@@ -84,9 +84,9 @@ def test_fp8_on_the_cpu_is_refused():
         diffc.build("demo", prof, "/nonexistent/never-written", progress=False)
 
 
-def test_only_the_denoiser_is_quantized():
+def test_the_text_encoder_is_not_quantized():
     prof = parse_profile({"name": "x", "backend": "onnxruntime", "precision": {"text_encoder": "int8"}}, where="t")
-    with pytest.raises(ProfileError, match=r"\[precision\].text_encoder = 'int8'.*quantizes only \['unet'\]"):
+    with pytest.raises(ProfileError, match=r"\[precision\].text_encoder = 'int8'.*quantizes only \['unet', 'vae_decoder'\]"):
         diffc.build("demo", prof, "/nonexistent/never-written", progress=False)
 
 
@@ -170,8 +170,38 @@ def test_int8_with_cache_reuse(tmp_path):
         ops = collections.Counter(n.op_type for n in onnx.load(str(out / comp["file"]), load_external_data=False).graph.node)
         assert ops["QLinearConv"] > 0
     calib = json.loads((out / "build_report.json").read_text())["components"]["unet"]["quantization"]
-    assert calib["calibration"]["denoiser_calls"] == 2  # 1 image x 2 steps, full UNet at both
+    assert calib["calibration"]["calls"] == 2  # 1 image x 2 steps, full UNet at both
     assert calib["unet_shallow_pass"]["fired"]["conv"] > 0
+    image = diffc.load(out, progress=False)("a red square", seed=0)
+    assert image.shape[-1] == 3 and float(image.std()) > 0
+
+
+def test_vae_decoder_int8(tmp_path):
+    """[precision].vae_decoder = "int8": one calibration loop records the UNet per step and CFG half and the
+    decoder once per image (on the final latents), and both engines run onnxruntime's integer kernels."""
+    from diffc.builder import plan
+    from diffc.exporter.tiny import write_tiny_pipeline
+
+    prof = _tiny_profile(min_psnr_db=15.0)
+    prof = dataclasses.replace(prof, precision={**prof.precision, "vae_decoder": Precision.INT8})
+    model = write_tiny_pipeline(tmp_path / "sd", "sd")
+    dry = plan(model, prof)["components"]["vae_decoder"]["quantization"]
+    assert dry["step_groups"] == 1 and dry["calibration"]["records"] == "the final latents of each image"
+    out = diffc.build(model, prof, tmp_path / "tiny.diffc", progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["components"]["vae_decoder"]["precision"] == "int8"
+    assert manifest["components"]["text_encoder"]["precision"] == "fp32"
+    report = json.loads((out / "build_report.json").read_text())
+    unet = report["components"]["unet"]["quantization"]["calibration"]
+    vae = report["components"]["vae_decoder"]["quantization"]["calibration"]
+    assert unet["calls"] == 2 and unet["cfg_halves"]  # 1 image x 2 steps, from the same loop as the decoder
+    assert vae["calls"] == 1 and not vae["cfg_halves"] and vae["tensors_recorded"] > 0
+    assert all(len(t["steps"]) == 1 for t in vae["tensors"].values())
+    assert report["components"]["vae_decoder"]["passes"]["passes"][-1]["fired"]["conv"] > 0
+    ops = collections.Counter(n.op_type for n in onnx.load(str(out / "vae_decoder" / "model.onnx"),
+                                                             load_external_data=False).graph.node)
+    assert ops["QLinearConv"] > 0
+    assert report["quality_gate"]["passed"]
     image = diffc.load(out, progress=False)("a red square", seed=0)
     assert image.shape[-1] == 3 and float(image.std()) > 0
 

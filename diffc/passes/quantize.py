@@ -1,4 +1,4 @@
-"""quantize: insert QuantizeLinear/DequantizeLinear (Q/DQ) around the denoiser's GEMM-like ops.
+"""quantize: insert QuantizeLinear/DequantizeLinear (Q/DQ) around the UNet's (or VAE decoder's) GEMM-like ops.
 
 Why this shape of graph. Neither onnxruntime nor TensorRT wants a graph with integer ops in it: both take
 "fake-quantized" float graphs (Q/DQ pairs around float ops) and fuse them into their own integer kernels.
