@@ -30,6 +30,7 @@ def int8_demo(tmp_path_factory):
 def test_manifest_and_report(int8_demo):
     manifest = json.loads((int8_demo / "manifest.json").read_text())
     assert manifest["components"]["unet"]["precision"] == "int8"
+    assert manifest["components"]["vae_decoder"]["precision"] == "int8"
     assert manifest["components"]["text_encoder"]["precision"] == "fp32"
     assert manifest["profile"]["quantize"]["min_psnr_db"] == 28.0
     report = json.loads((int8_demo / "build_report.json").read_text())
@@ -45,6 +46,10 @@ def test_manifest_and_report(int8_demo):
     assert len(some["steps"]) == 4 and len(some["cfg_halves"]["uncond"]) == 4
     lo, hi = some["range"]
     assert lo <= min(s[0] for s in some["steps"]) and hi >= max(s[1] for s in some["steps"])
+    # the decoder, recorded in the same loop: once per image, on the final latents (no CFG halves)
+    vae = report["components"]["vae_decoder"]["quantization"]["calibration"]
+    assert vae["images"] == 8 and vae["calls"] == 8 and not vae["cfg_halves"] and vae["tensors_recorded"] > 10
+    assert report["components"]["vae_decoder"]["passes"]["passes"][-1]["fired"]["conv"] > 10
     fired = report["components"]["unet"]["passes"]["passes"][-1]
     assert fired["name"] == "quantize" and fired["fired"]["conv"] > 10 and fired["fired"]["matmul"] > 10
     assert [p["name"] for p in report["pass_order"]][-1] == "quantize"
@@ -59,6 +64,9 @@ def test_engine_runs_integer_kernels(int8_demo):
     assert ops["QLinearConv"] > 10 and ops["MatMulIntegerToFloat"] > 10
     assert ops["Conv"] + ops["FusedConv"] == 2 + 4  # conv_in, conv_out and the 4 skip_concat shortcuts: float
     assert ops["MultiHeadAttention"] > 0  # attention stays fused (and float)
+    vae = collections.Counter(n.op_type for n in onnx.load(str(int8_demo / "vae_decoder" / "model.onnx"),
+                                                            load_external_data=False).graph.node)
+    assert vae["QLinearConv"] > 10 and vae["Conv"] + vae["FusedConv"] == 2  # conv_in and conv_out stay float
 
 
 def _tiny_profile(**quantize):
@@ -101,7 +109,8 @@ def test_quantize_table_is_validated():
     with pytest.raises(ProfileError, match=r"\[quantize\].typo"):
         parse_profile({**base, "quantize": {"typo": 1}}, where="t")
     prof = load_profile("cpu-int8")
-    assert prof.backend is Backend.ONNXRUNTIME and prof.quantized_components() == {"unet": Precision.INT8}
+    assert prof.backend is Backend.ONNXRUNTIME and prof.quantized_components() == {"unet": Precision.INT8,
+                                                                                   "vae_decoder": Precision.INT8}
     again = type(prof).from_dict(json.loads(json.dumps(prof.to_dict())))
     assert again.quantize == prof.quantize
 
@@ -147,7 +156,9 @@ def test_dry_run_shows_the_quantization_plan():
     unet = plan("demo", "cpu-int8")["components"]["unet"]
     assert unet["precision"] == "int8" and unet["quantization"]["activations"] == "uint8"
     assert unet["quantization"]["calibration"]["images"] == 8 and unet["quantization"]["quality_gate"]["images"] == 6
-    assert "quantization" not in plan("demo", "cpu-int8")["components"]["vae_decoder"]
+    vae = plan("demo", "cpu-int8")["components"]["vae_decoder"]["quantization"]
+    assert vae["step_groups"] == 1 and vae["calibration"]["records"] == "the final latents of each image"
+    assert "quantization" not in plan("demo", "cpu-int8")["components"]["text_encoder"]
     prof = parse_profile({"name": "cpu-fp8", "backend": "onnxruntime", "precision": {"unet": "fp8"}}, where="t")
     with pytest.raises(BackendUnavailableError, match="no FP8 kernels"):
         plan("demo", prof)
@@ -172,36 +183,6 @@ def test_int8_with_cache_reuse(tmp_path):
     calib = json.loads((out / "build_report.json").read_text())["components"]["unet"]["quantization"]
     assert calib["calibration"]["calls"] == 2  # 1 image x 2 steps, full UNet at both
     assert calib["unet_shallow_pass"]["fired"]["conv"] > 0
-    image = diffc.load(out, progress=False)("a red square", seed=0)
-    assert image.shape[-1] == 3 and float(image.std()) > 0
-
-
-def test_vae_decoder_int8(tmp_path):
-    """[precision].vae_decoder = "int8": one calibration loop records the UNet per step and CFG half and the
-    decoder once per image (on the final latents), and both engines run onnxruntime's integer kernels."""
-    from diffc.builder import plan
-    from diffc.exporter.tiny import write_tiny_pipeline
-
-    prof = _tiny_profile(min_psnr_db=15.0)
-    prof = dataclasses.replace(prof, precision={**prof.precision, "vae_decoder": Precision.INT8})
-    model = write_tiny_pipeline(tmp_path / "sd", "sd")
-    dry = plan(model, prof)["components"]["vae_decoder"]["quantization"]
-    assert dry["step_groups"] == 1 and dry["calibration"]["records"] == "the final latents of each image"
-    out = diffc.build(model, prof, tmp_path / "tiny.diffc", progress=False)
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["components"]["vae_decoder"]["precision"] == "int8"
-    assert manifest["components"]["text_encoder"]["precision"] == "fp32"
-    report = json.loads((out / "build_report.json").read_text())
-    unet = report["components"]["unet"]["quantization"]["calibration"]
-    vae = report["components"]["vae_decoder"]["quantization"]["calibration"]
-    assert unet["calls"] == 2 and unet["cfg_halves"]  # 1 image x 2 steps, from the same loop as the decoder
-    assert vae["calls"] == 1 and not vae["cfg_halves"] and vae["tensors_recorded"] > 0
-    assert all(len(t["steps"]) == 1 for t in vae["tensors"].values())
-    assert report["components"]["vae_decoder"]["passes"]["passes"][-1]["fired"]["conv"] > 0
-    ops = collections.Counter(n.op_type for n in onnx.load(str(out / "vae_decoder" / "model.onnx"),
-                                                             load_external_data=False).graph.node)
-    assert ops["QLinearConv"] > 0
-    assert report["quality_gate"]["passed"]
     image = diffc.load(out, progress=False)("a red square", seed=0)
     assert image.shape[-1] == 3 and float(image.std()) > 0
 
