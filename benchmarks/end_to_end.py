@@ -12,10 +12,10 @@ config), at each size and step count:
                    whose transformers<4.58 pin conflicts with diffc's export stack: it runs from its own venv,
                    --optimum-python; without one the row says why it was skipped)
   diffc_cpu        diffc artifact built with the `cpu` profile, run by diffc's runtime
-  diffc_cpu_int8   the `cpu-int8` profile: int8 UNet calibrated on the artifact's own fp32 loop (here 2 prompts x
-                   1 seed at 512x512, to keep the setup short; random weights make image quality meaningless,
-                   so its build-time quality gate is off here -- quality is measured on the trained demo model
-                   by benchmarks/quality.py)
+  diffc_cpu_int8   the `cpu-int8` profile: int8 UNet and VAE decoder calibrated on the artifact's own fp32 loop
+                   (here 2 prompts x 1 seed at 512x512, to keep the setup short; random weights make image
+                   quality meaningless, so its build-time quality gate is off here -- quality is measured on
+                   the trained demo model by benchmarks/quality.py)
   diffc_cpu_cache  the `cpu-cache` profile: fp32, cache reuse at branch 0, full UNet every 2nd step
   diffc_cpu_int8_cache  both: `cpu-int8` (calibrated as above) with `cpu-cache`'s [cache] table
 

@@ -201,6 +201,10 @@ def test_host_engine_cache(artifact, tmp_path, monkeypatch):
     assert not any(s.from_cache for s in uncached.sessions.values())
     images = [p("a handwritten digit four", seed=4) for p in (first, second, uncached)]
     assert np.abs(images[0] - images[1]).max() <= 1e-6 and np.abs(images[0] - images[2]).max() <= 1e-6
+    # only the UNet, run every step, keeps onnxruntime's memory arena; the once-per-image components do not
+    for p in (first, second):
+        arenas = {n: s._sess.get_session_options().enable_cpu_mem_arena for n, s in p.sessions.items()}
+        assert arenas == {"text_encoder": False, "unet": True, "vae_decoder": False}
 
 
 def test_static_cfg_batch_keeps_uncond_at_guidance_one(copy):
