@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 
@@ -54,3 +56,26 @@ def median_time(fn, reps: int) -> float:
 def emit(result: dict[str, Any]) -> None:
     """The one thing a benchmark writes to stdout."""
     sys.stdout.write(json.dumps(result, indent=2) + "\n")
+
+
+def log_to_stderr(*quiet: str) -> None:
+    """INFO log with timestamps on stderr (stdout is the JSON); the ``quiet`` loggers at WARNING only."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    for name in quiet:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def call_worker(script: str | Path, worker: str, /, **kw) -> dict[str, Any]:
+    """Run ``script --worker WORKER --key value ...`` in a fresh interpreter (None values left out, lists
+    comma-joined, ``_`` in keys as ``-``) and return the JSON object its stdout ends with; its log (stderr)
+    passes through."""
+    argv = [sys.executable, str(Path(script).resolve()), "--worker", worker]
+    for key, value in kw.items():
+        if value is None:
+            continue
+        argv += [f"--{key.replace('_', '-')}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {worker} failed with exit code {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +44,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import emit, machine  # noqa: E402
+from _common import call_worker as _call_worker, emit, log_to_stderr, machine  # noqa: E402
 from unet_step import _ort_session, median_of, samples  # noqa: E402
 
 log = logging.getLogger("diffc.bench.vae_decode")
@@ -149,14 +148,7 @@ WORKERS = {"build": worker_build, "torch": worker_torch, "ort": worker_ort}
 
 
 def call_worker(worker: str, /, **kw) -> dict[str, Any]:
-    argv = [sys.executable, str(Path(__file__).resolve()), "--worker", worker]
-    for key, value in kw.items():
-        if value is not None:
-            argv += [f"--{key}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
-    proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True)  # stderr (the log) passes through
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {worker} failed with exit code {proc.returncode}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _call_worker(__file__, worker, **kw)
 
 
 def main() -> None:
@@ -170,10 +162,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], help=argparse.SUPPRESS)
     ap.add_argument("--reps", type=int, default=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    for noisy in ("onnxscript", "onnx_ir"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    log_to_stderr("onnxscript", "onnx_ir")
     if args.worker:
         sys.stdout.write(json.dumps(WORKERS[args.worker](args)) + "\n")
         return

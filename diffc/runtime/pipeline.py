@@ -16,6 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from diffc.errors import InputError, ProfileError
+from diffc.profiles.schema import base_component
 from diffc.runtime.cache import full_steps
 from diffc.runtime.manifest import artifact_path, read_manifest, verify_files
 from diffc.runtime.sampler import SamplerTables, guidance_embedding, step
@@ -36,7 +37,7 @@ def _open_session(name: str, component: dict[str, Any], path: Path, threads: int
         # are large) while the UNet runs (SD 1.5 at 512x512: 6.9 GiB peak with every arena on, 5.3 without
         # theirs, same speed)
         return Session(path, threads=threads, cache_key=cache_key, external_data=len(component["files"]) > 1,
-                       memory_arena=name.startswith("unet"))
+                       memory_arena=base_component(name) == "unet")
     if backend in ("tensorrt", "tensorrt_rtx"):
         # checks TensorRT version and GPU architecture against the record before deserializing
         from diffc.engines.tensorrt import Session
