@@ -7,6 +7,7 @@ written into ``manifest.json`` (see docs/manifest.md).
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
 import logging
@@ -302,7 +303,10 @@ def _quantize(model: str | Path, prof: Profile, quantized: dict[str, Precision],
 
     reference = work / "reference.diffc"
     log.info("building the fp32 reference artifact for calibration and the quality gate")
-    build(model, reference_profile(prof), reference, exporter=exporter, progress=progress, _export_dir=onnx_dir)
+    build(model, reference_profile(prof), reference, exporter=exporter, progress=progress, _export_dir=onnx_dir,
+          _passed=(work / "passed", report))
+    twin = json.loads((reference / "build_report.json").read_text())
+    report["reference_build"] = {"passes_reused": twin["passes_reused"], "timings": twin["timings"]}
     opts = prof.quantize
     ort_form = prof.backend is Backend.ONNXRUNTIME
     # With cache reuse the loop also runs unet_shallow; calibration records the full graph (a superset of the
@@ -358,13 +362,15 @@ def _gate(prof: Profile, quantized: dict[str, Precision], reference: Path, artif
 def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | Path | None = None, *,
           force: bool = False, steps: int | None = None, sampler: str | None = None, exporter: str = "torchscript",
           progress: bool = True, no_cache: bool = False, verify_passes: bool = False,
-          _export_dir: Path | None = None) -> Path:
+          _export_dir: Path | None = None, _passed: tuple[Path, dict[str, Any]] | None = None) -> Path:
     """Build an artifact. Returns its path. ``no_cache``: rebuild TensorRT engines the build cache holds;
     ``verify_passes``: run the onnx checker and shape inference after every graph pass.
 
     A profile with int8 / fp8 components also builds its fp32 onnxruntime twin (in the work folder), runs its
     sampling loop to calibrate, inserts Q/DQ, and gates the result against it (:mod:`diffc.quantization`).
-    ``_export_dir``: reuse that build's ONNX export instead of exporting again (internal)."""
+    ``_export_dir``: reuse that build's ONNX export instead of exporting again; ``_passed``: (folder, report) of
+    a build whose graph passes ran on that export: its passed graphs are used as they are when its pass order
+    is this build's (internal: the fp32 twin of an onnxruntime int8 profile)."""
     from diffc.engines import onnxruntime as ort_engine
     from diffc.exporter.contracts import get_contract
     from diffc.exporter.export import (
@@ -419,7 +425,17 @@ def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | P
 
         t0 = time.perf_counter()
         report["pass_order"] = [spec.to_dict() for spec in pass_list(prof.backend.value, **prof.passes)]
-        for name in tqdm(components, desc="passes", unit="component", disable=not progress):
+        passed_dir, to_pass = work / "passed", components
+        if _passed is not None and _passed[1]["pass_order"] == report["pass_order"]:
+            # the same passes on the same export: the graphs are those, already checked against PyTorch
+            (passed_dir, done), to_pass = _passed, []
+            for name in components:
+                report["components"][name] = copy.deepcopy(
+                    {k: v for k, v in done["components"][name].items()
+                     if k in ("passes", "parity_after_passes", "cache_split")})
+            log.info("graph passes: reusing the graphs in %s", passed_dir)
+        report["passes_reused"] = not to_pass
+        for name in tqdm(to_pass, desc="passes", unit="component", disable=not progress):
             graph, pass_report = run_passes(load_model(onnx_dir / name / "model.onnx"), name,
                                             prof.backend.value, verify=verify_passes, **prof.passes)
             passed = save_model(graph, work / "passed" / name / "model.onnx")
@@ -443,7 +459,7 @@ def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | P
         report["timings"]["passes_s"] = round(time.perf_counter() - t0, 3)
         engine_components = build_components(components, cache)
 
-        graphs = {n: work / "passed" / n / "model.onnx" for n in engine_components}
+        graphs = {n: passed_dir / n / "model.onnx" for n in engine_components}
         reference = None
         quantized = prof.quantized_components(tuple(components))
         if quantized:

@@ -53,6 +53,8 @@ def test_manifest_and_report(int8_demo):
     fired = report["components"]["unet"]["passes"]["passes"][-1]
     assert fired["name"] == "quantize" and fired["fired"]["conv"] > 10 and fired["fired"]["matmul"] > 10
     assert [p["name"] for p in report["pass_order"]][-1] == "quantize"
+    # the fp32 twin ran no passes of its own: same pass order, so it took this build's passed graphs
+    assert report["reference_build"]["passes_reused"] is True and not report["passes_reused"]
     # the calibration scratch graph is gone, and nothing but the artifact's own files is in it
     assert not list(int8_demo.rglob("*.calibration.onnx"))
 
@@ -140,6 +142,8 @@ def test_tensorrt_builds_from_calibrated_qdq_graphs(tmp_path, precision):
     assert report["components"]["unet"]["quantization"]["activations"] == precision  # symmetric int8 / e4m3
     fired = report["components"]["unet"]["passes"]["passes"][-1]["fired"]
     assert fired["conv_output"] == 0 and fired["int32_bias"] == 0  # TensorRT's form: inputs only, float bias
+    # the fp32 onnxruntime twin needs onnxruntime's passes, not TensorRT's: it ran its own
+    assert report["reference_build"]["passes_reused"] is False
     gate = report["quality_gate"]
     if precision == "int8":
         assert gate["evaluated_with"].startswith("onnxruntime") and gate["passed"]
@@ -180,7 +184,9 @@ def test_int8_with_cache_reuse(tmp_path):
         assert comp["precision"] == "int8" and "unet/weights.data" in comp["files"]
         ops = collections.Counter(n.op_type for n in onnx.load(str(out / comp["file"]), load_external_data=False).graph.node)
         assert ops["QLinearConv"] > 0
-    calib = json.loads((out / "build_report.json").read_text())["components"]["unet"]["quantization"]
+    report = json.loads((out / "build_report.json").read_text())
+    assert report["reference_build"]["passes_reused"] is True  # the twin took both split UNet graphs as they were
+    calib = report["components"]["unet"]["quantization"]
     assert calib["calibration"]["calls"] == 2  # 1 image x 2 steps, full UNet at both
     assert calib["unet_shallow_pass"]["fired"]["conv"] > 0
     image = diffc.load(out, progress=False)("a red square", seed=0)

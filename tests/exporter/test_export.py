@@ -64,6 +64,27 @@ def test_export_and_parity(pipelines, tmp_path, kind):
     assert [d.dim_param for d in timestep] == ["batch"]  # the timestep has a batch axis
 
 
+@pytest.mark.parametrize("sample_size,blocks,expected", [
+    (16, 2, ((16, 16), (18, 20))),  # tiny: native size, one downsampling step up
+    (64, 4, ((32, 32), (40, 48))),  # SD 1.5: capped at PARITY_MAX_LATENT
+    (128, 4, ((32, 32), (40, 48))),  # SDXL
+    ([96, 64], 3, ((32, 32), (36, 40))),  # non-square sample_size: its first side
+])
+def test_parity_shapes_are_capped(sample_size, blocks, expected):
+    from types import SimpleNamespace
+
+    from diffc.exporter.export import PARITY_MAX_LATENT, sample_shapes
+
+    config = SimpleNamespace(sample_size=sample_size, block_out_channels=[8] * blocks)
+    pipe = SimpleNamespace(unet=SimpleNamespace(config=config), tokenizer=SimpleNamespace(model_max_length=77))
+    for name in ("unet", "vae_decoder"):
+        first, second = sample_shapes(pipe, name)
+        assert ((first.height, first.width), (second.height, second.width)) == expected
+        assert (first.batch, second.batch) == (1, 2) and first.height <= PARITY_MAX_LATENT
+    text = sample_shapes(pipe, "text_encoder")
+    assert [s.sequence for s in text] == [77, 19]
+
+
 def test_dynamo_exporter(pipelines, tmp_path):
     report = export_pipeline(pipelines["sd"], tmp_path / "onnx", exporter="dynamo", components=["text_encoder", "unet"],
                              progress=False)
