@@ -21,7 +21,8 @@ config), at each size and step count:
 
 Each configuration runs in its own process: time to first image from a cold process (imports and model load
 included), then the median wall time per image over --reps runs after that first (warm-up) image, and the
-process's peak resident memory.
+process's peak resident memory. diffc rows also say where an image's time goes: `engine_s`, the median
+seconds per image spent in each engine (text encoder, UNet, shallow UNet, VAE decoder).
 
     python benchmarks/end_to_end.py --quick          # 256x256, 4 steps, 1 rep
     python benchmarks/end_to_end.py                  # 256 and 512, 4 and 20 steps, 3 reps
@@ -196,22 +197,40 @@ def child(config: str, path: str, size: int, steps: int, reps: int) -> None:
         # the artifact's sampler tables are data: the same engines serve every step count
         pipe.tables = compile_sampler(m["sampler"]["kind"], m["build"]["scheduler_config"], steps)
 
+        # where each image's time goes: seconds in each engine (the rest is numpy: tokenizing, the sampler step)
+        spent: dict[str, float] = {}
+
+        def timed(run, name):
+            def wrapper(*args, **kwargs):
+                t = time.perf_counter()
+                try:
+                    return run(*args, **kwargs)
+                finally:
+                    spent[name] = spent.get(name, 0.0) + time.perf_counter() - t
+            return wrapper
+
+        for name, session in pipe.sessions.items():
+            session.run = timed(session.run, name)
+
         def generate(seed):
+            spent.clear()
             return pipe(PROMPT, negative_prompt=NEGATIVE, guidance=GUIDANCE, seed=seed, height=size, width=size)
     else:
         raise SystemExit(f"unknown config {config}")
 
     img = generate(0)
     event(event="first_image", shape=list(np.asarray(img).shape))
-    times = []
+    times, engines = [], []
     for r in range(reps):
         t0 = time.perf_counter()
         generate(r + 1)
         times.append(time.perf_counter() - t0)
+        if config.startswith("diffc"):
+            engines.append(dict(spent))
     # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec
     with open("/proc/self/status") as f:
         hwm_kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    event(event="done", times=times, peak_rss_bytes=hwm_kib * 1024)
+    event(event="done", times=times, engines=engines, peak_rss_bytes=hwm_kib * 1024)
 
 
 def measure(python: str, config: str, path: Path, size: int, steps: int, reps: int,
@@ -236,12 +255,16 @@ def measure(python: str, config: str, path: Path, size: int, steps: int, reps: i
     err = proc.stderr.read() if proc.stderr else ""
     if proc.wait() != 0 or first is None:
         raise RuntimeError(f"{config} {size}px {steps} steps failed: {err[-2000:]}")
-    return {
+    row = {
         "median_s": round(statistics.median(done["times"]), 3),
         "runs_s": [round(t, 3) for t in done["times"]],
         "time_to_first_image_s": round(first, 3),
         "peak_rss_gib": round(done["peak_rss_bytes"] / 2**30, 2),
     }
+    if done.get("engines"):  # diffc rows: median seconds per image in each engine
+        row["engine_s"] = {n: round(statistics.median(run.get(n, 0.0) for run in done["engines"]), 3)
+                           for n in done["engines"][0]}
+    return row
 
 
 # ------------------------------------------------------------------------------------------------ main

@@ -256,6 +256,40 @@ def cache_plan(unet_cfg: dict[str, Any], profile: Profile) -> dict[str, Any] | N
             "schedule": schedule, "full_steps": full_steps(schedule, profile.steps)}
 
 
+#: disk a build needs, in multiples of the exported components' fp32 weight bytes: the export, the passed graphs,
+#: onnxruntime's optimizer output, the artifact (and a quantized build's fp32 twin). Measured peaks of the work
+#: folder + the artifact for SD 1.5 (4.26 GB fp32): cpu-cache 14.5 GB (3.4x), cpu-int8 + cache 15.1 GB (3.55x).
+#: The host engine cache (DIFFC_CACHE_DIR) comes on top.
+DISK_FACTOR = 4.0
+
+
+def _check_disk(fp32_bytes: int, work: Path, artifact: Path) -> dict[str, Any]:
+    """Refuse before exporting when the work folder's disk (TMPDIR) and the artifact's cannot hold the build
+    (onnxruntime would otherwise fail minutes later, writing external data). Returns what was checked."""
+    import os
+    import shutil
+
+    from diffc.errors import DiskSpaceError
+
+    def size(n: int) -> str:
+        return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+    need = int(DISK_FACTOR * fp32_bytes)
+    out_need = fp32_bytes  # the artifact's share of ``need``
+    free = shutil.disk_usage(work).free
+    same_disk = os.stat(work).st_dev == os.stat(artifact).st_dev
+    if free < (need if same_disk else need - out_need):
+        raise DiskSpaceError(
+            f"this build needs about {size(need)} of disk ({DISK_FACTOR:g}x the {size(fp32_bytes)} of fp32 weights: "
+            f"the ONNX export, the passed graphs, the engines) but {work.parent} has {size(free)} free; free some "
+            "space or point TMPDIR at a larger disk")
+    if not same_disk and shutil.disk_usage(artifact).free < out_need:
+        raise DiskSpaceError(
+            f"the artifact needs up to {size(out_need)} but {artifact.parent} has "
+            f"{size(shutil.disk_usage(artifact).free)} free; free some space or choose another --out")
+    return {"fp32_weight_bytes": fp32_bytes, "need_bytes": need, "free_bytes": free}
+
+
 def build_components(present, cache: dict[str, Any] | None) -> list[str]:
     """The components to build, in order: the loop's, plus ``unet_shallow`` after ``unet`` with cache reuse."""
     out = []
@@ -401,6 +435,11 @@ def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | P
         folder = resolve_model(model, work)
         source = inspect_model(folder)
         pipe = load_pipeline(source)
+        components = [c for c in TXT2IMG_COMPONENTS if c in source.components]
+        quantized = prof.quantized_components(tuple(components))
+        if _export_dir is None:  # (the fp32 twin of a quantized build was counted in its build's check)
+            report["disk"] = _check_disk(
+                4 * sum(p.numel() for n in components for p in component_module(pipe, n).parameters()), work, tmp)
 
         sched_cfg = source.scheduler_config
         if sched_cfg.get("_class_name") == "PNDMScheduler":
@@ -412,7 +451,6 @@ def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | P
         geometry = image_geometry(pipe, prof)
         cache = cache_plan(dict(pipe.unet.config), prof)
 
-        components = [c for c in TXT2IMG_COMPONENTS if c in source.components]
         t0 = time.perf_counter()
         onnx_dir = work / "onnx"
         if _export_dir is not None:
@@ -461,7 +499,6 @@ def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | P
 
         graphs = {n: passed_dir / n / "model.onnx" for n in engine_components}
         reference = None
-        quantized = prof.quantized_components(tuple(components))
         if quantized:
             t0 = time.perf_counter()
             reference = _quantize(model, prof, quantized, graphs, work, onnx_dir, report, exporter=exporter,

@@ -80,6 +80,12 @@ class EngineBuildError(DiffcError):
     code = "engine_build_error"
 
 
+class DiskSpaceError(DiffcError):
+    """Not enough free disk for a build's work files or its artifact."""
+
+    code = "disk_space"
+
+
 class QualityGateError(DiffcError):
     """A quantized artifact's images differ from the fp32 artifact's by more than the profile allows."""
 

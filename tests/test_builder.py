@@ -92,3 +92,33 @@ def test_broken_pass_fails_the_build(tmp_path, monkeypatch):
     with pytest.raises(ParityError, match="vae_decoder differs from PyTorch after the graph passes"):
         diffc.build("demo", "cpu", tmp_path / "bad.diffc", progress=False)
     assert not (tmp_path / "bad.diffc").exists()
+
+
+def test_too_little_disk_fails_before_exporting(tmp_path, monkeypatch):
+    """A build that cannot fit on the disk stops with a typed error before exporting, and writes nothing."""
+    import shutil
+    from collections import namedtuple
+
+    import diffc.builder as builder
+    from diffc.errors import DiskSpaceError
+
+    real = shutil.disk_usage
+    usage = namedtuple("usage", "total used free")
+
+    def tight(path):
+        total, used, _ = real(path)
+        return usage(total, used, 1_000_000)  # 1 MB free: less than the demo's fp32 weights
+
+    def no_export(*a, **k):
+        raise AssertionError("exported despite the disk check")
+
+    monkeypatch.setattr(shutil, "disk_usage", tight)
+    monkeypatch.setattr(builder, "export_pipeline_to", no_export, raising=False)
+    monkeypatch.setattr("diffc.exporter.export.export_pipeline_to", no_export)
+    with pytest.raises(DiskSpaceError, match=r"needs about [\d.]+ MB of disk .* has 1.0 MB free; .*TMPDIR"):
+        diffc.build("demo", "cpu-int8", tmp_path / "big.diffc", progress=False)
+    assert not (tmp_path / "big.diffc").exists() and not list(tmp_path.glob(".big.diffc.tmp-*"))
+    # with the disk's real free space the same check passes, and the build reports what it checked
+    monkeypatch.undo()
+    checked = builder._check_disk(4_000_000, tmp_path, tmp_path)
+    assert checked["need_bytes"] == 16_000_000 and checked["free_bytes"] > checked["need_bytes"]
