@@ -11,6 +11,8 @@ import copy
 import datetime as _dt
 import json
 import logging
+import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +22,7 @@ from tqdm.auto import tqdm
 
 from diffc import __version__
 from diffc._fs import atomic_output_dir, folder_hash, sha256_file
-from diffc.errors import BackendUnavailableError, ParityError, ProfileError
+from diffc.errors import BackendUnavailableError, DiskSpaceError, ParityError, ProfileError
 from diffc.onnx_io import load_model, save_model
 from diffc.passes import pass_list, run_passes
 from diffc.profiles import Profile, load_profile
@@ -266,10 +268,6 @@ DISK_FACTOR = 4.0
 def _check_disk(fp32_bytes: int, work: Path, artifact: Path) -> dict[str, Any]:
     """Refuse before exporting when the work folder's disk (TMPDIR) and the artifact's cannot hold the build
     (onnxruntime would otherwise fail minutes later, writing external data). Returns what was checked."""
-    import os
-    import shutil
-
-    from diffc.errors import DiskSpaceError
 
     def size(n: int) -> str:
         return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
