@@ -85,6 +85,25 @@ def test_parity_shapes_are_capped(sample_size, blocks, expected):
     assert [s.sequence for s in text] == [77, 19]
 
 
+def test_graphs_traced_at_the_capped_shape_hold_at_native_size(pipelines, tmp_path, monkeypatch):
+    """Real models are traced and checked at PARITY_MAX_LATENT, then run at their native size: a tiny pipeline
+    exported under a cap of 8 (below its native 16) matches PyTorch at 16x16 and 18x20 too."""
+    import diffc.exporter.export as E
+    from diffc.exporter.contracts import get_contract
+
+    monkeypatch.setattr(E, "PARITY_MAX_LATENT", 8)
+    report = export_pipeline(pipelines["sd"], tmp_path / "onnx", components=["unet", "vae_decoder"], progress=False)
+    assert report["components"]["unet"]["checks"][0]["shape"]["height"] == 8
+    monkeypatch.undo()
+    pipe = E.load_pipeline(inspect_model(pipelines["sd"]))
+    for name in ("unet", "vae_decoder"):
+        module = E.component_module(pipe, name)
+        shapes = E.sample_shapes(pipe, name)
+        assert (shapes[0].height, shapes[1].height, shapes[1].width) == (16, 18, 20)
+        rows = E.check_parity(module, get_contract(name, module), tmp_path / "onnx" / name / "model.onnx", shapes)
+        assert all(r["passed"] for r in rows), rows
+
+
 def test_dynamo_exporter(pipelines, tmp_path):
     report = export_pipeline(pipelines["sd"], tmp_path / "onnx", exporter="dynamo", components=["text_encoder", "unet"],
                              progress=False)
