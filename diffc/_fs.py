@@ -1,4 +1,5 @@
-"""Filesystem helpers shared by export and build: atomic output folders and content hashes."""
+"""Filesystem helpers shared by export, build and the runtime: atomic output folders, content hashes, the host
+cache and its size limit."""
 
 from __future__ import annotations
 
@@ -71,3 +72,55 @@ def host_cache_dir() -> Path | None:
         return None if env.strip().lower() in ("", "off", "0", "none") else Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "diffc"
+
+
+#: the most one backend's host cache folder keeps, unless ``$DIFFC_CACHE_MAX_GB`` says otherwise: room for the
+#: onnxruntime entries of four SD-1.5 artifacts (fp32 ~4.1 GB each, int8 ~1.2 GB) or one SDXL fp32 artifact
+DEFAULT_CACHE_MAX_GB = 20.0
+
+
+def cache_limit_bytes() -> int:
+    """``$DIFFC_CACHE_MAX_GB`` (default :data:`DEFAULT_CACHE_MAX_GB`) in bytes."""
+    raw = os.environ.get("DIFFC_CACHE_MAX_GB", "").strip()
+    try:
+        gb = float(raw) if raw else DEFAULT_CACHE_MAX_GB
+    except ValueError:
+        log.warning("DIFFC_CACHE_MAX_GB=%r is not a number of GB; using %g", raw, DEFAULT_CACHE_MAX_GB)
+        gb = DEFAULT_CACHE_MAX_GB
+    return int(max(gb, 0.0) * 1e9)
+
+
+def touch(path: Path) -> None:
+    """Mark a cache entry's marker file as used now (the size limit evicts the least recently used first)."""
+    with contextlib.suppress(OSError):
+        os.utime(path)
+
+
+def trim_cache(folder: Path, marker: str, *, keep: Path | None = None, max_bytes: int | None = None) -> list[Path]:
+    """Delete the least recently used entries of a cache folder until its entries total at most ``max_bytes``
+    (default :func:`cache_limit_bytes`). An entry is a folder holding ``marker``, last used at the marker's
+    mtime (:func:`touch`); ``keep`` (the entry just written) and in-progress ``.tmp-*`` folders stay. Returns
+    the entries deleted. A process still reading a deleted entry keeps its open files (POSIX unlink)."""
+    limit = cache_limit_bytes() if max_bytes is None else max_bytes
+    entries = []
+    for m in folder.rglob(marker):
+        entry = m.parent
+        if any(part.startswith(".") for part in entry.relative_to(folder).parts):
+            continue
+        try:
+            size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+            entries.append((m.stat().st_mtime, entry, size))
+        except OSError:  # deleted meanwhile by another process
+            continue
+    total = sum(size for _, _, size in entries)
+    evicted = []
+    for _, entry, size in sorted(entries, key=lambda e: e[0]):
+        if total <= limit:
+            break
+        if keep is not None and entry == keep:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        total -= size
+        evicted.append(entry)
+        log.info("host cache over %.1f GB: removed %s (%.2f GB, least recently used)", limit / 1e9, entry, size / 1e9)
+    return evicted

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from diffc._fs import host_cache_dir
+from diffc._fs import host_cache_dir, touch, trim_cache
 from diffc.errors import ArtifactError, BackendUnavailableError, InputError
 
 log = logging.getLogger("diffc.engines.onnxruntime")
@@ -153,9 +153,14 @@ class Session:
         self.from_cache = False
         if entry is not None and (entry / "complete").is_file():
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            self._sess = self._open(entry / "model.onnx", opts)
-            self.from_cache = True
-        else:
+            try:
+                self._sess = self._open(entry / "model.onnx", opts)
+                self.from_cache = True
+                touch(entry / "complete")
+            except ArtifactError as e:  # damaged, or removed by another process's size limit meanwhile
+                log.warning("the engine cache entry %s cannot be used (%s); making it again", entry, e)
+                shutil.rmtree(entry, ignore_errors=True)
+        if not self.from_cache:
             # Extended optimizations were applied at build time; only the layout pass remains to do here.
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             tmp = None
@@ -185,6 +190,7 @@ class Session:
                     os.replace(tmp, entry)
                 except OSError:  # another process filled the entry first
                     shutil.rmtree(tmp, ignore_errors=True)
+                trim_cache(entry.parent, "complete", keep=entry)
         self.input_names = [i.name for i in self._sess.get_inputs()]
         self.output_names = [o.name for o in self._sess.get_outputs()]
 

@@ -49,7 +49,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from diffc._fs import sha256_file
+from diffc._fs import sha256_file, touch, trim_cache
 from diffc.engines._trt_common import (
     _MIB,
     CACHE_FORMAT,
@@ -102,6 +102,7 @@ def _cache_lookup(entry: Path) -> dict[str, Any] | None:
     if sha256_file(plan) != record.get("backend_options", {}).get("engine_sha256"):
         log.warning("cached engine %s does not match its record; rebuilding", plan)
         return None
+    touch(rec_file)
     return record
 
 
@@ -117,6 +118,7 @@ def _cache_store(entry: Path, engine_path: Path, record: dict[str, Any]) -> None
             os.replace(tmp, entry)
         except OSError:  # another process stored the same entry first
             shutil.rmtree(tmp, ignore_errors=True)
+        trim_cache(entry.parent, "record.json", keep=entry)
     except OSError as e:
         log.warning("cannot write the engine cache %s (%s); continuing without it", entry, e)
 

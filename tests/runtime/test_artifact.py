@@ -207,6 +207,56 @@ def test_host_engine_cache(artifact, tmp_path, monkeypatch):
         assert arenas == {"text_encoder": False, "unet": True, "vae_decoder": False}
 
 
+def test_host_cache_size_limit_and_damaged_entries(artifact, tmp_path, monkeypatch):
+    """DIFFC_CACHE_MAX_GB bounds the host cache, and an entry that cannot be loaded is made again instead of
+    failing the load (the eviction order: test_trim_cache_order)."""
+    import shutil
+
+    cache = tmp_path / "cache" / "onnxruntime"
+    monkeypatch.setenv("DIFFC_CACHE_DIR", str(tmp_path / "cache"))
+    load(artifact, progress=False)
+    entries = {e.name: e for e in cache.iterdir()}
+    assert len(entries) == 3
+    # damage the largest entry: the next load warns and makes it again
+    largest = next(e for e in entries.values() if (e / "model.onnx").stat().st_size == max(
+        (x / "model.onnx").stat().st_size for x in entries.values()))
+    (largest / "model.onnx").write_bytes(b"not an onnx graph")
+    again = load(artifact, progress=False)
+    assert sum(s.from_cache for s in again.sessions.values()) == 2
+    assert (largest / "complete").is_file() and (largest / "model.onnx").stat().st_size > 1000
+    # a limit that holds the largest entry but not all three: loads keep working, the cache stays under it
+    # (or holds just the entry written last, when that alone is larger)
+    def size(e):
+        return sum(f.stat().st_size for f in e.rglob("*") if f.is_file())
+
+    limit = size(largest) + 1
+    monkeypatch.setenv("DIFFC_CACHE_MAX_GB", str(limit / 1e9))
+    for e in cache.iterdir():
+        shutil.rmtree(e)
+    image = load(artifact, progress=False)("a handwritten digit four", seed=4)
+    left = list(cache.iterdir())
+    assert 1 <= len(left) < 3 and (sum(map(size, left)) <= limit or len(left) == 1)
+    monkeypatch.setenv("DIFFC_CACHE_DIR", "off")
+    assert np.abs(image - load(artifact, progress=False)("a handwritten digit four", seed=4)).max() <= 1e-6
+
+
+def test_trim_cache_order(tmp_path):
+    import os
+
+    from diffc._fs import trim_cache
+
+    for i, (name, size) in enumerate((("a", 300), ("b", 200), ("c", 100), (".tmp-x", 999))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "blob").write_bytes(b"x" * size)
+        (tmp_path / name / "complete").write_text("")
+        os.utime(tmp_path / name / "complete", (100 + i, 100 + i))  # a used first ... c used last
+    os.utime(tmp_path / "a" / "complete", (500, 500))  # a used again, most recently
+    assert trim_cache(tmp_path, "complete", max_bytes=10_000) == []
+    assert trim_cache(tmp_path, "complete", max_bytes=500, keep=tmp_path / "b") == [tmp_path / "c"]
+    assert trim_cache(tmp_path, "complete", max_bytes=350) == [tmp_path / "b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-x", "a"]  # in-progress entries are not counted
+
+
 def test_static_cfg_batch_keeps_uncond_at_guidance_one(copy):
     """An engine built with a static CFG batch (TensorRT static shapes) still gets batch 2 at guidance <= 1."""
     plain = load(copy, progress=False)
