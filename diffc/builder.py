@@ -281,10 +281,11 @@ def _check_disk(fp32_bytes: int, work: Path, artifact: Path) -> dict[str, Any]:
             f"this build needs about {size(need)} of disk ({DISK_FACTOR:g}x the {size(fp32_bytes)} of fp32 weights: "
             f"the ONNX export, the passed graphs, the engines) but {work.parent} has {size(free)} free; free some "
             "space or point TMPDIR at a larger disk")
-    if not same_disk and shutil.disk_usage(artifact).free < out_need:
+    out_free = free if same_disk else shutil.disk_usage(artifact).free
+    if not same_disk and out_free < out_need:
         raise DiskSpaceError(
-            f"the artifact needs up to {size(out_need)} but {artifact.parent} has "
-            f"{size(shutil.disk_usage(artifact).free)} free; free some space or choose another --out")
+            f"the artifact needs up to {size(out_need)} but {artifact.parent} has {size(out_free)} free; free some "
+            "space or choose another --out")
     return {"fp32_weight_bytes": fp32_bytes, "need_bytes": need, "free_bytes": free}
 
 
@@ -461,17 +462,18 @@ def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | P
 
         t0 = time.perf_counter()
         report["pass_order"] = [spec.to_dict() for spec in pass_list(prof.backend.value, **prof.passes)]
-        passed_dir, to_pass = work / "passed", components
-        if _passed is not None and _passed[1]["pass_order"] == report["pass_order"]:
-            # the same passes on the same export: the graphs are those, already checked against PyTorch
-            (passed_dir, done), to_pass = _passed, []
+        # the same passes on the same export (the fp32 twin of an int8 build): the graphs are the build's own,
+        # already checked against PyTorch
+        reused = _passed is not None and _passed[1]["pass_order"] == report["pass_order"]
+        report["passes_reused"] = reused
+        passed_dir = _passed[0] if reused else work / "passed"
+        if reused:
             for name in components:
                 report["components"][name] = copy.deepcopy(
-                    {k: v for k, v in done["components"][name].items()
+                    {k: v for k, v in _passed[1]["components"][name].items()
                      if k in ("passes", "parity_after_passes", "cache_split")})
             log.info("graph passes: reusing the graphs in %s", passed_dir)
-        report["passes_reused"] = not to_pass
-        for name in tqdm(to_pass, desc="passes", unit="component", disable=not progress):
+        for name in tqdm([] if reused else components, desc="passes", unit="component", disable=not progress):
             graph, pass_report = run_passes(load_model(onnx_dir / name / "model.onnx"), name,
                                             prof.backend.value, verify=verify_passes, **prof.passes)
             passed = save_model(graph, work / "passed" / name / "model.onnx")
