@@ -46,6 +46,9 @@ def _session_options(threads: int = 0, inter_threads: int = 0, memory_arena: boo
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.enable_cpu_mem_arena = memory_arena
+    # repack weights for the kernels on every intra-op thread: the SD-1.5 int8 UNet's session opens in 1.0 s
+    # instead of 1.7 on 2 cores, same packed weights (outputs bit-identical), same run speed
+    opts.add_session_config_entry("session.prepack.enable_parallel", "1")
     if threads:
         opts.intra_op_num_threads = threads
     if inter_threads:
@@ -123,11 +126,16 @@ def cpu_signature() -> str:
     return f"{platform.machine()}|{version()}|{','.join(sorted(flags))}"
 
 
+#: how a cache entry is laid out (in its key, so entries of another layout are made again, never misread):
+#: 2 = weights always in ``model.onnx.data`` (1 = inline when the artifact's graph had them inline)
+CACHE_LAYOUT = 2
+
+
 def _cache_entry(cache_key: str) -> Path | None:
     root = host_cache_dir()
     if root is None:
         return None
-    digest = hashlib.sha256(f"{cache_key}|{cpu_signature()}".encode()).hexdigest()[:32]
+    digest = hashlib.sha256(f"{cache_key}|{cpu_signature()}|{CACHE_LAYOUT}".encode()).hexdigest()[:32]
     return root / "onnxruntime" / digest
 
 
@@ -145,7 +153,7 @@ class Session:
     """
 
     def __init__(self, path: str | os.PathLike, *, threads: int = 0, inter_threads: int = 0,
-                 cache_key: str | None = None, external_data: bool | None = None, memory_arena: bool = True):
+                 cache_key: str | None = None, memory_arena: bool = True):
         ort = _ort()
         path = Path(path)
         opts = _session_options(threads, inter_threads, memory_arena)
@@ -169,12 +177,12 @@ class Session:
                     entry.parent.mkdir(parents=True, exist_ok=True)
                     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
                     opts.optimized_model_filepath = str(tmp / "model.onnx")
-                    has_data = Path(str(path) + ".data").exists() if external_data is None else external_data
-                    if has_data:
-                        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                                      "model.onnx.data")
-                        opts.add_session_config_entry(
-                            "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+                    # weights always in a data file beside the graph, which onnxruntime maps instead of parsing:
+                    # the SD-1.5 text encoder's entry (492 MB, single file in the artifact) opens in 0.3 s, not 1.3
+                    opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                                  "model.onnx.data")
+                    opts.add_session_config_entry(
+                        "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
                 except OSError as e:
                     log.warning("cannot use the engine cache %s (%s); starting without it", entry, e)
                     tmp = None

@@ -31,13 +31,11 @@ def _open_session(name: str, component: dict[str, Any], path: Path, threads: int
     if backend == "onnxruntime":
         from diffc.engines.onnxruntime import Session
 
-        # more than one file: the graph keeps its weights in an external data file (perhaps shared).
         # Only the UNet, which runs every step, keeps onnxruntime's memory arena: the text encoder and the VAE
         # decoder run once per image, and their arenas would hold their peak activations (the 512x512 decoder's
         # are large) while the UNet runs (SD 1.5 at 512x512: 6.9 GiB peak with every arena on, 5.3 without
         # theirs, same speed)
-        return Session(path, threads=threads, cache_key=cache_key, external_data=len(component["files"]) > 1,
-                       memory_arena=base_component(name) == "unet")
+        return Session(path, threads=threads, cache_key=cache_key, memory_arena=base_component(name) == "unet")
     if backend in ("tensorrt", "tensorrt_rtx"):
         # checks TensorRT version and GPU architecture against the record before deserializing
         from diffc.engines.tensorrt import Session
