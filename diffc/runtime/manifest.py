@@ -12,7 +12,7 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from diffc._fs import sha256_file
+from diffc._fs import sha256_matches
 from diffc.errors import IntegrityError, ManifestError
 
 MANIFEST_NAME = "manifest.json"
@@ -98,6 +98,6 @@ def verify_files(root: str | os.PathLike, manifest: dict[str, Any], *, hashes: b
         full = artifact_path(root, rel)
         if not full.is_file():
             raise IntegrityError(f"artifact file {rel} is missing from {root}; {_REBUILD}")
-        if hashes and digest is not None and sha256_file(full) != digest:
+        if hashes and digest is not None and not sha256_matches(full, digest):
             raise IntegrityError(f"artifact file {rel} does not match the sha256 recorded at build time (it was "
                                  f"modified or corrupted); {_REBUILD}")

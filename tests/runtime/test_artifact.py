@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 pytest.importorskip("torch")
@@ -194,6 +195,13 @@ def test_host_engine_cache(artifact, tmp_path, monkeypatch):
     assert not any(s.from_cache for s in first.sessions.values())
     entries = list((tmp_path / "cache" / "onnxruntime").iterdir())
     assert len(entries) == 3 and all((e / "complete").is_file() for e in entries)
+    # every entry keeps its weights beside the graph, to be mapped rather than parsed, whether or not the
+    # artifact's graph holds them inline (the demo's text encoder and VAE decoder do)
+    assert {len(list(artifact.glob(f"{c}/*"))) for c in ("text_encoder", "vae_decoder")} == {1}
+    for e in entries:
+        weights = [t for t in onnx.load(str(e / "model.onnx"), load_external_data=False).graph.initializer
+                   if t.data_location == onnx.TensorProto.EXTERNAL]
+        assert weights and (e / "model.onnx.data").stat().st_size > (e / "model.onnx").stat().st_size
     second = load(artifact, progress=False)
     assert all(s.from_cache for s in second.sessions.values())
     monkeypatch.setenv("DIFFC_CACHE_DIR", "off")
@@ -218,17 +226,16 @@ def test_host_cache_size_limit_and_damaged_entries(artifact, tmp_path, monkeypat
     entries = {e.name: e for e in cache.iterdir()}
     assert len(entries) == 3
     # damage the largest entry: the next load warns and makes it again
-    largest = next(e for e in entries.values() if (e / "model.onnx").stat().st_size == max(
-        (x / "model.onnx").stat().st_size for x in entries.values()))
-    (largest / "model.onnx").write_bytes(b"not an onnx graph")
-    again = load(artifact, progress=False)
-    assert sum(s.from_cache for s in again.sessions.values()) == 2
-    assert (largest / "complete").is_file() and (largest / "model.onnx").stat().st_size > 1000
-    # a limit that holds the largest entry but not all three: loads keep working, the cache stays under it
-    # (or holds just the entry written last, when that alone is larger)
     def size(e):
         return sum(f.stat().st_size for f in e.rglob("*") if f.is_file())
 
+    largest = max(entries.values(), key=size)
+    (largest / "model.onnx.data").write_bytes(b"cut short")
+    again = load(artifact, progress=False)
+    assert sum(s.from_cache for s in again.sessions.values()) == 2
+    assert (largest / "complete").is_file() and (largest / "model.onnx.data").stat().st_size > 1000
+    # a limit that holds the largest entry but not all three: loads keep working, the cache stays under it
+    # (or holds just the entry written last, when that alone is larger)
     limit = size(largest) + 1
     monkeypatch.setenv("DIFFC_CACHE_MAX_GB", str(limit / 1e9))
     for e in cache.iterdir():
@@ -255,6 +262,42 @@ def test_trim_cache_order(tmp_path):
     assert trim_cache(tmp_path, "complete", max_bytes=500, keep=tmp_path / "b") == [tmp_path / "c"]
     assert trim_cache(tmp_path, "complete", max_bytes=350) == [tmp_path / "b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-x", "a"]  # in-progress entries are not counted
+
+
+def test_verified_hashes_are_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    """A file whose sha256 matched is not read again while its identity (inode, size, mtime, ctime) holds;
+    any write makes it read again, even one that keeps size and mtime; a file changed in the last 2 s, or
+    any file with the host cache off, is read every time."""
+    import hashlib
+    import os
+    import time
+
+    from diffc import _fs
+
+    reads = []
+    real = _fs.sha256_file
+    monkeypatch.setattr(_fs, "sha256_file", lambda p: reads.append(Path(p).name) or real(p))
+    monkeypatch.setenv("DIFFC_CACHE_DIR", str(tmp_path / "cache"))
+    f = tmp_path / "weights.data"
+    f.write_bytes(b"\1" * 4096)
+    digest = hashlib.sha256(f.read_bytes()).hexdigest()
+    assert _fs.sha256_matches(f, digest) and _fs.sha256_matches(f, digest)
+    assert len(reads) == 2  # just written: not remembered yet
+    now = time.time
+    monkeypatch.setattr(_fs.time, "time", lambda: now() + 10)  # the file is older than 2 s from here on
+    assert _fs.sha256_matches(f, digest) and _fs.sha256_matches(f, digest) and _fs.sha256_matches(f, digest)
+    assert len(reads) == 3
+    assert not _fs.sha256_matches(f, "0" * 64)  # another digest is never taken from the record
+    assert len(reads) == 4
+    st = f.stat()
+    time.sleep(0.05)  # past the kernel's timestamp tick (the 2 s rule covers this outside the faked clock)
+    with open(f, "r+b") as w:  # same size, and the old mtime put back: the ctime still moves
+        w.write(b"\2")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert not _fs.sha256_matches(f, digest) and len(reads) == 5
+    f.write_bytes(b"\1" * 4096)
+    monkeypatch.setenv("DIFFC_CACHE_DIR", "off")
+    assert _fs.sha256_matches(f, digest) and _fs.sha256_matches(f, digest) and len(reads) == 7
 
 
 def test_static_cfg_batch_keeps_uncond_at_guidance_one(copy):
