@@ -120,9 +120,10 @@ def main() -> None:
                 "plain_over_diffc_first_load_on_host": round(med["plain_onnxruntime"] / med["diffc_first_load_on_host"], 2),
             },
             "notes": "diffc = the runtime's open_sessions(): the engine graph optimized at build time, its layout-"
-                     "optimized form from the per-host cache, sha256 of all engine files checked concurrently. "
-                     "diffc_first_load_on_host = the same with an empty cache (it fills it); `diffc build` fills it "
-                     "on the build host. Each number is a fresh Python process.",
+                     "optimized form from the per-host cache, sha256 of all engine files checked concurrently, or "
+                     "taken from the cache's record of a match while the files are unchanged (inode, size, mtime, "
+                     "ctime). diffc_first_load_on_host = the same with an empty cache (it fills both); `diffc "
+                     "build` fills the first on the build host. Each number is a fresh Python process.",
             "setup_s": {"export": round(export_s, 1), "diffc_engine_build": round(engine_s, 1)},
             "sizes_bytes": {"onnx": sum(p.stat().st_size for p in onnx_path.parent.iterdir()),
                             "engine": sum(p.stat().st_size for p in engine_files)},

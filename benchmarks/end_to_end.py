@@ -21,7 +21,10 @@ config), at each size and step count:
 
 Each configuration runs in its own process: time to first image from a cold process (imports and model load
 included), then the median wall time per image over --reps runs after that first (warm-up) image, and the
-process's peak resident memory. diffc rows also say where an image's time goes: `engine_s`, the median
+process's peak resident memory. Before anything is timed, each configuration is loaded once in a process of
+its own, untimed, as a user's first run after installing would: it reads the files into the OS page cache for
+every row alike, and for diffc fills what that first run leaves in its host cache (the layout-optimized graphs,
+normally made by `diffc build` already, and the record of files whose sha256 matched). diffc rows also say where an image's time goes: `engine_s`, the median
 seconds per image spent in each engine (text encoder, UNet, shallow UNet, VAE decoder).
 
     python benchmarks/end_to_end.py --quick          # 256x256, 4 steps, 1 rep
@@ -149,8 +152,9 @@ def export_optimum(python: str, model: Path, out: Path) -> Path:
 # ------------------------------------------------------------------------------------------------ child
 
 
-def child(config: str, path: str, size: int, steps: int, reps: int) -> None:
-    """Runs inside the measured process. Prints JSON events; the parent timestamps `first_image`."""
+def child(config: str, path: str, size: int, steps: int, reps: int, load_only: bool = False) -> None:
+    """Runs inside the measured process. Prints JSON events; the parent timestamps `first_image`. With
+    ``load_only`` it loads the pipeline and exits (the warm-up before timing)."""
     import numpy as np
 
     def event(**kw):
@@ -218,6 +222,8 @@ def child(config: str, path: str, size: int, steps: int, reps: int) -> None:
     else:
         raise SystemExit(f"unknown config {config}")
 
+    if load_only:
+        return
     img = generate(0)
     event(event="first_image", shape=list(np.asarray(img).shape))
     times, engines = [], []
@@ -231,6 +237,14 @@ def child(config: str, path: str, size: int, steps: int, reps: int) -> None:
     with open("/proc/self/status") as f:
         hwm_kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
     event(event="done", times=times, engines=engines, peak_rss_bytes=hwm_kib * 1024)
+
+
+def warm_up(python: str, config: str, path: Path, env: dict[str, str]) -> float:
+    """Load ``config`` once in its own process, untimed by the benchmark; returns its seconds."""
+    t0 = time.perf_counter()
+    subprocess.run([python, str(Path(__file__).resolve()), "--child", config, "--path", str(path), "--size", "0",
+                    "--steps", "1", "--load-only"], check=True, capture_output=True, env={**os.environ, **env})
+    return time.perf_counter() - t0
 
 
 def measure(python: str, config: str, path: Path, size: int, steps: int, reps: int,
@@ -283,9 +297,10 @@ def main() -> None:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--path", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.path, args.size, int(args.steps), args.reps)
+        child(args.child, args.path, args.size, int(args.steps), args.reps, args.load_only)
         return
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.quick:
@@ -320,6 +335,18 @@ def main() -> None:
                 except subprocess.CalledProcessError as e:
                     skipped["optimum_ort"] = f"optimum export failed: {(e.stderr or '')[-500:]}"
 
+        def python_for(config):
+            return args.optimum_python if config == "optimum_ort" else sys.executable
+
+        for config in configs:
+            if config not in skipped:
+                log.info("warm-up load: %s", config)
+                try:
+                    setup_s[f"{config}_warm_up_load"] = round(warm_up(python_for(config), config, paths[config],
+                                                                      env), 1)
+                except subprocess.CalledProcessError as e:  # measure() below says what failed, per cell
+                    log.error("%s warm-up load failed: %s", config, (e.stderr or b"")[-1000:])
+
         results: dict[str, dict[str, Any]] = {}
         for size in sizes:
             for steps in step_counts:
@@ -328,10 +355,10 @@ def main() -> None:
                 for config in configs:
                     if config in skipped:
                         continue
-                    python = args.optimum_python if config == "optimum_ort" else sys.executable
                     log.info("%s: %s", key, config)
                     try:
-                        results[key][config] = measure(python, config, paths[config], size, steps, args.reps, env)
+                        results[key][config] = measure(python_for(config), config, paths[config], size, steps,
+                                                       args.reps, env)
                     except RuntimeError as e:  # one broken baseline must not lose the other rows
                         log.error("%s", e)
                         skipped[f"{config}@{key}"] = str(e)[-1000:]
