@@ -102,21 +102,27 @@ class PromptTokenizer:
         # with its neighbours (diffusers issue #4153). Do the same, or our ids differ from diffusers' ids.
         raw.add_special_tokens([AddedToken(pad_token, special=True, normalized=False)])
 
-        # `raw` (no truncation/padding) is kept to find what truncation cut off; `_tok` gives the model input.
-        # Truncation in `tokenizers` reserves room for the post-processor's BOS/EOS, so EOS stays last.
-        self._raw = raw
-        self._raw.no_truncation()
-        self._raw.no_padding()
-        self._tok = Tokenizer.from_str(raw.to_str())
+        # `_tok` gives the model input. Truncation in `tokenizers` reserves room for the post-processor's BOS/EOS,
+        # so EOS stays last. A copy without truncation, to say what was cut off, is made only when a prompt is
+        # too long (a copy costs as much as the load: 0.2 s for CLIP's vocabulary)
+        self._tok = raw
         self._tok.enable_truncation(max_length=self.max_length)
         self._tok.enable_padding(length=self.max_length, pad_id=self.pad_id, pad_token=self.pad_token)
+        self._raw: Tokenizer | None = None
+
+    def _untruncated(self) -> Tokenizer:
+        if self._raw is None:
+            self._raw = Tokenizer.from_str(self._tok.to_str())
+            self._raw.no_truncation()
+            self._raw.no_padding()
+        return self._raw
 
     def __repr__(self) -> str:
         return f"PromptTokenizer({str(self.path)!r}, max_length={self.max_length}, pad_id={self.pad_id})"
 
     def _decode_words(self, ids) -> str:
         # the ByteLevel decoder leaves CLIP's end-of-word markers in; transformers turns them into spaces too
-        return self._raw.decode(list(ids), skip_special_tokens=False).replace(_END_OF_WORD, " ").strip()
+        return self._untruncated().decode(list(ids), skip_special_tokens=False).replace(_END_OF_WORD, " ").strip()
 
     def __call__(self, prompts) -> np.ndarray:
         if isinstance(prompts, str):
@@ -126,9 +132,11 @@ class PromptTokenizer:
             raise TypeError("prompts must be strings")
         if not prompts:
             return np.zeros((0, self.max_length), dtype=np.int64)
-        out = np.array([e.ids for e in self._tok.encode_batch(prompts)], dtype=np.int64)
-        for i, enc in enumerate(self._raw.encode_batch(prompts)):
-            if len(enc.ids) > self.max_length:
+        encodings = self._tok.encode_batch(prompts)
+        out = np.array([e.ids for e in encodings], dtype=np.int64)
+        for i, truncated in enumerate(encodings):
+            if truncated.overflowing:
+                enc = self._untruncated().encode(prompts[i])
                 # as diffusers: everything between the kept tokens and the final EOS was dropped
                 removed = self._decode_words(enc.ids[self.max_length - 1 : -1])
                 logger.warning(
