@@ -21,10 +21,10 @@ config), at each size and step count:
 
 Each configuration runs in its own process: time to first image from a cold process (imports and model load
 included), then the median wall time per image over --reps runs after that first (warm-up) image, and the
-process's peak resident memory. Before anything is timed, each configuration is loaded once in a process of
-its own, untimed, as a user's first run after installing would: it reads the files into the OS page cache for
-every row alike, and for diffc fills what that first run leaves in its host cache (the layout-optimized graphs,
-normally made by `diffc build` already, and the record of files whose sha256 matched). diffc rows also say where an image's time goes: `engine_s`, the median
+process's peak resident memory. Before anything is timed, every configuration's files are read once (the OS
+page cache, for every row alike) and each diffc artifact is loaded once in a process of its own, as a user's
+first run would: that fills diffc's host cache (the layout-optimized graphs, normally made by `diffc build`
+already, and the record of files whose sha256 matched). diffc rows also say where an image's time goes: `engine_s`, the median
 seconds per image spent in each engine (text encoder, UNet, shallow UNet, VAE decoder).
 
     python benchmarks/end_to_end.py --quick          # 256x256, 4 steps, 1 rep
@@ -240,10 +240,19 @@ def child(config: str, path: str, size: int, steps: int, reps: int, load_only: b
 
 
 def warm_up(python: str, config: str, path: Path, env: dict[str, str]) -> float:
-    """Load ``config`` once in its own process, untimed by the benchmark; returns its seconds."""
+    """Before timing, untimed: read every file of ``config`` (into the OS page cache, for every row alike);
+    diffc rows are also loaded once in their own process, as a user's first run would (it fills diffc's host
+    cache: layout-optimized graphs, normally made by `diffc build` already, and the record of files whose
+    sha256 matched). Returns the seconds it took."""
     t0 = time.perf_counter()
-    subprocess.run([python, str(Path(__file__).resolve()), "--child", config, "--path", str(path), "--size", "0",
-                    "--steps", "1", "--load-only"], check=True, capture_output=True, env={**os.environ, **env})
+    for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        with open(f, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+    if config.startswith("diffc"):
+        subprocess.run([python, str(Path(__file__).resolve()), "--child", config, "--path", str(path), "--size",
+                        "0", "--steps", "1", "--load-only"], check=True, capture_output=True,
+                       env={**os.environ, **env})
     return time.perf_counter() - t0
 
 
@@ -340,12 +349,12 @@ def main() -> None:
 
         for config in configs:
             if config not in skipped:
-                log.info("warm-up load: %s", config)
+                log.info("warm-up: %s", config)
                 try:
-                    setup_s[f"{config}_warm_up_load"] = round(warm_up(python_for(config), config, paths[config],
+                    setup_s[f"{config}_warm_up"] = round(warm_up(python_for(config), config, paths[config],
                                                                       env), 1)
                 except subprocess.CalledProcessError as e:  # measure() below says what failed, per cell
-                    log.error("%s warm-up load failed: %s", config, (e.stderr or b"")[-1000:])
+                    log.error("%s warm-up failed: %s", config, (e.stderr or b"")[-1000:])
 
         results: dict[str, dict[str, Any]] = {}
         for size in sizes:
