@@ -75,6 +75,7 @@ def sha256_matches(path: str | os.PathLike, digest: str) -> bool:
         record = cache / "verified" / f"{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]}.json"
         with contextlib.suppress(OSError, ValueError):
             if json.loads(record.read_text()) == {"identity": identity, "sha256": digest}:
+                touch(record)
                 return True
     if sha256_file(path) != digest:  # read after stat: a change while reading gives a new identity next time
         return False
@@ -86,12 +87,29 @@ def sha256_matches(path: str | os.PathLike, digest: str) -> bool:
             with os.fdopen(fd, "w") as f:
                 json.dump({"identity": identity, "sha256": digest}, f)
             os.replace(tmp, record)
+            _trim_records(record.parent)
         except OSError as e:  # a read-only or full cache only costs the next load a read
             log.debug("cannot record the verified hash of %s: %s", path, e)
             if tmp is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
     return True
+
+
+#: the most records of matched hashes the host cache keeps (~200 bytes each); the least recently used go first
+VERIFIED_MAX_RECORDS = 4096
+
+
+def _trim_records(folder: Path) -> None:
+    records = []
+    with os.scandir(folder) as it:
+        for e in it:
+            if e.name.endswith(".json") and not e.name.startswith("."):
+                with contextlib.suppress(OSError):
+                    records.append((e.stat().st_mtime, e.path))
+    for _, path in sorted(records)[: max(len(records) - VERIFIED_MAX_RECORDS, 0)]:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def folder_hash(root: str | os.PathLike) -> str:

@@ -296,8 +296,17 @@ def test_verified_hashes_are_remembered_until_the_file_changes(tmp_path, monkeyp
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert not _fs.sha256_matches(f, digest) and len(reads) == 5
     f.write_bytes(b"\1" * 4096)
+    # the record folder keeps the most recently used VERIFIED_MAX_RECORDS records
+    monkeypatch.setattr(_fs, "VERIFIED_MAX_RECORDS", 3)
+    records = tmp_path / "cache" / "verified"
+    for i in range(4):
+        (records / f"old{i}.json").write_text("{}")
+        os.utime(records / f"old{i}.json", (100 + i, 100 + i))
+    assert _fs.sha256_matches(f, digest) and len(reads) == 6
+    assert len(list(records.iterdir())) == 3  # the record just written stays
+    assert sorted(p.name for p in records.iterdir() if p.name.startswith("old")) == ["old2.json", "old3.json"]
     monkeypatch.setenv("DIFFC_CACHE_DIR", "off")
-    assert _fs.sha256_matches(f, digest) and _fs.sha256_matches(f, digest) and len(reads) == 7
+    assert _fs.sha256_matches(f, digest) and _fs.sha256_matches(f, digest) and len(reads) == 8
 
 
 def test_static_cfg_batch_keeps_uncond_at_guidance_one(copy):
