@@ -24,8 +24,8 @@ included), then the median wall time per image over --reps runs after that first
 process's peak resident memory. Before anything is timed, every configuration's files are read once (the OS
 page cache, for every row alike) and each diffc artifact is loaded once in a process of its own, as a user's
 first run would: that fills diffc's host cache (the layout-optimized graphs, normally made by `diffc build`
-already, and the record of files whose sha256 matched). diffc rows also say where an image's time goes: `engine_s`, the median
-seconds per image spent in each engine (text encoder, UNet, shallow UNet, VAE decoder).
+already, and the record of files whose sha256 matched). diffc rows also say where an image's time goes:
+`engine_s`, the median seconds per image spent in each engine (text encoder, UNet, shallow UNet, VAE decoder).
 
     python benchmarks/end_to_end.py --quick          # 256x256, 4 steps, 1 rep
     python benchmarks/end_to_end.py                  # 256 and 512, 4 and 20 steps, 3 reps

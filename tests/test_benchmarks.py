@@ -22,7 +22,7 @@ import end_to_end  # noqa: E402
 def test_diffc_row_says_where_the_time_goes(tmp_path):
     out = diffc.build(write_tiny_pipeline(tmp_path / "sd", "sd"), "cpu-cache", tmp_path / "tiny.diffc", progress=False)
     size = json.loads((out / "manifest.json").read_text())["image"]["height"][1]
-    # the warm-up load: fills the host cache's record of files whose sha256 matched (the build filled the rest)
+    # the warm-up loads the artifact once with the benchmark's host cache (the build filled the default one)
     env = {"DIFFC_CACHE_DIR": str(tmp_path / "cache")}
     assert end_to_end.warm_up(sys.executable, "diffc_cpu_cache", out, env) > 0
     assert any((tmp_path / "cache" / "onnxruntime").iterdir())
