@@ -145,8 +145,8 @@ class Session:
     With a ``cache_key`` (the engine files' sha256 digests), the first session on a machine also saves the
     graph after onnxruntime's hardware-specific layout pass (NCHWc convolutions: ~4.5 s of a 6.4 s start
     for the SD-1.5 UNet) into a per-host cache keyed by the engine and :func:`cpu_signature`, its weights in a
-    data file onnxruntime maps; later sessions open that graph with optimizations off and start in ~1.0 s. The artifact itself stays
-    portable: the cache never leaves the machine that made it.
+    data file onnxruntime maps; later sessions open that graph with optimizations off and start in ~1.0 s.
+    The artifact itself stays portable: the cache never leaves the machine that made it.
 
     ``memory_arena=False`` turns off onnxruntime's CPU memory arena: the session's activations go back to the
     system after each run instead of staying held at their peak for the life of the process.
