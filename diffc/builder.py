@@ -476,7 +476,7 @@ def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | P
         for name in tqdm([] if reused else components, desc="passes", unit="component", disable=not progress):
             graph, pass_report = run_passes(load_model(onnx_dir / name / "model.onnx"), name,
                                             prof.backend.value, verify=verify_passes, **prof.passes)
-            passed = save_model(graph, work / "passed" / name / "model.onnx")
+            passed = save_model(graph, passed_dir / name / "model.onnx")
             del graph
             # The passed graph is what ships: check it against PyTorch again, at the same two shapes as export.
             module = component_module(pipe, name)
@@ -492,8 +492,8 @@ def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | P
                     f"rel_l2={after['rel_l2']:.3g}); passes that changed it: {fired}. Leave them out with "
                     "[passes].disable in the profile, and report the model config")
             if marked:
-                report["components"][name]["cache_split"] = _split_cache(passed, work / "passed", cache, module,
-                                                                         contract, sample_shapes(pipe, name))
+                report["components"][name]["cache_split"] = _split_cache(passed, passed_dir, cache, module, contract,
+                                                                         sample_shapes(pipe, name))
         report["timings"]["passes_s"] = round(time.perf_counter() - t0, 3)
         engine_components = build_components(components, cache)
 
