@@ -31,9 +31,7 @@ def atomic_output_dir(out: str | os.PathLike, *, force: bool = False, what: str 
         raise OutputExistsError(f"{what} folder {out} already exists; pass --force to replace it, or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the final folder gets the usual permissions
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the final folder gets the usual permissions
     try:
         yield tmp
     except BaseException:
@@ -46,6 +44,32 @@ def atomic_output_dir(out: str | os.PathLike, *, force: bool = False, what: str 
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | bytearray | memoryview) -> Path:
+    """Write ``data`` to ``path`` through a unique temporary file in the same folder and a rename: readers (other
+    processes loading the same engine or cache) see the old file or the whole new one, never a torn write, and a
+    failed write leaves no temporary file behind. The file gets the usual permissions (umask), not mkstemp's 0600.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _umask() -> int:
+    umask = os.umask(0)  # the only way to read it; set straight back
+    os.umask(umask)
+    return umask
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -80,19 +104,11 @@ def sha256_matches(path: str | os.PathLike, digest: str) -> bool:
     if sha256_file(path) != digest:  # read after stat: a change while reading gives a new identity next time
         return False
     if record is not None and time.time() - max(st.st_mtime, st.st_ctime) > 2.0:
-        tmp = None
         try:
-            record.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=record.parent)
-            with os.fdopen(fd, "w") as f:
-                json.dump({"identity": identity, "sha256": digest}, f)
-            os.replace(tmp, record)
+            write_atomic(record, json.dumps({"identity": identity, "sha256": digest}).encode())
             _trim_records(record.parent)
         except OSError as e:  # a read-only or full cache only costs the next load a read
             log.debug("cannot record the verified hash of %s: %s", path, e)
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
     return True
 
 

@@ -27,6 +27,7 @@ from diffc.engines._trt_common import (
     default_cache_dir,
     version,
 )
+from diffc._fs import write_atomic
 from diffc.errors import ArtifactError, BackendUnavailableError, InputError
 
 log = logging.getLogger("diffc.engines.tensorrt")
@@ -256,10 +257,7 @@ class Session:
         self._closed = True
         if self._rtx_cache is not None and self._rtx_cache_file is not None:
             with contextlib.suppress(OSError):
-                self._rtx_cache_file.parent.mkdir(parents=True, exist_ok=True)
-                tmp = self._rtx_cache_file.with_name(f".{self._rtx_cache_file.name}.tmp-{os.getpid()}")
-                tmp.write_bytes(memoryview(self._rtx_cache.serialize()))
-                os.replace(tmp, self._rtx_cache_file)
+                write_atomic(self._rtx_cache_file, memoryview(self._rtx_cache.serialize()))
         for g in self._graphs.values():
             g.destroy()
         self._graphs.clear()

@@ -49,7 +49,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from diffc._fs import sha256_file, touch, trim_cache
+from diffc._fs import sha256_file, touch, trim_cache, write_atomic
 from diffc.engines._trt_common import (
     _MIB,
     CACHE_FORMAT,
@@ -268,11 +268,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
                                            version_compat=version_compat, timing_cache=tc_path,
                                            precision=precision, component=component or onnx_path.name)
         build_s = time.perf_counter() - t0
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = engine_path.with_name(f".{engine_path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(memoryview(blob))
-    os.replace(tmp, engine_path)
+    write_atomic(engine_path, memoryview(blob))
     nbytes = engine_path.stat().st_size
     del blob
 
@@ -491,10 +487,7 @@ def _build_plan(trt, flavour: str, src: Path, profiles: dict[str, InputProfile],
         raise EngineBuildError(f"{flavour} {trt.__version__} could not build the {component} engine in {precision}: "
                                f"{detail}.{hint}")
     if flavour == "tensorrt" and timing_cache is not None and cache is not None:
-        timing_cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = timing_cache.with_name(f".{timing_cache.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(memoryview(config.get_timing_cache().serialize()))
-        os.replace(tmp, timing_cache)
+        write_atomic(timing_cache, memoryview(config.get_timing_cache().serialize()))
 
     dtypes = {}
     for i in range(network.num_inputs):

@@ -1,0 +1,36 @@
+"""diffc._fs: the atomic file write every engine, cache and record goes through."""
+
+import os
+import stat
+
+import pytest
+
+from diffc import _fs
+
+
+def test_write_atomic_replaces_whole_files_with_usual_permissions(tmp_path):
+    target = tmp_path / "sub" / "engine.plan"
+    assert _fs.write_atomic(target, b"first") == target  # makes the folder
+    _fs.write_atomic(target, memoryview(b"second version"))
+    assert target.read_bytes() == b"second version"
+    umask = os.umask(0o022)
+    try:
+        _fs.write_atomic(target, bytearray(b"third"))
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644  # not mkstemp's private 0600
+    assert sorted(p.name for p in target.parent.iterdir()) == ["engine.plan"]
+
+
+def test_write_atomic_failure_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    target = tmp_path / "timing.cache"
+    target.write_bytes(b"old")
+
+    def no_rename(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_fs.os, "replace", no_rename)
+    with pytest.raises(OSError, match="No space"):
+        _fs.write_atomic(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["timing.cache"]
