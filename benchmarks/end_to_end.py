@@ -19,9 +19,11 @@ config), at each size and step count:
   diffc_cpu_cache  the `cpu-cache` profile: fp32, cache reuse at branch 0, full UNet every 2nd step
   diffc_cpu_int8_cache  both: `cpu-int8` (calibrated as above) with `cpu-cache`'s [cache] table
 
-Each configuration runs in its own process: time to first image from a cold process (imports and model load
-included), then the median wall time per image over --reps runs after that first (warm-up) image, and the
-process's peak resident memory. Before anything is timed, every configuration's files are read once (the OS
+Each configuration runs in fresh processes, --reps of them, taken in turn with the other rows (fp32, bf16,
+..., diffc, then again: this machine's speed drifts, and so every row sees the drift alike). Each process
+times its first image from the cold start (imports and model load included), then one more image (the
+first was its warm-up), and reads its peak resident memory. A row gives the medians over its processes and
+the largest peak. Before anything is timed, every configuration's files are read once (the OS
 page cache, for every row alike) and each diffc artifact is loaded once in a process of its own, as a user's
 first run would: that fills diffc's host cache (the layout-optimized graphs, normally made by `diffc build`
 already, and the record of files whose sha256 matched). diffc rows also say where an image's time goes:
@@ -256,10 +258,12 @@ def warm_up(python: str, config: str, path: Path, env: dict[str, str]) -> float:
     return time.perf_counter() - t0
 
 
-def measure(python: str, config: str, path: Path, size: int, steps: int, reps: int,
-            env: dict[str, str]) -> dict[str, Any]:
+def cold_process(python: str, config: str, path: Path, size: int, steps: int, env: dict[str, str]) -> dict[str, Any]:
+    """One fresh process of ``config``: seconds to its first image (imports and load included), the seconds of
+    one more image after that (steady state: the first was its warm-up), its peak resident memory, and for
+    diffc rows the seconds in each engine during the timed image."""
     cmd = [python, str(Path(__file__).resolve()), "--child", config, "--path", str(path), "--size", str(size),
-           "--steps", str(steps), "--reps", str(reps)]
+           "--steps", str(steps), "--reps", "1"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **env})
@@ -276,18 +280,47 @@ def measure(python: str, config: str, path: Path, size: int, steps: int, reps: i
         elif ev.get("event") == "done":
             done = ev
     err = proc.stderr.read() if proc.stderr else ""
-    if proc.wait() != 0 or first is None:
+    if proc.wait() != 0 or first is None or not done:
         raise RuntimeError(f"{config} {size}px {steps} steps failed: {err[-2000:]}")
-    row = {
-        "median_s": round(statistics.median(done["times"]), 3),
-        "runs_s": [round(t, 3) for t in done["times"]],
-        "time_to_first_image_s": round(first, 3),
-        "peak_rss_gib": round(done["peak_rss_bytes"] / 2**30, 2),
-    }
-    if done.get("engines"):  # diffc rows: median seconds per image in each engine
-        row["engine_s"] = {n: round(statistics.median(run.get(n, 0.0) for run in done["engines"]), 3)
-                           for n in done["engines"][0]}
-    return row
+    return {"first_s": first, "image_s": done["times"][0], "peak_rss_bytes": done["peak_rss_bytes"],
+            "engines": done["engines"][0] if done.get("engines") else None}
+
+
+def measure_cell(python_for, configs: list[str], paths: dict[str, Path], size: int, steps: int, reps: int,
+                 env: dict[str, str], skipped: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """``reps`` cold processes per configuration, taken in turn (fp32, bf16, ..., diffc, then again), so this
+    machine's speed drift falls on every row alike; medians over the processes. A configuration whose process
+    fails is left out of the cell (and said in ``skipped``); the other rows go on."""
+    samples: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
+    key = f"{size}px_{steps}steps"
+    for r in range(reps):
+        for config in configs:
+            if f"{config}@{key}" in skipped:
+                continue
+            log.info("%s: %s (process %d of %d)", key, config, r + 1, reps)
+            try:
+                samples[config].append(cold_process(python_for(config), config, paths[config], size, steps, env))
+            except RuntimeError as e:  # one broken baseline must not lose the other rows
+                log.error("%s", e)
+                skipped[f"{config}@{key}"] = str(e)[-1000:]
+                samples[config] = []
+    rows = {}
+    for config, runs in samples.items():
+        if not runs:
+            continue
+        times, firsts = [p["image_s"] for p in runs], [p["first_s"] for p in runs]
+        row = {
+            "median_s": round(statistics.median(times), 3),
+            "runs_s": [round(t, 3) for t in times],
+            "time_to_first_image_s": round(statistics.median(firsts), 3),
+            "first_images_s": [round(t, 3) for t in firsts],
+            "peak_rss_gib": round(max(p["peak_rss_bytes"] for p in runs) / 2**30, 2),
+        }
+        if runs[0]["engines"]:  # diffc rows: median seconds per image in each engine
+            row["engine_s"] = {n: round(statistics.median(p["engines"].get(n, 0.0) for p in runs), 3)
+                               for n in runs[0]["engines"]}
+        rows[config] = row
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -298,7 +331,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="256x256, 4 steps, 1 repetition")
     ap.add_argument("--sizes", default="256,512")
     ap.add_argument("--steps", default="4,20")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3, help="cold processes per configuration and cell")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--workdir", type=Path, default=None, help="keep the pipeline, exports and artifact here")
     ap.add_argument("--optimum-python", default=os.environ.get("DIFFC_BENCH_OPTIMUM_PYTHON"),
@@ -357,20 +390,11 @@ def main() -> None:
                     log.error("%s warm-up failed: %s", config, (e.stderr or b"")[-1000:])
 
         results: dict[str, dict[str, Any]] = {}
+        measured = [c for c in configs if c not in skipped]
         for size in sizes:
             for steps in step_counts:
-                key = f"{size}px_{steps}steps"
-                results[key] = {}
-                for config in configs:
-                    if config in skipped:
-                        continue
-                    log.info("%s: %s", key, config)
-                    try:
-                        results[key][config] = measure(python_for(config), config, paths[config], size, steps,
-                                                       args.reps, env)
-                    except RuntimeError as e:  # one broken baseline must not lose the other rows
-                        log.error("%s", e)
-                        skipped[f"{config}@{key}"] = str(e)[-1000:]
+                results[f"{size}px_{steps}steps"] = measure_cell(python_for, measured, paths, size, steps,
+                                                                 args.reps, env, skipped)
 
         ratios: dict[str, dict[str, float]] = {}
         for key, row in results.items():

@@ -1,5 +1,5 @@
-"""The end-to-end benchmark's measuring half on a tiny cache-reuse artifact: one configuration in its own
-process, its timings and its per-engine breakdown (the SD-1.5 runs themselves take an hour; not here)."""
+"""The end-to-end benchmark's measuring half on a tiny cache-reuse artifact: rows measured in cold processes,
+their timings and per-engine breakdown (the SD-1.5 runs themselves take an hour; not here)."""
 
 from __future__ import annotations
 
@@ -26,8 +26,15 @@ def test_diffc_row_says_where_the_time_goes(tmp_path):
     env = {"DIFFC_CACHE_DIR": str(tmp_path / "cache")}
     assert end_to_end.warm_up(sys.executable, "diffc_cpu_cache", out, env) > 0
     assert any((tmp_path / "cache" / "onnxruntime").iterdir())
-    row = end_to_end.measure(sys.executable, "diffc_cpu_cache", out, size, 4, 2, env)
-    assert len(row["runs_s"]) == 2 and row["median_s"] > 0 and row["time_to_first_image_s"] > 0
+    skipped = {}
+    rows = end_to_end.measure_cell(lambda c: sys.executable, ["diffc_cpu_cache", "no_such_config"],
+                                   {"diffc_cpu_cache": out, "no_such_config": out}, size, 4, 2, env, skipped)
+    # a failing row is said once and not run again; the other row has one image per cold process
+    assert list(rows) == ["diffc_cpu_cache"] and list(skipped) == [f"no_such_config@{size}px_4steps"]
+    assert "unknown config" in skipped[f"no_such_config@{size}px_4steps"]
+    row = rows["diffc_cpu_cache"]
+    assert len(row["runs_s"]) == len(row["first_images_s"]) == 2
+    assert 0 < row["median_s"] < row["time_to_first_image_s"]  # the first image includes imports and the load
     assert row["peak_rss_gib"] > 0
     engines = row["engine_s"]
     # 4 steps at interval 2: full UNet at steps 0 and 2, shallow at 1 and 3
