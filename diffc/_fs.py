@@ -8,8 +8,8 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -30,8 +30,8 @@ def atomic_output_dir(out: str | os.PathLike, *, force: bool = False, what: str 
     if out.exists() and not force:
         raise OutputExistsError(f"{what} folder {out} already exists; pass --force to replace it, or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the final folder gets the usual permissions
+    tmp = _temporary_sibling(out)
+    os.mkdir(tmp, 0o777)  # the usual permissions (umask applies), not mkdtemp's private 0700
     try:
         yield tmp
     except BaseException:
@@ -47,17 +47,16 @@ def atomic_output_dir(out: str | os.PathLike, *, force: bool = False, what: str 
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | bytearray | memoryview) -> Path:
-    """Write ``data`` to ``path`` through a unique temporary file in the same folder and a rename: readers (other
+    """Write ``data`` to ``path`` through a new temporary file in the same folder and a rename: readers (other
     processes loading the same engine or cache) see the old file or the whole new one, never a torn write, and a
     failed write leaves no temporary file behind. The file gets the usual permissions (umask), not mkstemp's 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    tmp = _temporary_sibling(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -66,10 +65,10 @@ def write_atomic(path: str | os.PathLike, data: bytes | bytearray | memoryview) 
     return path
 
 
-def _umask() -> int:
-    umask = os.umask(0)  # the only way to read it; set straight back
-    os.umask(umask)
-    return umask
+def _temporary_sibling(path: Path) -> Path:
+    """A fresh hidden name beside ``path``, created by the caller with an explicit mode (O_EXCL / mkdir) so the
+    umask applies: reading the umask means setting it, which would race with other threads creating files."""
+    return path.with_name(f".{path.name}.tmp-{secrets.token_hex(8)}")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -1,4 +1,4 @@
-"""diffc._fs: the atomic file write every engine, cache and record goes through."""
+"""diffc._fs: the atomic writes every artifact, engine, cache and record goes through."""
 
 import os
 import stat
@@ -34,3 +34,17 @@ def test_write_atomic_failure_keeps_the_old_file_and_no_temporary(tmp_path, monk
         _fs.write_atomic(target, b"new")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["timing.cache"]
+
+
+def test_atomic_output_dir_has_usual_permissions_and_leaves_nothing_on_failure(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        with _fs.atomic_output_dir(tmp_path / "out.diffc") as tmp:
+            assert tmp.name.startswith(".out.diffc.tmp-") and not any(tmp.iterdir())
+            (tmp / "manifest.json").write_text("{}")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "out.diffc").stat().st_mode) == 0o755  # not mkdtemp's private 0700
+    with pytest.raises(KeyboardInterrupt), _fs.atomic_output_dir(tmp_path / "next.diffc"):
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.diffc"]
