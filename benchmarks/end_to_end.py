@@ -154,9 +154,9 @@ def export_optimum(python: str, model: Path, out: Path) -> Path:
 # ------------------------------------------------------------------------------------------------ child
 
 
-def child(config: str, path: str, size: int, steps: int, reps: int, load_only: bool = False) -> None:
-    """Runs inside the measured process. Prints JSON events; the parent timestamps `first_image`. With
-    ``load_only`` it loads the pipeline and exits (the warm-up before timing)."""
+def child(config: str, path: str, size: int, steps: int, load_only: bool = False) -> None:
+    """Runs inside the measured process: the first image, then one timed image. Prints JSON events; the parent
+    timestamps `first_image`. With ``load_only`` it loads the pipeline and exits (the warm-up before timing)."""
     import numpy as np
 
     def event(**kw):
@@ -228,17 +228,19 @@ def child(config: str, path: str, size: int, steps: int, reps: int, load_only: b
         return
     img = generate(0)
     event(event="first_image", shape=list(np.asarray(img).shape))
-    times, engines = [], []
-    for r in range(reps):
-        t0 = time.perf_counter()
-        generate(r + 1)
-        times.append(time.perf_counter() - t0)
-        if config.startswith("diffc"):
-            engines.append(dict(spent))
+    t0 = time.perf_counter()
+    generate(1)
+    image_s = time.perf_counter() - t0
     # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec
     with open("/proc/self/status") as f:
         hwm_kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    event(event="done", times=times, engines=engines, peak_rss_bytes=hwm_kib * 1024)
+    event(event="done", image_s=image_s, engines=dict(spent) if config.startswith("diffc") else None,
+          peak_rss_bytes=hwm_kib * 1024)
+
+
+def child_cmd(python: str, config: str, path: Path, size: int, steps: int, *extra: str) -> list[str]:
+    return [python, str(Path(__file__).resolve()), "--child", config, "--path", str(path), "--size", str(size),
+            "--steps", str(steps), *extra]
 
 
 def warm_up(python: str, config: str, path: Path, env: dict[str, str]) -> float:
@@ -252,8 +254,7 @@ def warm_up(python: str, config: str, path: Path, env: dict[str, str]) -> float:
             while fh.read(1 << 24):
                 pass
     if config.startswith("diffc"):
-        subprocess.run([python, str(Path(__file__).resolve()), "--child", config, "--path", str(path), "--size",
-                        "0", "--steps", "1", "--load-only"], check=True, capture_output=True,
+        subprocess.run(child_cmd(python, config, path, 0, 1, "--load-only"), check=True, capture_output=True,
                        env={**os.environ, **env})
     return time.perf_counter() - t0
 
@@ -262,10 +263,8 @@ def cold_process(python: str, config: str, path: Path, size: int, steps: int, en
     """One fresh process of ``config``: seconds to its first image (imports and load included), the seconds of
     one more image after that (steady state: the first was its warm-up), its peak resident memory, and for
     diffc rows the seconds in each engine during the timed image."""
-    cmd = [python, str(Path(__file__).resolve()), "--child", config, "--path", str(path), "--size", str(size),
-           "--steps", str(steps), "--reps", "1"]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(child_cmd(python, config, path, size, steps), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **env})
     first = None
     done: dict[str, Any] = {}
@@ -282,8 +281,8 @@ def cold_process(python: str, config: str, path: Path, size: int, steps: int, en
     err = proc.stderr.read() if proc.stderr else ""
     if proc.wait() != 0 or first is None or not done:
         raise RuntimeError(f"{config} {size}px {steps} steps failed: {err[-2000:]}")
-    return {"first_s": first, "image_s": done["times"][0], "peak_rss_bytes": done["peak_rss_bytes"],
-            "engines": done["engines"][0] if done.get("engines") else None}
+    return {"first_s": first, "image_s": done["image_s"], "peak_rss_bytes": done["peak_rss_bytes"],
+            "engines": done["engines"]}
 
 
 def measure_cell(python_for, configs: list[str], paths: dict[str, Path], size: int, steps: int, reps: int,
@@ -342,7 +341,7 @@ def main() -> None:
     ap.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.path, args.size, int(args.steps), args.reps, args.load_only)
+        child(args.child, args.path, args.size, int(args.steps), args.load_only)
         return
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.quick:
@@ -386,7 +385,7 @@ def main() -> None:
                 try:
                     setup_s[f"{config}_warm_up"] = round(warm_up(python_for(config), config, paths[config],
                                                                       env), 1)
-                except subprocess.CalledProcessError as e:  # measure() below says what failed, per cell
+                except subprocess.CalledProcessError as e:  # measure_cell() below says what failed, per cell
                     log.error("%s warm-up failed: %s", config, (e.stderr or b"")[-1000:])
 
         results: dict[str, dict[str, Any]] = {}

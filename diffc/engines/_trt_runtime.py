@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from diffc._fs import write_atomic
 from diffc.engines._trt_common import (
     EXTRAS,
     FLAVOURS,
@@ -27,7 +28,6 @@ from diffc.engines._trt_common import (
     default_cache_dir,
     version,
 )
-from diffc._fs import write_atomic
 from diffc.errors import ArtifactError, BackendUnavailableError, InputError
 
 log = logging.getLogger("diffc.engines.tensorrt")
