@@ -11,6 +11,7 @@ import click
 
 from diffc import __version__
 from diffc.errors import DiffcError
+from diffc.profiles.schema import MEMORY_ARENAS
 
 log = logging.getLogger("diffc")
 
@@ -103,16 +104,21 @@ def build(obj, model, profile, out, force, steps, sampler, exporter, verify_pass
 @click.option("--height", type=int, default=None)
 @click.option("--width", type=int, default=None)
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="PNG file to write.")
-@click.option("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: automatic).")
+@click.option("--threads", type=int, default=0,
+              help="onnxruntime intra-op threads (0: the profile's [onnxruntime].intra_op_num_threads).")
+@click.option("--memory-arena", type=click.Choice(MEMORY_ARENAS), default=None,
+              help="onnxruntime memory: arenas for the UNet only (the others give their activations back) or one "
+                   "arena shared by every component (default: the profile's [onnxruntime].memory_arena).")
 @click.option("--cache-interval", type=click.IntRange(min=1), default=None,
               help="Artifacts built with [cache]: run the full UNet every N-th step (1: every step, no reuse) "
                    "instead of the built schedule.")
 @click.pass_obj
-def run(obj, artifact, prompt, negative_prompt, seed, guidance, height, width, out, threads, cache_interval):
+def run(obj, artifact, prompt, negative_prompt, seed, guidance, height, width, out, threads, memory_arena,
+        cache_interval):
     """Generate an image from ARTIFACT (torch-free)."""
     from diffc.runtime import load, save_png
 
-    pipe = load(artifact, threads=threads, progress=obj["progress"])
+    pipe = load(artifact, threads=threads, memory_arena=memory_arena, progress=obj["progress"])
     if cache_interval is not None:
         pipe.set_cache_schedule({"kind": "interval", "interval": cache_interval})
     images = pipe(prompt, negative_prompt=negative_prompt, seed=seed, guidance=guidance, height=height, width=width)

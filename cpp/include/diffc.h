@@ -47,7 +47,7 @@ typedef enum diffc_status {
 typedef struct diffc_pipeline diffc_pipeline;
 
 typedef struct diffc_options {
-    int threads;        /* onnxruntime intra-op threads; 0 = automatic */
+    int threads;        /* onnxruntime intra-op threads; 0 = the profile's (0 there: onnxruntime picks) */
     const char* device; /* "cpu" (or NULL): the backend device; other devices need a GPU artifact */
     int verify;         /* nonzero: check every file's sha256 at open (recommended); 0: skip */
 } diffc_options;

@@ -38,6 +38,10 @@ SAMPLER_KINDS = ("auto", "ddim", "euler", "dpmpp_2m", "lcm", "flow_euler")
 HARDWARE_COMPAT = ("none", "ampere_plus", "same_compute_capability")
 _TRT_BACKENDS = ("tensorrt", "tensorrt_rtx")
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+#: ``[onnxruntime].memory_arena``: ``denoiser`` -- the UNet's sessions keep onnxruntime arenas of their own, the
+#: text encoders and VAE decoder (once per image) give their activations back after each run; ``shared`` -- every
+#: session draws from one process-wide arena, held at the largest component's peak
+MEMORY_ARENAS = ("denoiser", "shared")
 
 
 @dataclass(frozen=True)
@@ -477,10 +481,15 @@ def parse_profile(data: dict[str, Any], *, where: str) -> Profile:
     if guidance is not None and (not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or guidance < 0):
         raise _err(where, "[sampler].guidance", f"must be a number >= 0, got {guidance!r}")
 
-    ort_table = data.get("onnxruntime", {})
-    _check_keys(ort_table, {"intra_op_num_threads", "inter_op_num_threads"}, where, "[onnxruntime].")
+    if not isinstance(data.get("onnxruntime", {}), dict):
+        raise _err(where, "[onnxruntime]", "must be a table")
+    ort_table = {"memory_arena": "denoiser", **data.get("onnxruntime", {})}
+    _check_keys(ort_table, {"intra_op_num_threads", "inter_op_num_threads", "memory_arena"}, where, "[onnxruntime].")
     for key, value in ort_table.items():
-        if not isinstance(value, int) or value < 0:
+        if key == "memory_arena":
+            if value not in MEMORY_ARENAS:
+                raise _err(where, "[onnxruntime].memory_arena", f"must be one of {list(MEMORY_ARENAS)}, got {value!r}")
+        elif not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise _err(where, f"[onnxruntime].{key}", f"must be an integer >= 0, got {value!r}")
 
     passes = _parse_passes(data.get("passes", {}), backend, where)

@@ -16,7 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from diffc.errors import InputError, ProfileError
-from diffc.profiles.schema import base_component
+from diffc.profiles.schema import MEMORY_ARENAS, base_component
 from diffc.runtime.cache import full_steps
 from diffc.runtime.manifest import artifact_path, read_manifest, verify_files
 from diffc.runtime.sampler import SamplerTables, guidance_embedding, step
@@ -26,16 +26,23 @@ log = logging.getLogger("diffc.runtime")
 
 
 def _open_session(name: str, component: dict[str, Any], path: Path, threads: int, cache_key: str | None,
-                  cuda_graph: bool = True):
+                  cuda_graph: bool = True, ort_options: dict[str, Any] | None = None):
     backend = component["backend"]
     if backend == "onnxruntime":
         from diffc.engines.onnxruntime import Session
 
-        # Only the UNet, which runs every step, keeps onnxruntime's memory arena: the text encoder and the VAE
-        # decoder run once per image, and their arenas would hold their peak activations (the 512x512 decoder's
-        # are large) while the UNet runs (SD 1.5 at 512x512: 6.9 GiB peak with every arena on, 5.3 without
-        # theirs, same speed)
-        return Session(path, threads=threads, cache_key=cache_key, memory_arena=base_component(name) == "unet")
+        ort_options = ort_options or {}
+        policy = ort_options.get("memory_arena", "denoiser")
+        if policy == "shared":
+            arena = "shared"
+        else:
+            # "denoiser": only the UNet, which runs every step, keeps an arena of its own: the text encoder and the
+            # VAE decoder run once per image, and their arenas would hold their peak activations (the 512x512
+            # decoder's are large) while the UNet runs (SD 1.5 at 512x512: 6.9 GiB peak with every arena on, 5.3
+            # without theirs, same speed)
+            arena = "own" if base_component(name) == "unet" else "none"
+        return Session(path, threads=threads or ort_options.get("intra_op_num_threads", 0),
+                       inter_threads=ort_options.get("inter_op_num_threads", 0), cache_key=cache_key, arena=arena)
     if backend in ("tensorrt", "tensorrt_rtx"):
         # checks TensorRT version and GPU architecture against the record before deserializing
         from diffc.engines.tensorrt import Session
@@ -45,21 +52,31 @@ def _open_session(name: str, component: dict[str, Any], path: Path, threads: int
 
 
 def open_sessions(root: Path, manifest: dict[str, Any], *, threads: int = 0, verify: bool = True,
-                  cache: bool = True) -> dict[str, Any]:
+                  cache: bool = True, memory_arena: str | None = None) -> dict[str, Any]:
     """Open every component's engine while its files are hashed on another thread.
 
     Paths and presence are checked first (cheap); the sha256 of multi-GB weights (~1 GB/s) then overlaps
     with session creation (hashlib and onnxruntime both release the GIL), and nothing is returned, so
     nothing can run, before every hash has matched.
+
+    onnxruntime sessions take the profile's ``[onnxruntime]`` table (threads, ``memory_arena``); ``threads``
+    and ``memory_arena``, when given, override it.
     """
     verify_files(root, manifest, hashes=False)
-    cuda_graph = bool(manifest.get("profile", {}).get("tensorrt", {}).get("cuda_graph", True))
+    profile = manifest.get("profile", {})
+    cuda_graph = bool(profile.get("tensorrt", {}).get("cuda_graph", True))
+    ort_options = dict(profile.get("onnxruntime") or {})
+    if memory_arena is not None:
+        if memory_arena not in MEMORY_ARENAS:
+            raise InputError(f"unknown memory arena policy {memory_arena!r}; use one of {list(MEMORY_ARENAS)}")
+        ort_options["memory_arena"] = memory_arena
     with ThreadPoolExecutor(max_workers=1) as pool:
         hashing = pool.submit(verify_files, root, manifest, hashes=True) if verify else None
         sessions = {}
         for name, c in manifest["components"].items():
             key = "|".join(c["files"][f] for f in sorted(c["files"])) if cache else None
-            sessions[name] = _open_session(name, c, artifact_path(root, c["file"]), threads, key, cuda_graph)
+            sessions[name] = _open_session(name, c, artifact_path(root, c["file"]), threads, key, cuda_graph,
+                                           ort_options)
         if hashing is not None:
             hashing.result()
     return sessions
@@ -78,13 +95,14 @@ class Pipeline:
     """A loaded artifact. Call it with a prompt; get ``float32 (B, H, W, 3)`` images in [0, 1]."""
 
     def __init__(self, root: str | Path, *, threads: int = 0, verify: bool = True, cache: bool = True,
-                 progress: bool = True):
+                 progress: bool = True, memory_arena: str | None = None):
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
         m = self.manifest
         self.progress = progress
         self.tables = SamplerTables.from_dict(m["sampler"])
-        self.sessions = open_sessions(self.root, m, threads=threads, verify=verify, cache=cache)
+        self.sessions = open_sessions(self.root, m, threads=threads, verify=verify, cache=cache,
+                                      memory_arena=memory_arena)
         self.tokenizers = [PromptTokenizer(artifact_path(self.root, e["tokenizer"]), max_length=e["max_length"],
                                            pad_id=e["pad_id"]) for e in m["text_encoders"]]
         self.image = m["image"]

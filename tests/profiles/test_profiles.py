@@ -28,6 +28,13 @@ def test_round_trip_through_dict():
     assert q.to_dict() | {"source": ""} == p.to_dict() | {"source": ""}
 
 
+def test_onnxruntime_table_round_trips():
+    p = load_profile("cpu-int8")
+    assert p.onnxruntime["memory_arena"] == "shared"
+    assert Profile.from_dict(p.to_dict(), where="manifest").onnxruntime == p.onnxruntime
+    assert load_profile("cpu").onnxruntime.get("memory_arena", "denoiser") == "denoiser"
+
+
 def test_cache_profile_round_trips_and_others_leave_it_off():
     p = load_profile("cpu-cache")
     assert p.cache.enabled and p.cache.branch == 0 and p.cache.schedule_dict() == {"kind": "interval", "interval": 2}
@@ -63,6 +70,10 @@ def _write(tmp_path, text):
         ('name = "x"\n[cache]\nenabled = true\nschedule = "mask"\nmask = [1, 0]\n', "[cache].mask"),
         ('name = "x"\n[cache]\nenabled = true\nschedule = "mask"\nmask = [0, 1, 1, 1]\n', "[cache].mask"),
         ('backend = "onnxruntime"\n', "name"),
+        ('name = "x"\n[onnxruntime]\nmemory_arena = "global"\n', "[onnxruntime].memory_arena"),
+        ('name = "x"\n[onnxruntime]\nintra_op_num_threads = true\n', "[onnxruntime].intra_op_num_threads"),
+        ('name = "x"\n[onnxruntime]\narena = "shared"\n', "[onnxruntime].arena"),
+        ('name = "x"\nonnxruntime = 2\n', "[onnxruntime]"),
     ],
 )
 def test_bad_field_is_named(tmp_path, body, field):

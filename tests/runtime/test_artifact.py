@@ -321,3 +321,50 @@ def test_static_cfg_batch_keeps_uncond_at_guidance_one(copy):
     b = plain("a handwritten digit eight", seed=2, guidance=1.0)
     assert set(seen) == {2}
     assert np.abs(a - b).max() <= 1e-5
+
+
+def _options(pipe):
+    return {name: s._sess.get_session_options() for name, s in pipe.sessions.items()}
+
+
+def _uses_shared_arena(options) -> bool:
+    try:
+        return options.get_session_config_entry("session.use_env_allocators") == "1"
+    except RuntimeError:  # onnxruntime raises for a key never set
+        return False
+
+
+def test_profile_onnxruntime_table_reaches_the_sessions(artifact, copy):
+    """Threads and the memory-arena policy come from the profile's [onnxruntime] table; load() overrides it."""
+    plain = load(artifact, progress=False)
+    opts = _options(plain)
+    assert opts["unet"].enable_cpu_mem_arena
+    assert not opts["text_encoder"].enable_cpu_mem_arena and not opts["vae_decoder"].enable_cpu_mem_arena
+    assert not any(_uses_shared_arena(o) for o in opts.values())
+
+    _edit(copy, lambda m: m["profile"].update(onnxruntime={"intra_op_num_threads": 1, "memory_arena": "shared"}))
+    shared = load(copy, progress=False)
+    for name, o in _options(shared).items():
+        assert o.intra_op_num_threads == 1, name
+        assert o.enable_cpu_mem_arena and _uses_shared_arena(o), name
+    a = shared("a handwritten digit four", seed=5)
+    b = plain("a handwritten digit four", seed=5)
+    assert np.abs(a - b).max() <= 1e-5
+
+    overridden = load(copy, progress=False, threads=2, memory_arena="denoiser")
+    opts = _options(overridden)
+    assert opts["unet"].intra_op_num_threads == 2 and not opts["vae_decoder"].enable_cpu_mem_arena
+    with pytest.raises(InputError, match="memory arena policy 'everything'.*denoiser"):
+        load(copy, progress=False, memory_arena="everything")
+
+
+def test_cli_run_memory_arena_option(artifact, tmp_path):
+    from click.testing import CliRunner
+
+    from diffc.cli import main
+
+    out = tmp_path / "x.png"
+    args = ["-q", "run", str(artifact), "--prompt", "a digit", "--out", str(out), "--memory-arena"]
+    assert CliRunner().invoke(main, [*args, "shared"]).exit_code == 0 and out.is_file()
+    r = CliRunner().invoke(main, [*args, "all"])
+    assert r.exit_code != 0 and "'all' is not one of 'denoiser', 'shared'" in r.output
