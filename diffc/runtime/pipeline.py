@@ -32,8 +32,7 @@ def _open_session(name: str, component: dict[str, Any], path: Path, threads: int
         from diffc.engines.onnxruntime import Session
 
         ort_options = ort_options or {}
-        policy = ort_options.get("memory_arena", "denoiser")
-        if policy == "shared":
+        if ort_options.get("memory_arena") == "shared":
             arena = "shared"
         else:
             # "denoiser": only the UNet, which runs every step, keeps an arena of its own: the text encoder and the
@@ -67,9 +66,12 @@ def open_sessions(root: Path, manifest: dict[str, Any], *, threads: int = 0, ver
     cuda_graph = bool(profile.get("tensorrt", {}).get("cuda_graph", True))
     ort_options = dict(profile.get("onnxruntime") or {})
     if memory_arena is not None:
-        if memory_arena not in MEMORY_ARENAS:
-            raise InputError(f"unknown memory arena policy {memory_arena!r}; use one of {list(MEMORY_ARENAS)}")
         ort_options["memory_arena"] = memory_arena
+    policy = ort_options.setdefault("memory_arena", "denoiser")
+    if policy not in MEMORY_ARENAS:
+        source = "asked for" if memory_arena is not None else "in the manifest's profile (a newer diffc built it?)"
+        raise InputError(f"unknown memory arena policy {policy!r} {source}; this runtime knows {list(MEMORY_ARENAS)}: "
+                         "pass memory_arena= (diffc run --memory-arena) or update diffc")
     with ThreadPoolExecutor(max_workers=1) as pool:
         hashing = pool.submit(verify_files, root, manifest, hashes=True) if verify else None
         sessions = {}

@@ -354,8 +354,11 @@ def test_profile_onnxruntime_table_reaches_the_sessions(artifact, copy):
     overridden = load(copy, progress=False, threads=2, memory_arena="denoiser")
     opts = _options(overridden)
     assert opts["unet"].intra_op_num_threads == 2 and not opts["vae_decoder"].enable_cpu_mem_arena
-    with pytest.raises(InputError, match="memory arena policy 'everything'.*denoiser"):
+    with pytest.raises(InputError, match="memory arena policy 'everything' asked for.*denoiser"):
         load(copy, progress=False, memory_arena="everything")
+    _edit(copy, lambda m: m["profile"].update(onnxruntime={"memory_arena": "pooled"}))
+    with pytest.raises(InputError, match="'pooled' in the manifest's profile.*--memory-arena"):
+        load(copy, progress=False)
 
 
 def test_cli_run_memory_arena_option(artifact, tmp_path):
