@@ -29,12 +29,30 @@ def machine() -> dict[str, Any]:
         pass
     import importlib.metadata as md
 
-    for pkg in ("onnxruntime", "onnx", "torch", "diffusers", "numpy"):
+    for pkg in ("diffc", "onnxruntime", "onnx", "torch", "diffusers", "numpy"):
         try:
             info[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
+    info["diffc_commit"] = source_commit()
     return info
+
+
+def source_commit() -> str | None:
+    """The git commit of the checkout these scripts run from, with ``-dirty`` when tracked files differ from it;
+    None outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    try:
+        head = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("-dirty" if changed else "")
 
 
 def timed_subprocess(code: str, *, env: dict[str, str] | None = None) -> float:

@@ -41,3 +41,19 @@ def test_diffc_row_says_where_the_time_goes(tmp_path):
     assert sorted(engines) == ["text_encoder", "unet", "unet_shallow", "vae_decoder"]
     assert all(v > 0 for v in engines.values())
     assert sum(engines.values()) <= max(row["runs_s"])  # engine time is part of each image's wall time
+
+
+def test_machine_names_the_diffc_source():
+    import re
+    import subprocess
+
+    from _common import machine
+
+    info = machine()
+    assert info["diffc"] == diffc.__version__
+    head = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "rev-parse", "HEAD"],
+                          capture_output=True, text=True)
+    if head.returncode:
+        assert info["diffc_commit"] is None  # not a git checkout
+    else:
+        assert re.fullmatch(re.escape(head.stdout.strip()) + "(-dirty)?", info["diffc_commit"])
