@@ -264,8 +264,8 @@ def cold_process(python: str, config: str, path: Path, size: int, steps: int, en
     one more image after that (steady state: the first was its warm-up), its peak resident memory, and for
     diffc rows the seconds in each engine during the timed image."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(child_cmd(python, config, path, size, steps), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **env})
+    proc = subprocess.Popen(child_cmd(python, config, path, size, steps), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
     first = None
     done: dict[str, Any] = {}
     assert proc.stdout is not None

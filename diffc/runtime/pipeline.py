@@ -26,13 +26,12 @@ log = logging.getLogger("diffc.runtime")
 
 
 def _open_session(name: str, component: dict[str, Any], path: Path, threads: int, cache_key: str | None,
-                  cuda_graph: bool = True, ort_options: dict[str, Any] | None = None):
+                  cuda_graph: bool, ort_options: dict[str, Any]):
     backend = component["backend"]
     if backend == "onnxruntime":
         from diffc.engines.onnxruntime import Session
 
-        ort_options = ort_options or {}
-        if ort_options.get("memory_arena") == "shared":
+        if ort_options["memory_arena"] == "shared":
             arena = "shared"
         else:
             # "denoiser": only the UNet, which runs every step, keeps an arena of its own: the text encoder and the
