@@ -28,11 +28,13 @@ def test_round_trip_through_dict():
     assert q.to_dict() | {"source": ""} == p.to_dict() | {"source": ""}
 
 
-def test_onnxruntime_table_round_trips():
-    p = load_profile("cpu-int8")
-    assert p.onnxruntime["memory_arena"] == "shared"
-    assert Profile.from_dict(p.to_dict(), where="manifest").onnxruntime == p.onnxruntime
-    assert load_profile("cpu").onnxruntime.get("memory_arena", "denoiser") == "denoiser"
+def test_onnxruntime_table_round_trips(tmp_path):
+    for name in ("cpu", "cpu-int8", "cpu-cache"):
+        p = load_profile(name)
+        assert p.onnxruntime["memory_arena"] == "shared", name
+        assert Profile.from_dict(p.to_dict(), where="manifest").onnxruntime == p.onnxruntime
+    # a profile that does not say keeps what the runtime did before the field existed
+    assert load_profile(_write(tmp_path, 'name = "mine"\n')).onnxruntime["memory_arena"] == "denoiser"
 
 
 def test_cache_profile_round_trips_and_others_leave_it_off():

@@ -209,10 +209,9 @@ def test_host_engine_cache(artifact, tmp_path, monkeypatch):
     assert not any(s.from_cache for s in uncached.sessions.values())
     images = [p("a handwritten digit four", seed=4) for p in (first, second, uncached)]
     assert np.abs(images[0] - images[1]).max() <= 1e-6 and np.abs(images[0] - images[2]).max() <= 1e-6
-    # only the UNet, run every step, keeps onnxruntime's memory arena; the once-per-image components do not
+    # a session opened from the cache keeps the profile's arena policy (the cpu profile's one shared arena)
     for p in (first, second):
-        arenas = {n: s._sess.get_session_options().enable_cpu_mem_arena for n, s in p.sessions.items()}
-        assert arenas == {"text_encoder": False, "unet": True, "vae_decoder": False}
+        assert all(_uses_shared_arena(o) for o in _options(p).values())
 
 
 def test_host_cache_size_limit_and_damaged_entries(artifact, tmp_path, monkeypatch):
@@ -336,24 +335,26 @@ def _uses_shared_arena(options) -> bool:
 
 def test_profile_onnxruntime_table_reaches_the_sessions(artifact, copy):
     """Threads and the memory-arena policy come from the profile's [onnxruntime] table; load() overrides it."""
-    plain = load(artifact, progress=False)
-    opts = _options(plain)
-    assert opts["unet"].enable_cpu_mem_arena
-    assert not opts["text_encoder"].enable_cpu_mem_arena and not opts["vae_decoder"].enable_cpu_mem_arena
-    assert not any(_uses_shared_arena(o) for o in opts.values())
+    plain = load(artifact, progress=False)  # the cpu profile: one shared arena
+    for name, o in _options(plain).items():
+        # a session that keeps an arena allocates per buffer from it: no memory pattern, which would grow the arena
+        assert o.enable_cpu_mem_arena and _uses_shared_arena(o) and not o.enable_mem_pattern, name
 
-    _edit(copy, lambda m: m["profile"].update(onnxruntime={"intra_op_num_threads": 1, "memory_arena": "shared"}))
-    shared = load(copy, progress=False)
-    for name, o in _options(shared).items():
-        assert o.intra_op_num_threads == 1, name
-        assert o.enable_cpu_mem_arena and _uses_shared_arena(o), name
-    a = shared("a handwritten digit four", seed=5)
+    _edit(copy, lambda m: m["profile"].update(onnxruntime={"intra_op_num_threads": 1, "memory_arena": "denoiser"}))
+    denoiser = load(copy, progress=False)
+    opts = _options(denoiser)
+    assert all(o.intra_op_num_threads == 1 for o in opts.values())
+    assert opts["unet"].enable_cpu_mem_arena and not opts["unet"].enable_mem_pattern
+    for name in ("text_encoder", "vae_decoder"):
+        assert not opts[name].enable_cpu_mem_arena and opts[name].enable_mem_pattern, name
+    assert not any(_uses_shared_arena(o) for o in opts.values())
+    a = denoiser("a handwritten digit four", seed=5)
     b = plain("a handwritten digit four", seed=5)
     assert np.abs(a - b).max() <= 1e-5
 
-    overridden = load(copy, progress=False, threads=2, memory_arena="denoiser")
+    overridden = load(copy, progress=False, threads=2, memory_arena="shared")
     opts = _options(overridden)
-    assert opts["unet"].intra_op_num_threads == 2 and not opts["vae_decoder"].enable_cpu_mem_arena
+    assert opts["unet"].intra_op_num_threads == 2 and _uses_shared_arena(opts["vae_decoder"])
     with pytest.raises(InputError, match="memory arena policy 'everything' asked for.*denoiser"):
         load(copy, progress=False, memory_arena="everything")
     _edit(copy, lambda m: m["profile"].update(onnxruntime={"memory_arena": "pooled"}))
