@@ -74,8 +74,8 @@ def _session_options(threads: int = 0, inter_threads: int = 0, arena: str = "own
     # onnxruntime's memory pattern plans, from a session's first run, one block for all of a run's activations and
     # asks the allocator for it from the second run on; an arena still holding the first run's buffers grows by
     # that block (onnxruntime issue #14477). Per-buffer allocations from the arena instead: SD-1.5 at 512x512 peaks
-    # at 4.93 GiB instead of 5.59 (cpu-cache), 2.40 instead of 2.71 (int8 + cache), at the same speed. Without an
-    # arena the planned block is one malloc per run, freed after it.
+    # at 4.93 GiB instead of 5.59 (cpu-cache), 2.40 instead of 2.71 (int8 + cache); image times within this
+    # machine's run-to-run noise. Without an arena the planned block is one malloc per run, freed after it.
     opts.enable_mem_pattern = arena == "none"
     if arena == "shared":
         _register_shared_arena()
