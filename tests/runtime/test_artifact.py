@@ -48,6 +48,17 @@ def _edit(path: Path, fn):
     (path / "manifest.json").write_text(json.dumps(m))
 
 
+def _options(pipe):
+    return {name: s._sess.get_session_options() for name, s in pipe.sessions.items()}
+
+
+def _uses_shared_arena(options) -> bool:
+    try:
+        return options.get_session_config_entry("session.use_env_allocators") == "1"
+    except RuntimeError:  # onnxruntime raises for a key never set
+        return False
+
+
 def test_layout_and_schema(artifact):
     manifest = read_manifest(artifact)
     jsonschema.validate(manifest, json.loads(SCHEMA.read_text()))
@@ -320,17 +331,6 @@ def test_static_cfg_batch_keeps_uncond_at_guidance_one(copy):
     b = plain("a handwritten digit eight", seed=2, guidance=1.0)
     assert set(seen) == {2}
     assert np.abs(a - b).max() <= 1e-5
-
-
-def _options(pipe):
-    return {name: s._sess.get_session_options() for name, s in pipe.sessions.items()}
-
-
-def _uses_shared_arena(options) -> bool:
-    try:
-        return options.get_session_config_entry("session.use_env_allocators") == "1"
-    except RuntimeError:  # onnxruntime raises for a key never set
-        return False
 
 
 def test_profile_onnxruntime_table_reaches_the_sessions(artifact, copy):
