@@ -18,6 +18,9 @@ config), at each size and step count:
                    the trained demo model by benchmarks/quality.py)
   diffc_cpu_cache  the `cpu-cache` profile: fp32, cache reuse at branch 0, full UNet every 2nd step
   diffc_cpu_int8_cache  both: `cpu-int8` (calibrated as above) with `cpu-cache`'s [cache] table
+  diffc_openvino   the `cpu-openvino` profile: OpenVINO's CPU plugin, bf16 compute (AVX512-BF16 / AMX; fp32 on
+                   CPUs without them); needs the openvino extra, else the row says why it was skipped
+  diffc_openvino_cache  `cpu-openvino` with `cpu-cache`'s [cache] table
 
 Each configuration runs in fresh processes, --reps of them, taken in turn with the other rows (fp32, bf16,
 ..., diffc, then again: this machine's speed drifts, and so every row sees the drift alike). Each process
@@ -60,7 +63,8 @@ log = logging.getLogger("diffc.bench.end_to_end")
 PROMPT = "a photograph of an astronaut riding a horse"
 NEGATIVE = "blurry, low quality"
 GUIDANCE = 7.5
-DIFFC_CONFIGS = ("diffc_cpu", "diffc_cpu_int8", "diffc_cpu_cache", "diffc_cpu_int8_cache")
+DIFFC_CONFIGS = ("diffc_cpu", "diffc_cpu_int8", "diffc_cpu_cache", "diffc_cpu_int8_cache", "diffc_openvino",
+                 "diffc_openvino_cache")
 CONFIGS = ("diffusers_fp32", "diffusers_bf16", "optimum_ort", *DIFFC_CONFIGS)
 
 
@@ -118,6 +122,10 @@ def diffc_profile(config: str):
             profile.quantize, calibration_prompts=("a red bicycle by a brick wall", "a lighthouse at dusk, watercolor"),
             calibration_seeds=(0,), min_psnr_db=0.0))
         if config == "diffc_cpu_int8_cache":
+            profile = dataclasses.replace(profile, cache=load_profile("cpu-cache").cache)
+    if config in ("diffc_openvino", "diffc_openvino_cache"):
+        profile = load_profile("cpu-openvino")
+        if config == "diffc_openvino_cache":
             profile = dataclasses.replace(profile, cache=load_profile("cpu-cache").cache)
     return profile
 
@@ -359,7 +367,12 @@ def main() -> None:
         paths: dict[str, Path] = {"diffusers_fp32": model, "diffusers_bf16": model}
         skipped: dict[str, str] = {}
         setup_s: dict[str, float] = {}
+        from diffc.engines import openvino as openvino_engine
+
         for config in (c for c in DIFFC_CONFIGS if c in configs):
+            if config.startswith("diffc_openvino") and openvino_engine.available() is None:
+                skipped[config] = f"OpenVINO is not installed; {openvino_engine.EXTRA}"
+                continue
             t0 = time.perf_counter()
             paths[config] = build_diffc(model, work / f"sd15-{config}.diffc", config)
             setup_s[f"{config}_build"] = round(time.perf_counter() - t0, 1)

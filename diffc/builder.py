@@ -52,12 +52,28 @@ def _check_tensorrt(profile: Profile, graphs: dict[str, Path] | None = None) -> 
                                    graph=graphs[comp] if graphs else None, component=comp, profile=profile.name)
 
 
+def _check_openvino(profile: Profile) -> None:
+    from diffc.engines import openvino as ov_engine
+
+    if ov_engine.available() is None:
+        raise BackendUnavailableError(f"profile {profile.name!r} builds for OpenVINO, which is not installed; install "
+                                      f"it with {ov_engine.EXTRA}")
+    for comp, prec in profile.precision.items():
+        if prec.value not in ov_engine.PRECISIONS:
+            raise BackendUnavailableError(
+                f"profile {profile.name!r} asks for {prec.value} ({comp}); the openvino backend builds "
+                f"{' and '.join(ov_engine.PRECISIONS)} (int8 runs on onnxruntime: cpu-int8)")
+
+
 def _check_backend(profile: Profile) -> None:
     from diffc.quantization import check_quantization
 
     check_quantization(profile)  # fp8 on the CPU, int8 on a component diffc does not quantize
     if profile.backend in TENSORRT_BACKENDS:
         _check_tensorrt(profile)
+        return
+    if profile.backend is Backend.OPENVINO:
+        _check_openvino(profile)
         return
     if profile.backend is not Backend.ONNXRUNTIME:
         raise BackendUnavailableError(
@@ -195,6 +211,10 @@ def _versions(profile: Profile | None = None) -> dict[str, str]:
         from diffc.engines import tensorrt as trt_engine
 
         out[profile.backend.value] = trt_engine.version(profile.backend.value)
+    if profile is not None and profile.backend is Backend.OPENVINO:
+        from diffc.engines import openvino as ov_engine
+
+        out["openvino"] = ov_engine.version()
     return out
 
 
@@ -516,8 +536,11 @@ def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | P
             # int8/fp8 need Q/DQ graphs: refuse before the first engine is built, not after
             _check_tensorrt(prof, graphs)
         t0 = time.perf_counter()
+        use_ov = prof.backend is Backend.OPENVINO
+        if use_ov:
+            from diffc.engines import openvino as ov_engine
         shared: dict[str, dict[str, Any]] = {}
-        if cache is not None and not use_trt:
+        if cache is not None and prof.backend is Backend.ONNXRUNTIME:
             # one weights file for both UNet graphs: unet/model.onnx, unet/shallow.onnx, unet/weights.data
             shared = ort_engine.build_engines_sharing_weights(
                 {"unet": (graphs["unet"], tmp / "unet" / "model.onnx"),
@@ -535,16 +558,20 @@ def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | P
             else:
                 if name in shared:
                     info, folder = shared[name], "unet"
+                elif use_ov:
+                    info, folder = ov_engine.build_engine(onnx_path, tmp / name / ov_engine.ENGINE_FILE,
+                                                          precision=prof.precision_of(name).value), name
                 else:
                     info, folder = ort_engine.build_engine(onnx_path, tmp / name / "model.onnx"), name
                 files = [f"{folder}/{f}" for f in info["files"]]
-                io = _io(tmp / files[0])
+                io = _io(onnx_path if use_ov else tmp / files[0])
                 manifest_components[name] = {
                     "file": files[0],
                     "files": {f: sha256_file(tmp / f) for f in files},
                     "backend": info["backend"],
                     "backend_version": info["backend_version"],
-                    "backend_options": {"graph_optimization_applied": info["optimization"]},
+                    **({"backend_options": {"graph_optimization_applied": info["optimization"]}}
+                       if "optimization" in info else {}),
                     "precision": prof.precision_of(name).value,
                     **io,
                     "shape_ranges": ranges,
@@ -554,7 +581,8 @@ def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | P
             report["components"].setdefault(name, {}).update(
                 parity={k: ec[k] for k in ("max_abs_err", "rel_l2", "passed")}, **engine_report)
         report["timings"]["engines_s"] = round(time.perf_counter() - t0, 3)
-        if not use_trt:  # a TensorRT engine may be for a GPU this machine lacks: nothing to warm up here
+        # a TensorRT engine may be for a GPU this machine lacks, and OpenVINO keeps no per-host cache: nothing to warm
+        if prof.backend is Backend.ONNXRUNTIME:
             # Fill this host's engine cache now, so the first `diffc run` here starts as fast as later ones.
             t0 = time.perf_counter()
             open_sessions(tmp, {"components": manifest_components, "text_encoders": []}, verify=False)

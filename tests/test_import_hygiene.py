@@ -1,5 +1,6 @@
 """The runtime install must not need torch: importing diffc, diffc.runtime or running `diffc --help` must not
-pull torch, diffusers, transformers or tensorrt into the process (checked in a fresh subprocess)."""
+pull torch, diffusers, transformers, tensorrt or openvino into the process (checked in a fresh subprocess); a backend
+loads only when an artifact built for it is opened."""
 
 import json
 import subprocess
@@ -8,7 +9,7 @@ import sys
 import pytest
 
 HEAVY = ("torch", "diffusers", "transformers", "tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings", "tensorrt_rtx_libs",
-         "onnxscript")
+         "onnxscript", "openvino")
 #: cuda-bindings' .pth file imports the empty ``cuda`` namespace at interpreter start; the bindings are the heavy part
 HEAVY_PREFIXES = ("cuda.bindings", "cuda.cudart")
 

@@ -7,7 +7,7 @@ into what the target backend runs fast, and refuse graphs the target cannot run 
 ``cleanup``        constant folding, shape simplification, dead / identity / duplicate node elimination
 ``legalize_norms`` GroupNorm into the target's fast form; LayerNorm and GELU fusions where it has kernels
 ``fuse_attention`` decomposed attention -> ``MultiHeadAttention`` / opset-23 ``Attention`` (onnxruntime only)
-``check_ops``      refuse ops the target cannot run (CUDA-only contrib ops on CPU, any contrib op on TensorRT)
+``check_ops``      refuse ops the target cannot run (CUDA-only contrib ops on CPU, any contrib op elsewhere)
 =================  ==========================================================================================
 
 Usage::
@@ -19,7 +19,7 @@ Usage::
 Options are plain keywords (a profile's ``[passes]`` table maps onto them one to one):
 
 ``attention``   ``"mha"`` | ``"attention23"`` | ``"none"`` (onnxruntime default ``"mha"``: measured faster than
-                opset-23 Attention on the CPU provider at SD-1.5 shapes; TensorRT: only ``"none"``)
+                opset-23 Attention on the CPU provider at SD-1.5 shapes; TensorRT and OpenVINO: only ``"none"``)
 ``groupnorm``   ``"instance_norm"`` | ``"group_normalization"`` | ``"keep"`` (onnxruntime default
                 ``"instance_norm"``: measured faster than its GroupNormalization-21 kernel; TensorRT default
                 ``"group_normalization"``)
@@ -49,7 +49,7 @@ __all__ = ["PassSpec", "PassError", "PassOptionError", "TARGETS", "ATTENTION_KIN
 
 log = logging.getLogger("diffc.passes")
 
-TARGETS = ("onnxruntime", "tensorrt", "tensorrt_rtx")
+TARGETS = ("onnxruntime", "tensorrt", "tensorrt_rtx", "openvino")
 #: values of the ``attention`` option (fuse_attention's ``kind``)
 ATTENTION_KINDS = ("mha", "attention23", "none")
 #: layer roles the quantize pass can leave in float (``[quantize].keep_float``); see diffc.passes.quantize
@@ -66,6 +66,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                  "quick_gelu": False, "disable": ()},
 }
 DEFAULTS["tensorrt_rtx"] = dict(DEFAULTS["tensorrt"])
+#: OpenVINO fuses MatMul-Softmax-MatMul attention itself (its CPU plugin's scaled-dot-product subgraph) and runs
+#: the InstanceNormalization form of GroupNorm as one MVN; it knows no onnxruntime contrib ops
+DEFAULTS["openvino"] = {"attention": "none", "groupnorm": "instance_norm", "layernorm": True, "gelu": True,
+                        "quick_gelu": False, "disable": ()}
 
 PASS_NAMES = ("cleanup", "legalize_norms", "fuse_attention", "check_ops")
 
@@ -125,8 +129,8 @@ def resolve_options(target: str, options: Mapping[str, Any]) -> dict[str, Any]:
     if target != "onnxruntime":
         if opts["attention"] != "none":
             raise PassOptionError(
-                f"[passes].attention = {opts['attention']!r} is not available for {target}: TensorRT fuses "
-                "MatMul-Softmax-MatMul attention itself and cannot parse contrib MultiHeadAttention; use 'none'")
+                f"[passes].attention = {opts['attention']!r} is not available for {target}: it fuses "
+                "MatMul-Softmax-MatMul attention itself and cannot read contrib MultiHeadAttention; use 'none'")
         if opts["quick_gelu"]:
             raise PassOptionError(f"[passes].quick_gelu emits an onnxruntime contrib op; {target} cannot run it")
     return opts
@@ -135,7 +139,7 @@ def resolve_options(target: str, options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def pass_list(target: str, **options: Any) -> list[PassSpec]:
-    """The ordered passes for ``target`` ("onnxruntime" | "tensorrt" | "tensorrt_rtx") with ``options``
+    """The ordered passes for ``target`` (one of :data:`TARGETS`) with ``options``
     (see the module docstring) applied over the target's defaults. Raises :class:`PassOptionError`."""
     from diffc.passes.check_ops import CheckTargetOpsPass
     from diffc.passes.cleanup import CleanupPass

@@ -9,7 +9,8 @@ naming the ops and what to do, and runs last so it also catches what an input gr
 * ``onnxruntime`` (CPU provider): ONNX-domain ops, plus the ``com.microsoft`` ops in :data:`ORT_CPU_CONTRIB`
   (ops onnxruntime registers a CPU kernel for and that diffc may emit or meet); anything else from a
   non-ONNX domain is refused. ``MultiHeadAttention`` must have separate Q/K/V (packed QKV is CUDA-only).
-* ``tensorrt`` / ``tensorrt_rtx``: ONNX-domain ops only -- TensorRT's parser knows no contrib ops.
+* ``tensorrt`` / ``tensorrt_rtx`` / ``openvino``: ONNX-domain ops only -- their ONNX readers know no
+  onnxruntime contrib ops (OpenVINO's knows a few, not the ones diffc would emit).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 
 import onnx_ir as ir
 
+from diffc.passes import TARGETS
 from diffc.passes._base import MS_DOMAIN, DiffcPass, PassError, PassOptionError
 
 log = logging.getLogger("diffc.passes.check_ops")
@@ -35,7 +37,6 @@ CUDA_ONLY_CONTRIB = frozenset({
     "PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention", "DecoderMaskedSelfAttention",
     "GemmFastGelu", "BiasDropout", "RemovePadding", "RestorePadding",
 })
-TARGETS = ("onnxruntime", "tensorrt", "tensorrt_rtx")
 
 
 class CheckTargetOpsPass(DiffcPass):

@@ -23,6 +23,7 @@ class Backend(str, enum.Enum):
     ONNXRUNTIME = "onnxruntime"
     TENSORRT = "tensorrt"
     TENSORRT_RTX = "tensorrt_rtx"
+    OPENVINO = "openvino"
 
 
 class Precision(str, enum.Enum):

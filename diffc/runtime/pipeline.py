@@ -41,6 +41,10 @@ def _open_session(name: str, component: dict[str, Any], path: Path, threads: int
             arena = "own" if base_component(name) == "unet" else "none"
         return Session(path, threads=threads or ort_options.get("intra_op_num_threads", 0),
                        inter_threads=ort_options.get("inter_op_num_threads", 0), cache_key=cache_key, arena=arena)
+    if backend == "openvino":
+        from diffc.engines.openvino import Session
+
+        return Session(path, precision=component["precision"], threads=threads)
     if backend in ("tensorrt", "tensorrt_rtx"):
         # checks TensorRT version and GPU architecture against the record before deserializing
         from diffc.engines.tensorrt import Session

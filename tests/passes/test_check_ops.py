@@ -41,6 +41,7 @@ def test_cpu_legal_contrib_ops_pass_unchanged(kit):
     (PACKED, "onnxruntime", "packed QKV"),
     (CONTRIB, "tensorrt", "tensorrt cannot parse contrib"),
     (CONTRIB, "tensorrt_rtx", "tensorrt_rtx cannot parse contrib"),
+    (CONTRIB, "openvino", "openvino cannot parse contrib"),
 ])
 def test_illegal_ops_raise_a_typed_error(kit, text, target, needle):
     import onnx_ir as ir

@@ -22,6 +22,18 @@ def test_cpu_profile_values():
     assert p.height is None  # derived from the model
 
 
+def test_openvino_profile_values():
+    from diffc.passes import pass_list
+
+    p = load_profile("cpu-openvino")
+    assert p.backend is Backend.OPENVINO
+    assert {p.precision_of(c) for c in ("text_encoder", "unet", "vae_decoder")} == {Precision.BF16}
+    # OpenVINO fuses attention itself and reads no contrib ops
+    names = [spec.name for spec in pass_list(p.backend.value, **p.passes)]
+    assert "fuse_attention" not in names and "check_ops" in names
+    assert Profile.from_dict(p.to_dict(), where="manifest").to_dict() | {"source": ""} == p.to_dict() | {"source": ""}
+
+
 def test_round_trip_through_dict():
     p = load_profile("cpu")
     q = Profile.from_dict(p.to_dict(), where="manifest")

@@ -1,0 +1,143 @@
+"""The OpenVINO backend (cpu-openvino): OpenVINO IR converted at build time, compiled by its CPU plugin at load.
+
+Checked component by component against the onnxruntime artifact of the same profile (fp32: the same numbers;
+bf16: close, and really bf16 where the CPU has bf16 instructions) and end to end by the image."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'diffc[openvino]')")
+jsonschema = pytest.importorskip("jsonschema")
+
+import diffc  # noqa: E402
+from diffc.engines import openvino as ov_engine  # noqa: E402
+from diffc.errors import BackendUnavailableError, InputError, ProfileError  # noqa: E402
+from diffc.profiles import load_profile  # noqa: E402
+from diffc.profiles.schema import Precision  # noqa: E402
+from diffc.runtime import load  # noqa: E402
+
+PROMPT = "a handwritten digit seven"
+SCHEMA = Path(diffc.__file__).parent / "runtime" / "manifest.schema.json"
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """The demo with cache reuse (cpu-cache's [cache] table) built three ways: cpu-openvino (bf16), cpu-openvino
+    with fp32 precision, and cpu-cache (onnxruntime fp32)."""
+    root = tmp_path_factory.mktemp("ov")
+    cache = load_profile("cpu-cache").cache
+    bf16 = dataclasses.replace(load_profile("cpu-openvino"), name="ov-bf16-cache", cache=cache)
+    fp32 = dataclasses.replace(bf16, name="ov-fp32-cache", precision={"default": Precision.FP32})
+    return {"bf16": diffc.build("demo", bf16, root / "bf16.diffc", progress=False),
+            "fp32": diffc.build("demo", fp32, root / "fp32.diffc", progress=False),
+            "ort": diffc.build("demo", "cpu-cache", root / "ort.diffc", progress=False)}
+
+
+def _feeds(pipe, name: str) -> dict[str, np.ndarray]:
+    """Random inputs for a demo component (batch 2, 16x16 latents); the shallow UNet's cached feature is what the
+    full UNet of ``pipe`` emits for the same inputs."""
+    rng = np.random.default_rng(0)
+    if name == "text_encoder":
+        return {"input_ids": rng.integers(0, 1000, (2, 77)).astype(np.int64)}
+    if name == "vae_decoder":
+        return {"latent_sample": rng.standard_normal((2, 4, 16, 16)).astype(np.float32)}
+    feeds = {"sample": rng.standard_normal((2, 4, 16, 16)).astype(np.float32),
+             "timestep": np.array([999.0, 1.0], np.float32),
+             "encoder_hidden_states": rng.standard_normal((2, 77, 32)).astype(np.float32)}
+    if name == "unet_shallow":
+        feature = pipe.cache["feature"]
+        feeds[feature] = pipe.sessions["unet"].run(feeds, [feature])[feature]
+    return feeds
+
+
+def test_manifest_and_files(artifacts):
+    for precision in ("bf16", "fp32"):
+        art = artifacts[precision]
+        m = json.loads((art / "manifest.json").read_text())
+        jsonschema.validate(m, json.loads(SCHEMA.read_text()))
+        assert m["profile"]["backend"] == "openvino" and "openvino" in m["build"]["versions"]
+        for name, c in m["components"].items():
+            assert c["backend"] == "openvino" and c["precision"] == precision, name
+            assert sorted(c["files"]) == [f"{name}/model.bin", f"{name}/model.xml"] and c["file"].endswith(".xml")
+    # bf16 components keep fp16 weights: half the bytes of the fp32 build's
+    size = {p: (artifacts[p] / "unet" / "model.bin").stat().st_size for p in ("bf16", "fp32")}
+    assert 0.45 < size["bf16"] / size["fp32"] < 0.55, size
+
+
+@pytest.mark.parametrize("name", ["text_encoder", "unet", "unet_shallow", "vae_decoder"])
+def test_components_match_onnxruntime(artifacts, name):
+    """OpenVINO fp32 gives onnxruntime's numbers for each component; bf16 stays close (and differs where the CPU
+    computes in bf16, so the precision really reaches the plugin)."""
+    pipes = {k: load(v, progress=False) for k, v in artifacts.items()}
+    feeds = _feeds(pipes["ort"], name)
+    ref = pipes["ort"].sessions[name].run(feeds)
+    fp32 = pipes["fp32"].sessions[name].run(feeds)
+    bf16 = pipes["bf16"].sessions[name].run(feeds)
+    assert fp32.keys() == bf16.keys() == ref.keys()
+    for out, r in ref.items():
+        scale = float(np.abs(r).max()) or 1.0
+        assert np.abs(fp32[out] - r).max() <= 1e-4 * scale, out
+        rel = float(np.linalg.norm(bf16[out] - r) / (np.linalg.norm(r) or 1.0))
+        assert rel < 0.05, (out, rel)
+        if ov_engine.native_bf16() and r.dtype == np.float32:
+            assert rel > 0, out
+
+
+def test_image_matches_onnxruntime(artifacts):
+    images = {k: load(v, progress=False)(PROMPT, seed=0) for k, v in artifacts.items()}
+    assert images["bf16"].shape == images["ort"].shape == (1, 32, 32, 3)
+    assert np.abs(images["fp32"] - images["ort"]).max() < 1e-3
+    psnr = 10 * np.log10(1.0 / max(float(np.mean((images["bf16"] - images["ort"]) ** 2)), 1e-12))
+    assert psnr > 30, psnr
+
+
+def test_cache_reuse_runs_the_shallow_unet(artifacts):
+    pipe = load(artifacts["bf16"], progress=False)
+    calls = []
+    shallow = pipe.sessions["unet_shallow"]
+    real = shallow.run
+    shallow.run = lambda feeds, outputs=None: calls.append(1) or real(feeds, outputs)
+    cached = pipe(PROMPT, seed=0)
+    shallow_steps = pipe.full_steps().count(False)
+    assert len(calls) == shallow_steps > 0
+    pipe.set_cache_schedule(None)  # the full UNet on every step: the shallow one is not called again
+    full = pipe(PROMPT, seed=0)
+    assert len(calls) == shallow_steps
+    assert np.isfinite(cached).all() and not np.array_equal(cached, full)
+
+
+def test_runtime_does_not_import_torch(artifacts):
+    code = (
+        "import sys\nfrom diffc.runtime import load\n"
+        f"img = load({str(artifacts['bf16'])!r}, progress=False)('a cat', seed=1)\n"
+        "assert img.shape[-1] == 3\n"
+        "bad = [m for m in ('torch', 'diffusers', 'transformers', 'onnxruntime.transformers') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_refusals(artifacts, tmp_path, monkeypatch):
+    int8 = tmp_path / "ov-int8.toml"
+    int8.write_text('name = "ov-int8"\nbackend = "openvino"\n[precision]\nunet = "int8"\n')
+    with pytest.raises(BackendUnavailableError, match="int8 runs on onnxruntime"):
+        diffc.build("demo", int8, tmp_path / "a", progress=False)
+    mha = tmp_path / "ov-mha.toml"
+    mha.write_text('name = "ov-mha"\nbackend = "openvino"\n[passes]\nattention = "mha"\n')
+    with pytest.raises(ProfileError, match="attention = .mha. is not available for openvino"):
+        diffc.build("demo", mha, tmp_path / "b", progress=False)
+    with pytest.raises(InputError, match="fp16"):
+        ov_engine.Session(artifacts["bf16"] / "unet" / "model.xml", precision="fp16")
+    monkeypatch.setattr(ov_engine, "available", lambda: None)
+    with pytest.raises(BackendUnavailableError, match=r"diffc\[openvino\]"):
+        diffc.build("demo", "cpu-openvino", tmp_path / "c", progress=False)
+    assert not any(tmp_path.glob("[abc]"))
