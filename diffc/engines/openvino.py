@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +59,13 @@ def version() -> str:
     return _ov().get_version()
 
 
+def _native_bf16(core) -> bool:
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 def native_bf16() -> bool:
     """Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX); without it OpenVINO computes in fp32."""
-    core = _ov().Core()
-    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return _native_bf16(_ov().Core())
 
 
 #: the engine files of a component, in its folder
@@ -110,6 +114,9 @@ class Session:
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         core = ov.Core()
+        if precision == "bf16" and not _native_bf16(core):
+            log.warning("this CPU has no bf16 instructions (AVX512-BF16 or AMX): OpenVINO runs %s in fp32", path)
+        t0 = time.perf_counter()
         try:
             model = core.read_model(str(path))
             # the IR's ports carry one name each (build_engine): read them here, since compiling merges inner
@@ -121,6 +128,7 @@ class Session:
             raise ArtifactError(f"OpenVINO cannot compile {path}: {e}; rebuild the artifact with `diffc build`") from e
         self._request = self._compiled.create_infer_request()
         self.precision = precision
+        log.debug("OpenVINO compiled %s (%s) in %.2f s", path, precision, time.perf_counter() - t0)
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         missing = [n for n in self.input_names if n not in feeds]
