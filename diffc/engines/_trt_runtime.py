@@ -28,6 +28,7 @@ from diffc.engines._trt_common import (
     default_cache_dir,
     version,
 )
+from diffc.engines import check_feeds
 from diffc.errors import ArtifactError, BackendUnavailableError, InputError
 
 log = logging.getLogger("diffc.engines.tensorrt")
@@ -202,9 +203,7 @@ class Session:
             self.context.set_tensor_address(n, self._buffers[n].ptr)
 
     def run(self, feeds: Mapping[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
-        missing = [n for n in self.input_names if n not in feeds]
-        if missing:
-            raise InputError(f"missing inputs {missing} for this engine (it takes {self.input_names})")
+        check_feeds(self.input_names, feeds)
         host = {}
         for n in self.input_names:
             arr = np.ascontiguousarray(feeds[n], dtype=self._dtypes[n])

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from diffc._fs import host_cache_dir, touch, trim_cache
+from diffc.engines import check_feeds
 from diffc.errors import ArtifactError, BackendUnavailableError, InputError
 
 log = logging.getLogger("diffc.engines.onnxruntime")
@@ -246,9 +247,7 @@ class Session:
             raise ArtifactError(f"onnxruntime cannot load {path}: {e}; rebuild the artifact with `diffc build`") from e
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
-        missing = [n for n in self.input_names if n not in feeds]
-        if missing:
-            raise InputError(f"missing inputs {missing} for this engine (it takes {self.input_names})")
+        check_feeds(self.input_names, feeds)
         names = outputs or self.output_names
         values = self._sess.run(names, {n: feeds[n] for n in self.input_names})
         return dict(zip(names, values))

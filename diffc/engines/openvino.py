@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from diffc.engines import check_feeds
 from diffc.errors import ArtifactError, BackendUnavailableError, InputError
 
 log = logging.getLogger("diffc.engines.openvino")
@@ -59,13 +60,11 @@ def version() -> str:
     return _ov().get_version()
 
 
-def _native_bf16(core) -> bool:
+def native_bf16(core=None) -> bool:
+    """Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX); without it OpenVINO computes in fp32.
+    ``core``: an ``openvino.Core`` to ask (a new one if None)."""
+    core = core or _ov().Core()
     return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-
-
-def native_bf16() -> bool:
-    """Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX); without it OpenVINO computes in fp32."""
-    return _native_bf16(_ov().Core())
 
 
 #: the engine files of a component, in its folder
@@ -114,7 +113,7 @@ class Session:
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         core = ov.Core()
-        if precision == "bf16" and not _native_bf16(core):
+        if precision == "bf16" and not native_bf16(core):
             log.warning("this CPU has no bf16 instructions (AVX512-BF16 or AMX): OpenVINO runs %s in fp32", path)
         t0 = time.perf_counter()
         try:
@@ -131,9 +130,7 @@ class Session:
         log.debug("OpenVINO compiled %s (%s) in %.2f s", path, precision, time.perf_counter() - t0)
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
-        missing = [n for n in self.input_names if n not in feeds]
-        if missing:
-            raise InputError(f"missing inputs {missing} for this engine (it takes {self.input_names})")
+        check_feeds(self.input_names, feeds)
         self._request.infer([np.ascontiguousarray(feeds[n]) for n in self.input_names])
         # the request's output buffers are reused by the next run: copy what is returned
         return {n: self._request.get_output_tensor(self.output_names.index(n)).data.copy()

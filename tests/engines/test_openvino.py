@@ -42,6 +42,13 @@ def artifacts(tmp_path_factory):
             "ort": diffc.build("demo", "cpu-cache", root / "ort.diffc", progress=False)}
 
 
+@pytest.fixture(scope="module")
+def pipes(artifacts):
+    """Each artifact loaded once, for the tests that only run it (the cache test changes its pipeline: it loads
+    its own)."""
+    return {k: load(v, progress=False) for k, v in artifacts.items()}
+
+
 def _feeds(pipe, name: str) -> dict[str, np.ndarray]:
     """Random inputs for a demo component (batch 2, 16x16 latents); the shallow UNet's cached feature is what the
     full UNet of ``pipe`` emits for the same inputs."""
@@ -74,10 +81,9 @@ def test_manifest_and_files(artifacts):
 
 
 @pytest.mark.parametrize("name", ["text_encoder", "unet", "unet_shallow", "vae_decoder"])
-def test_components_match_onnxruntime(artifacts, name):
+def test_components_match_onnxruntime(pipes, name):
     """OpenVINO fp32 gives onnxruntime's numbers for each component; bf16 stays close (and differs where the CPU
     computes in bf16, so the precision really reaches the plugin)."""
-    pipes = {k: load(v, progress=False) for k, v in artifacts.items()}
     feeds = _feeds(pipes["ort"], name)
     ref = pipes["ort"].sessions[name].run(feeds)
     fp32 = pipes["fp32"].sessions[name].run(feeds)
@@ -92,8 +98,8 @@ def test_components_match_onnxruntime(artifacts, name):
             assert rel > 0, out
 
 
-def test_image_matches_onnxruntime(artifacts):
-    images = {k: load(v, progress=False)(PROMPT, seed=0) for k, v in artifacts.items()}
+def test_image_matches_onnxruntime(pipes):
+    images = {k: pipe(PROMPT, seed=0) for k, pipe in pipes.items()}
     assert images["bf16"].shape == images["ort"].shape == (1, 32, 32, 3)
     assert np.abs(images["fp32"] - images["ort"]).max() < 1e-3
     psnr = 10 * np.log10(1.0 / max(float(np.mean((images["bf16"] - images["ort"]) ** 2)), 1e-12))
