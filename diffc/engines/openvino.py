@@ -2,19 +2,20 @@
 
 Why OpenVINO beside onnxruntime: onnxruntime's x86 CPU kernels compute in fp32 (or int8); OpenVINO's CPU plugin
 has bf16 kernels (AVX512-BF16 / AMX) for convolutions, GEMMs and a fused attention it finds in the graph by
-itself. SD-1.5's architecture at 512x512 on a 2-core AVX512-BF16 Xeon: a UNet step (batch 2) 4.8-5.4 s in bf16
-vs 8.5 s on onnxruntime fp32; the VAE decoder 6.4 s vs 12.8 s (output rel. L2 error 2.2-2.4% vs fp32 with
-random weights).
+itself. SD-1.5's architecture at 512x512 on a 2-core AVX512-BF16 AMD EPYC: a UNet step (batch 2) 4.5-5.4 s in
+bf16 vs 8.5 s on onnxruntime fp32; the VAE decoder 6.4 s vs 12.8 s (output rel. L2 error 2.2-2.4% vs fp32
+with random weights).
 
 What an engine is here: the graph after diffc's passes for the ``openvino`` target (no contrib ops, attention
 left decomposed for OpenVINO to fuse), converted to OpenVINO IR at build time. A ``bf16`` component keeps its
 weights in fp16 in ``model.bin`` (OpenVINO's weight compression; the plugin turns them into bf16 when it packs
-them, so nothing is lost that bf16 compute would keep): the SD-1.5 UNet's file is 1.7 GB instead of 3.4, and
-since the compiled model keeps the file mapped, its resident memory after a 512x512 step is 3.7 GiB instead of
-5.8 with the fp32 ONNX graph. An ``fp32`` component keeps fp32 weights. The precision is the plugin's
-inference precision hint, set when the session compiles the graph. Nothing is cached per host: compiling the
-UNet takes 2-3 s (weights are packed on the first run), while importing OpenVINO's exported compiled model
-(3.4 GB) took 8.7-12.6 s.
+them, so nothing is lost that bf16 compute would keep): the SD-1.5 UNet's file is 1.7 GB instead of 3.4. An
+``fp32`` component keeps fp32 weights. The precision is the plugin's inference precision hint, set when the
+session compiles the graph. Memory: the compiled model keeps the weights file mapped beside its packed copy,
+so the session drops the file's pages once compiled (SD-1.5 UNet after a 512x512 step: 1.9 GiB resident
+instead of 3.5; 5.8 with the fp32 ONNX graph of the first version). Nothing is cached per host: compiling the
+UNet for static shapes takes 3-4 s, while importing OpenVINO's cached compiled model (1.6 GB) took 1.9 s but
+raised the process's peak memory to 5.0 GiB and kept the blob's pages resident.
 """
 
 from __future__ import annotations
@@ -102,6 +103,13 @@ class Session:
 
     ``precision``: ``bf16`` or ``fp32`` (the plugin's inference precision hint); ``threads`` 0: OpenVINO's
     latency default (one stream over the physical cores).
+
+    The IR is read here and compiled by the first ``run``, for its inputs' shapes: with static shapes the plugin
+    packs the weights while compiling, where with the IR's dynamic shapes it packed them during the first
+    inference, 2.6 s slower for the SD-1.5 UNet at 512x512 (compiling takes ~1 s longer). A run with other
+    shapes compiles again for its own, replacing the compiled model (the loop gives each component one shape
+    per image size and batch). After compiling, the session drops the IR's weight pages from its resident memory
+    (:func:`_drop_file_pages`): the plugin has its packed copy and does not read the file again.
     """
 
     def __init__(self, path: str | os.PathLike, *, precision: str = "fp32", threads: int = 0):
@@ -109,29 +117,85 @@ class Session:
         if precision not in PRECISIONS:
             raise InputError(f"OpenVINO sessions run {sorted(PRECISIONS)}, not {precision!r}; rebuild the artifact "
                              "with the cpu-openvino profile")
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
+        self._config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision],
+                                        "PERFORMANCE_HINT": "LATENCY"}
         if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
-        core = ov.Core()
-        if precision == "bf16" and not native_bf16(core):
+            self._config["INFERENCE_NUM_THREADS"] = int(threads)
+        self._core = ov.Core()
+        if precision == "bf16" and not native_bf16(self._core):
             log.warning("this CPU has no bf16 instructions (AVX512-BF16 or AMX): OpenVINO runs %s in fp32", path)
+        self.path, self.precision = Path(path), precision
+        try:
+            self._model = self._core.read_model(str(path))
+        except Exception as e:  # OpenVINO raises RuntimeError for a bad or unreadable file
+            raise ArtifactError(f"OpenVINO cannot read {path}: {e}; rebuild the artifact with `diffc build`") from e
+        # the IR's ports carry one name each (build_engine): read them here, since compiling merges inner tensor
+        # names into the output ports; the compiled model keeps the ports' order
+        self.input_names = [p.get_any_name() for p in self._model.inputs]
+        self.output_names = [p.get_any_name() for p in self._model.outputs]
+        self._shapes: tuple[tuple[int, ...], ...] | None = None
+        self._compiled = self._request = None
+
+    def _compile(self, shapes: tuple[tuple[int, ...], ...]) -> None:
+        self._compiled = self._request = None  # the old packed weights go before the new ones are made
         t0 = time.perf_counter()
         try:
-            model = core.read_model(str(path))
-            # the IR's ports carry one name each (build_engine): read them here, since compiling merges inner
-            # tensor names into the output ports; the compiled model keeps the ports' order
-            self.input_names = [p.get_any_name() for p in model.inputs]
-            self.output_names = [p.get_any_name() for p in model.outputs]
-            self._compiled = core.compile_model(model, "CPU", config)
-        except Exception as e:  # OpenVINO raises RuntimeError for a bad or unreadable file
-            raise ArtifactError(f"OpenVINO cannot compile {path}: {e}; rebuild the artifact with `diffc build`") from e
+            self._model.reshape(dict(zip(self.input_names, (list(s) for s in shapes))))
+        except Exception as e:
+            raise InputError(f"{self.path.parent.name}: inputs of shapes {dict(zip(self.input_names, shapes))} do not "
+                             f"fit the graph: {e}") from e
+        try:
+            self._compiled = self._core.compile_model(self._model, "CPU", self._config)
+        except Exception as e:
+            raise ArtifactError(f"OpenVINO cannot compile {self.path}: {e}; rebuild the artifact with "
+                                "`diffc build`") from e
         self._request = self._compiled.create_infer_request()
-        self.precision = precision
-        log.debug("OpenVINO compiled %s (%s) in %.2f s", path, precision, time.perf_counter() - t0)
+        self._shapes = shapes
+        dropped = _drop_file_pages(self.path.with_suffix(".bin"))
+        log.debug("OpenVINO compiled %s (%s) for %s in %.2f s; %.0f MiB of weight pages dropped", self.path,
+                  self.precision, shapes, time.perf_counter() - t0, dropped / 2**20)
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         check_feeds(self.input_names, feeds)
-        self._request.infer([np.ascontiguousarray(feeds[n]) for n in self.input_names])
+        arrays = [np.ascontiguousarray(feeds[n]) for n in self.input_names]
+        shapes = tuple(a.shape for a in arrays)
+        if shapes != self._shapes:
+            self._compile(shapes)
+        self._request.infer(arrays)
         # the request's output buffers are reused by the next run: copy what is returned
         return {n: self._request.get_output_tensor(self.output_names.index(n)).data.copy()
                 for n in outputs or self.output_names}
+
+
+#: madvise(2) advice that unmaps a range's pages from this process (Linux); file pages are read again on access
+_MADV_DONTNEED = 4
+
+
+def _drop_file_pages(path: Path) -> int:
+    """Drop the pages of ``path``'s read-only mappings from this process's resident memory; returns the bytes
+    of mapping advised. OpenVINO maps the IR's weights file and keeps the mapping after the plugin has packed
+    its own copy of the weights, so every weight page it read while compiling stayed resident twice (the SD-1.5
+    UNet: 1.66 GiB of file pages beside 1.85 GiB for the compiled model). A read-only mapping holds nothing
+    that the file does not, so the pages can go; should OpenVINO read the file again they are read back.
+    Linux only (``/proc/self/maps``); elsewhere nothing is done."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read().splitlines()
+    except OSError:
+        return 0
+    target = str(path.resolve())
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    dropped = 0
+    for line in maps:
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or fields[5] != target or "w" in fields[1]:
+            continue
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if libc.madvise(start, end - start, _MADV_DONTNEED) == 0:
+            dropped += end - start
+        else:
+            log.debug("madvise on %s failed: errno %d", target, ctypes.get_errno())
+    return dropped

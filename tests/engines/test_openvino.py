@@ -98,6 +98,42 @@ def test_components_match_onnxruntime(pipes, name):
             assert rel > 0, out
 
 
+def _mapped_rss_kib(path: Path) -> int | None:
+    """Resident KiB of this process's mappings of ``path`` (None: no such mapping)."""
+    target, rss, inside = str(path.resolve()), None, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and fields[0][0] in "0123456789abcdef" and ":" in fields[3]:
+                inside = len(fields) >= 6 and " ".join(fields[5:]) == target
+            elif inside and fields[0] == "Rss:":
+                rss = (rss or 0) + int(fields[1])
+    return rss
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
+def test_session_compiles_per_shape_and_drops_weight_pages(artifacts, pipes, monkeypatch):
+    """A session compiles for the shapes it is run with (again when they change, close to onnxruntime at each),
+    and once compiled keeps none of the IR's weights file resident (bf16: the plugin reads every weight into
+    its packed bf16 copy; fp32 reads some in place, which come back on use); without that drop the file's pages
+    would be resident (so the check can fail)."""
+    path = artifacts["bf16"] / "unet" / "model.xml"
+    weights = path.with_suffix(".bin")
+    feeds = _feeds(pipes["ort"], "unet")
+    session = ov_engine.Session(path, precision="bf16")
+    for batch in (2, 1, 2):
+        part = {k: v[:batch] for k, v in feeds.items()}
+        out, ref = session.run(part)["out_sample"], pipes["ort"].sessions["unet"].run(part)["out_sample"]
+        assert out.shape[0] == batch and np.linalg.norm(out - ref) < 0.05 * np.linalg.norm(ref)
+        assert session._shapes[0][0] == batch
+        assert _mapped_rss_kib(weights) == 0
+    del session
+    monkeypatch.setattr(ov_engine, "_drop_file_pages", lambda path: 0)
+    kept = ov_engine.Session(path, precision="bf16")
+    kept.run(feeds)
+    assert _mapped_rss_kib(weights) > 0
+
+
 def test_image_matches_onnxruntime(pipes):
     images = {k: pipe(PROMPT, seed=0) for k, pipe in pipes.items()}
     assert images["bf16"].shape == images["ort"].shape == (1, 32, 32, 3)
