@@ -21,6 +21,9 @@ config), at each size and step count:
   diffc_openvino   the `cpu-openvino` profile: OpenVINO's CPU plugin, bf16 compute (AVX512-BF16 / AMX; fp32 on
                    CPUs without them); needs the openvino extra, else the row says why it was skipped
   diffc_openvino_cache  `cpu-openvino` with `cpu-cache`'s [cache] table
+  diffc_openvino_int8  the `cpu-openvino-int8` profile: int8 UNet and VAE decoder (calibrated as for
+                   diffc_cpu_int8) on OpenVINO's int8 kernels, bf16 elsewhere
+  diffc_openvino_int8_cache  `cpu-openvino-int8` with `cpu-cache`'s [cache] table
 
 Each configuration runs in fresh processes, --reps of them, taken in turn with the other rows (fp32, bf16,
 ..., diffc, then again: this machine's speed drifts, and so every row sees the drift alike). Each process
@@ -64,7 +67,7 @@ PROMPT = "a photograph of an astronaut riding a horse"
 NEGATIVE = "blurry, low quality"
 GUIDANCE = 7.5
 DIFFC_CONFIGS = ("diffc_cpu", "diffc_cpu_int8", "diffc_cpu_cache", "diffc_cpu_int8_cache", "diffc_openvino",
-                 "diffc_openvino_cache")
+                 "diffc_openvino_cache", "diffc_openvino_int8", "diffc_openvino_int8_cache")
 CONFIGS = ("diffusers_fp32", "diffusers_bf16", "optimum_ort", *DIFFC_CONFIGS)
 
 
@@ -115,18 +118,17 @@ def diffc_profile(config: str):
 
     from diffc.profiles import load_profile
 
-    profile = load_profile("cpu-cache" if config == "diffc_cpu_cache" else "cpu")
-    if config in ("diffc_cpu_int8", "diffc_cpu_int8_cache"):
-        profile = load_profile("cpu-int8")
+    if config == "diffc_cpu_cache":
+        return load_profile("cpu-cache")
+    base = config.removesuffix("_cache")
+    profile = load_profile({"diffc_cpu": "cpu", "diffc_cpu_int8": "cpu-int8", "diffc_openvino": "cpu-openvino",
+                            "diffc_openvino_int8": "cpu-openvino-int8"}[base])
+    if profile.quantized_components():
         profile = dataclasses.replace(profile, quantize=dataclasses.replace(
             profile.quantize, calibration_prompts=("a red bicycle by a brick wall", "a lighthouse at dusk, watercolor"),
             calibration_seeds=(0,), min_psnr_db=0.0))
-        if config == "diffc_cpu_int8_cache":
-            profile = dataclasses.replace(profile, cache=load_profile("cpu-cache").cache)
-    if config in ("diffc_openvino", "diffc_openvino_cache"):
-        profile = load_profile("cpu-openvino")
-        if config == "diffc_openvino_cache":
-            profile = dataclasses.replace(profile, cache=load_profile("cpu-cache").cache)
+    if config.endswith("_cache"):
+        profile = dataclasses.replace(profile, cache=load_profile("cpu-cache").cache)
     return profile
 
 

@@ -62,7 +62,7 @@ def _check_openvino(profile: Profile) -> None:
         if prec.value not in ov_engine.PRECISIONS:
             raise BackendUnavailableError(
                 f"profile {profile.name!r} asks for {prec.value} ({comp}); the openvino backend builds "
-                f"{' and '.join(ov_engine.PRECISIONS)} (int8 runs on onnxruntime: cpu-int8)")
+                f"{', '.join(ov_engine.PRECISIONS)} (int8: the denoiser and VAE decoder, cpu-openvino-int8)")
 
 
 def _check_backend(profile: Profile) -> None:
@@ -397,13 +397,13 @@ def _quantize(model: str | Path, prof: Profile, quantized: dict[str, Precision],
 
 def _gate(prof: Profile, quantized: dict[str, Precision], reference: Path, artifact: Path, graphs: dict[str, Path],
           *, step_variants: dict[str, Any] | None, progress: bool) -> dict[str, Any]:
-    """The quality gate: the artifact itself on onnxruntime; for TensorRT, the int8 Q/DQ graph on the CPU (the
-    engine needs a GPU); fp8 cannot run here at all, so it is recorded as not evaluated."""
+    """The quality gate: the artifact itself on onnxruntime or OpenVINO; for TensorRT, the int8 Q/DQ graph on the
+    CPU (the engine needs a GPU); fp8 cannot run here at all, so it is recorded as not evaluated."""
     from diffc.quantization import quality_gate
 
     if prof.quantize.min_psnr_db == 0 and prof.quantize.max_abs_error is None:
         return {"skipped": "turned off in the profile ([quantize].min_psnr_db = 0)"}
-    if prof.backend is Backend.ONNXRUNTIME:
+    if prof.backend in (Backend.ONNXRUNTIME, Backend.OPENVINO):
         return quality_gate(reference, artifact, prof.quantize, progress=progress)
     if any(p is Precision.FP8 for p in quantized.values()):
         return {"skipped": "not evaluated on this machine: FP8 Q/DQ has no onnxruntime CPU kernels and the TensorRT "

@@ -24,7 +24,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -35,8 +35,10 @@ log = logging.getLogger("diffc.engines.openvino")
 
 NAME = "openvino"
 EXTRA = "pip install 'diffc[openvino]'"
-#: diffc precision -> OpenVINO CPU inference precision hint
-PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+#: diffc precision -> OpenVINO CPU inference precision hint. An int8 component is a Q/DQ graph (diffc's quantize
+#: pass, calibrated on the sampling loop): OpenVINO runs its quantized convolutions and GEMMs with int8 kernels
+#: (VNNI / AMX) and the layers left in float (attention, norms, keep_float layers) in bf16 where the CPU has it.
+PRECISIONS = {"fp32": "f32", "bf16": "bf16", "int8": "bf16"}
 
 
 def available() -> str | None:
@@ -74,13 +76,14 @@ ENGINE_FILE = "model.xml"
 
 def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *, precision: str) -> dict[str, Any]:
     """Convert ``onnx_path`` to OpenVINO IR at ``engine_path`` (``.xml``, weights in the ``.bin`` beside it):
-    fp16 weights for a ``bf16`` component, fp32 for ``fp32``. Returns the engine record; its ``files`` are
+    fp16 weights for a ``bf16`` component, fp32 for ``fp32``; an ``int8`` component's graph has Q/DQ nodes and
+    int8 weights, kept as they are (its few float layers stay fp32). Returns the engine record; its ``files`` are
     relative to ``engine_path``'s folder."""
     import onnx
 
     ov = _ov()
     if precision not in PRECISIONS:
-        raise BackendUnavailableError(f"the openvino backend builds {' and '.join(PRECISIONS)}, not {precision}")
+        raise BackendUnavailableError(f"the openvino backend builds {', '.join(PRECISIONS)}, not {precision}")
     engine_path = Path(engine_path)
     try:
         model = ov.Core().read_model(str(onnx_path))
@@ -104,15 +107,16 @@ class Session:
     ``precision``: ``bf16`` or ``fp32`` (the plugin's inference precision hint); ``threads`` 0: OpenVINO's
     latency default (one stream over the physical cores).
 
-    The IR is read here and compiled by the first ``run``, for its inputs' shapes: with static shapes the plugin
-    packs the weights while compiling, where with the IR's dynamic shapes it packed them during the first
-    inference, 2.6 s slower for the SD-1.5 UNet at 512x512 (compiling takes ~1 s longer). A run with other
-    shapes compiles again for its own, replacing the compiled model (the loop gives each component one shape
-    per image size and batch). After compiling, the session drops the IR's weight pages from its resident memory
+    The graph is compiled for static input shapes: the plugin then packs the weights while compiling, where with
+    the IR's dynamic shapes it packed them during the first inference, 2.6 s slower for the SD-1.5 UNet at
+    512x512 (compiling takes ~1 s longer). ``shapes`` (one per input, in the graph's order): compile for them
+    now; a run with other shapes (or the first run, without ``shapes``) compiles for its own, replacing the
+    compiled model (the loop gives each component one shape per image size and batch). After compiling, the session drops the IR's weight pages from its resident memory
     (:func:`_drop_file_pages`): the plugin has its packed copy and does not read the file again.
     """
 
-    def __init__(self, path: str | os.PathLike, *, precision: str = "fp32", threads: int = 0):
+    def __init__(self, path: str | os.PathLike, *, precision: str = "fp32", threads: int = 0,
+                 shapes: Sequence[Sequence[int]] | None = None):
         ov = _ov()
         if precision not in PRECISIONS:
             raise InputError(f"OpenVINO sessions run {sorted(PRECISIONS)}, not {precision!r}; rebuild the artifact "
@@ -122,7 +126,7 @@ class Session:
         if threads:
             self._config["INFERENCE_NUM_THREADS"] = int(threads)
         self._core = ov.Core()
-        if precision == "bf16" and not native_bf16(self._core):
+        if PRECISIONS[precision] == "bf16" and not native_bf16(self._core):
             log.warning("this CPU has no bf16 instructions (AVX512-BF16 or AMX): OpenVINO runs %s in fp32", path)
         self.path, self.precision = Path(path), precision
         try:
@@ -135,6 +139,8 @@ class Session:
         self.output_names = [p.get_any_name() for p in self._model.outputs]
         self._shapes: tuple[tuple[int, ...], ...] | None = None
         self._compiled = self._request = None
+        if shapes is not None:
+            self._compile(tuple(tuple(int(d) for d in shape) for shape in shapes))
 
     def _compile(self, shapes: tuple[tuple[int, ...], ...]) -> None:
         self._compiled = self._request = None  # the old packed weights go before the new ones are made

@@ -1,7 +1,9 @@
-"""The OpenVINO backend (cpu-openvino): OpenVINO IR converted at build time, compiled by its CPU plugin at load.
+"""The OpenVINO backend (cpu-openvino, cpu-openvino-int8): OpenVINO IR converted at build time, compiled by its
+CPU plugin for the shapes the session is run with.
 
 Checked component by component against the onnxruntime artifact of the same profile (fp32: the same numbers;
-bf16: close, and really bf16 where the CPU has bf16 instructions) and end to end by the image."""
+bf16: close, and really bf16 where the CPU has bf16 instructions), end to end by the image, and for int8 by
+the kernels OpenVINO runs and the build's quality gate."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from diffc.errors import BackendUnavailableError, InputError, ProfileError  # no
 from diffc.profiles import load_profile  # noqa: E402
 from diffc.profiles.schema import Precision  # noqa: E402
 from diffc.runtime import load  # noqa: E402
+from diffc.runtime.pipeline import opt_shapes  # noqa: E402
 
 PROMPT = "a handwritten digit seven"
 SCHEMA = Path(diffc.__file__).parent / "runtime" / "manifest.schema.json"
@@ -134,6 +137,17 @@ def test_session_compiles_per_shape_and_drops_weight_pages(artifacts, pipes, mon
     assert _mapped_rss_kib(weights) > 0
 
 
+def test_load_compiles_for_the_opt_shapes(artifacts):
+    """Loading compiles every OpenVINO component for the profile's opt shapes (default size and batch): an image
+    at the default size compiles nothing again."""
+    pipe = load(artifacts["bf16"], progress=False)
+    compiled = {name: session._compiled for name, session in pipe.sessions.items()}
+    for name, session in pipe.sessions.items():
+        assert session._shapes == tuple(opt_shapes(pipe.manifest["components"][name])), name
+    pipe(PROMPT, seed=0)
+    assert all(pipe.sessions[name]._compiled is c for name, c in compiled.items())
+
+
 def test_image_matches_onnxruntime(pipes):
     images = {k: pipe(PROMPT, seed=0) for k, pipe in pipes.items()}
     assert images["bf16"].shape == images["ort"].shape == (1, 32, 32, 3)
@@ -157,6 +171,48 @@ def test_cache_reuse_runs_the_shallow_unet(artifacts):
     assert np.isfinite(cached).all() and not np.array_equal(cached, full)
 
 
+@pytest.fixture(scope="module")
+def int8_artifact(tmp_path_factory):
+    """The demo built with cpu-openvino-int8 and cpu-cache's [cache] table: calibration, Q/DQ, OpenVINO IR, and
+    the quality gate on the artifact itself."""
+    profile = dataclasses.replace(load_profile("cpu-openvino-int8"), name="ov-int8-cache",
+                                  cache=load_profile("cpu-cache").cache)
+    return diffc.build("demo", profile, tmp_path_factory.mktemp("ov-int8") / "int8.diffc", progress=False)
+
+
+def _runtime_precisions(session, layer: str) -> set[str]:
+    """The precisions OpenVINO's compiled model runs ``layer`` nodes in (its runtime model's rt_info)."""
+    found = set()
+    for op in session._compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        if info["layerType"].astype(str) == layer:
+            found.add(info["runtimePrecision"].astype(str))
+    return found
+
+
+def test_int8_build_runs_int8_kernels_and_passes_its_gate(int8_artifact, pipes):
+    """cpu-openvino-int8: the UNet pair and the VAE decoder are Q/DQ graphs that OpenVINO runs with int8
+    convolutions and GEMMs; the text encoder stays bf16; the build's quality gate ran on the artifact itself;
+    the image stays close to the fp32 onnxruntime artifact's."""
+    m = json.loads((int8_artifact / "manifest.json").read_text())
+    jsonschema.validate(m, json.loads(SCHEMA.read_text()))
+    assert {n: c["precision"] for n, c in m["components"].items()} == {
+        "text_encoder": "bf16", "unet": "int8", "unet_shallow": "int8", "vae_decoder": "int8"}
+    report = json.loads((int8_artifact / "build_report.json").read_text())
+    gate = report["quality_gate"]
+    assert gate["passed"] and gate["evaluated_with"] == "artifact" and gate["psnr_db_mean"] >= 28.0
+    assert report["components"]["unet"]["quantization"]["activations"] == "int8"
+    pipe = load(int8_artifact, progress=False)
+    image = pipe(PROMPT, seed=0)
+    ref = pipes["ort"](PROMPT, seed=0)
+    psnr = 10 * np.log10(1.0 / max(float(np.mean((image - ref) ** 2)), 1e-12))
+    assert 20 < psnr < 80, psnr  # close, and not the fp32 image (the int8 graphs really ran)
+    for name in ("unet", "unet_shallow", "vae_decoder"):
+        assert _runtime_precisions(pipe.sessions[name], "Convolution") & {"u8", "i8"}, name
+    assert _runtime_precisions(pipe.sessions["unet"], "FullyConnected") & {"u8", "i8"}
+    assert not _runtime_precisions(pipe.sessions["text_encoder"], "FullyConnected") & {"u8", "i8"}
+
+
 def test_runtime_does_not_import_torch(artifacts):
     code = (
         "import sys\nfrom diffc.runtime import load\n"
@@ -169,10 +225,14 @@ def test_runtime_does_not_import_torch(artifacts):
 
 
 def test_refusals(artifacts, tmp_path, monkeypatch):
-    int8 = tmp_path / "ov-int8.toml"
-    int8.write_text('name = "ov-int8"\nbackend = "openvino"\n[precision]\nunet = "int8"\n')
-    with pytest.raises(BackendUnavailableError, match="int8 runs on onnxruntime"):
-        diffc.build("demo", int8, tmp_path / "a", progress=False)
+    fp16 = tmp_path / "ov-fp16.toml"
+    fp16.write_text('name = "ov-fp16"\nbackend = "openvino"\n[precision]\nunet = "fp16"\n')
+    with pytest.raises(BackendUnavailableError, match="the openvino backend builds fp32, bf16, int8"):
+        diffc.build("demo", fp16, tmp_path / "a", progress=False)
+    fp8 = tmp_path / "ov-fp8.toml"
+    fp8.write_text('name = "ov-fp8"\nbackend = "openvino"\n[precision]\nunet = "fp8"\n')
+    with pytest.raises(BackendUnavailableError, match="fp8"):
+        diffc.build("demo", fp8, tmp_path / "a", progress=False)
     mha = tmp_path / "ov-mha.toml"
     mha.write_text('name = "ov-mha"\nbackend = "openvino"\n[passes]\nattention = "mha"\n')
     with pytest.raises(ProfileError, match="attention = .mha. is not available for openvino"):

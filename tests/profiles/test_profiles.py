@@ -32,6 +32,11 @@ def test_openvino_profile_values():
     names = [spec.name for spec in pass_list(p.backend.value, **p.passes)]
     assert "fuse_attention" not in names and "check_ops" in names
     assert Profile.from_dict(p.to_dict(), where="manifest").to_dict() | {"source": ""} == p.to_dict() | {"source": ""}
+    # the int8 variant: the UNet and VAE decoder int8 (symmetric activations), the text encoder bf16
+    q = load_profile("cpu-openvino-int8")
+    assert q.backend is Backend.OPENVINO and q.precision_of("text_encoder") is Precision.BF16
+    assert q.quantized_components() == {"unet": Precision.INT8, "vae_decoder": Precision.INT8}
+    assert q.quantize.activations == "auto" and q.quantize.min_psnr_db == 28.0
 
 
 def test_round_trip_through_dict():
