@@ -208,7 +208,7 @@ def child(config: str, path: str, size: int, steps: int, load_only: bool = False
         import diffc
         from diffc.runtime.sampler import compile_sampler
 
-        pipe = diffc.load(path, progress=False)
+        pipe = diffc.load(path, progress=False, height=size, width=size)
         m = pipe.manifest
         # the artifact's sampler tables are data: the same engines serve every step count
         pipe.tables = compile_sampler(m["sampler"]["kind"], m["build"]["scheduler_config"], steps)

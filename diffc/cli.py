@@ -118,7 +118,8 @@ def run(obj, artifact, prompt, negative_prompt, seed, guidance, height, width, o
     """Generate an image from ARTIFACT (torch-free)."""
     from diffc.runtime import load, save_png
 
-    pipe = load(artifact, threads=threads, memory_arena=memory_arena, progress=obj["progress"])
+    pipe = load(artifact, threads=threads, memory_arena=memory_arena, progress=obj["progress"], height=height,
+                width=width)
     if cache_interval is not None:
         pipe.set_cache_schedule({"kind": "interval", "interval": cache_interval})
     images = pipe(prompt, negative_prompt=negative_prompt, seed=seed, guidance=guidance, height=height, width=width)

@@ -4,7 +4,10 @@ Why OpenVINO beside onnxruntime: onnxruntime's x86 CPU kernels compute in fp32 (
 has bf16 kernels (AVX512-BF16 / AMX) for convolutions, GEMMs and a fused attention it finds in the graph by
 itself. SD-1.5's architecture at 512x512 on a 2-core AVX512-BF16 AMD EPYC: a UNet step (batch 2) 4.5-5.4 s in
 bf16 vs 8.5 s on onnxruntime fp32; the VAE decoder 6.4 s vs 12.8 s (output rel. L2 error 2.2-2.4% vs fp32
-with random weights).
+with random weights). With diffc's calibrated int8 Q/DQ UNet (``int8`` precision), a step takes 3.0-3.5 s:
+its convolutions and GEMMs run on int8 kernels (VNNI), attention and norms in bf16 (onnxruntime's int8 UNet:
+~4.3 s). That needs static shapes: compiled for the IR's dynamic shapes, an int8 Q/DQ UNet took 7.0-7.6 s per
+step, slower than bf16.
 
 What an engine is here: the graph after diffc's passes for the ``openvino`` target (no contrib ops, attention
 left decomposed for OpenVINO to fuse), converted to OpenVINO IR at build time. A ``bf16`` component keeps its

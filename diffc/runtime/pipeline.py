@@ -26,7 +26,7 @@ log = logging.getLogger("diffc.runtime")
 
 
 def _open_session(name: str, component: dict[str, Any], path: Path, threads: int, cache_key: str | None,
-                  cuda_graph: bool, ort_options: dict[str, Any]):
+                  cuda_graph: bool, ort_options: dict[str, Any], dims: dict[str, int] | None = None):
     backend = component["backend"]
     if backend == "onnxruntime":
         from diffc.engines.onnxruntime import Session
@@ -44,7 +44,7 @@ def _open_session(name: str, component: dict[str, Any], path: Path, threads: int
     if backend == "openvino":
         from diffc.engines.openvino import Session
 
-        return Session(path, precision=component["precision"], threads=threads, shapes=opt_shapes(component))
+        return Session(path, precision=component["precision"], threads=threads, shapes=opt_shapes(component, dims))
     if backend in ("tensorrt", "tensorrt_rtx"):
         # checks TensorRT version and GPU architecture against the record before deserializing
         from diffc.engines.tensorrt import Session
@@ -53,13 +53,14 @@ def _open_session(name: str, component: dict[str, Any], path: Path, threads: int
     raise InputError(f"this runtime cannot run {backend!r} engines; rebuild the artifact with the 'cpu' profile")
 
 
-def opt_shapes(component: dict[str, Any]) -> list[tuple[int, ...]] | None:
+def opt_shapes(component: dict[str, Any], dims: dict[str, int] | None = None) -> list[tuple[int, ...]] | None:
     """Each input's shape at the profile's opt point (the manifest's ``shape_ranges``: the default image size and
-    batch), or None when an input has a dimension without a range."""
-    ranges = component.get("shape_ranges") or {}
+    batch), named dimensions in ``dims`` (e.g. the latent ``height`` / ``width``) replaced; None when an input
+    has a dimension without a range."""
+    opt = {name: r[1] for name, r in (component.get("shape_ranges") or {}).items()} | (dims or {})
     shapes = []
     for value in component["inputs"]:
-        dims = [d if isinstance(d, int) else ranges.get(d, (None, None))[1] for d in value["shape"]]
+        dims = [d if isinstance(d, int) else opt.get(d) for d in value["shape"]]
         if None in dims:
             return None
         shapes.append(tuple(dims))
@@ -67,7 +68,8 @@ def opt_shapes(component: dict[str, Any]) -> list[tuple[int, ...]] | None:
 
 
 def open_sessions(root: Path, manifest: dict[str, Any], *, threads: int = 0, verify: bool = True,
-                  cache: bool = True, memory_arena: str | None = None) -> dict[str, Any]:
+                  cache: bool = True, memory_arena: str | None = None,
+                  dims: dict[str, int] | None = None) -> dict[str, Any]:
     """Open every component's engine while its files are hashed on another thread.
 
     Paths and presence are checked first (cheap); the sha256 of multi-GB weights (~1 GB/s) then overlaps
@@ -75,7 +77,8 @@ def open_sessions(root: Path, manifest: dict[str, Any], *, threads: int = 0, ver
     nothing can run, before every hash has matched.
 
     onnxruntime sessions take the profile's ``[onnxruntime]`` table (threads, ``memory_arena``); ``threads``
-    and ``memory_arena``, when given, override it.
+    and ``memory_arena``, when given, override it. OpenVINO sessions compile for the opt shapes of
+    ``shape_ranges``, with the named dimensions in ``dims`` (latent ``height`` / ``width``) instead.
     """
     verify_files(root, manifest, hashes=False)
     profile = manifest.get("profile", {})
@@ -93,7 +96,7 @@ def open_sessions(root: Path, manifest: dict[str, Any], *, threads: int = 0, ver
         sessions = {}
         for name, c in manifest["components"].items():
             key = "|".join(c["files"][f] for f in sorted(c["files"])) if cache else None
-            args = (name, c, artifact_path(root, c["file"]), threads, key, cuda_graph, ort_options)
+            args = (name, c, artifact_path(root, c["file"]), threads, key, cuda_graph, ort_options, dims)
             # OpenVINO compiles without the GIL and largely on one core: two components at a time (SD-1.5 int8 +
             # cache reuse on 2 cores: 8.8 s for the four instead of 11.6 one after another)
             sessions[name] = compiling.submit(_open_session, *args) if c["backend"] == "openvino" \
@@ -117,18 +120,26 @@ class Pipeline:
     """A loaded artifact. Call it with a prompt; get ``float32 (B, H, W, 3)`` images in [0, 1]."""
 
     def __init__(self, root: str | Path, *, threads: int = 0, verify: bool = True, cache: bool = True,
-                 progress: bool = True, memory_arena: str | None = None):
+                 progress: bool = True, memory_arena: str | None = None, height: int | None = None,
+                 width: int | None = None):
+        """``height`` / ``width``: the image size the caller will ask for, when it is not the artifact's default:
+        engines specialized by shape at load (OpenVINO) are compiled for it instead of the default."""
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
         m = self.manifest
         self.progress = progress
         self.tables = SamplerTables.from_dict(m["sampler"])
-        self.sessions = open_sessions(self.root, m, threads=threads, verify=verify, cache=cache,
-                                      memory_arena=memory_arena)
-        self.tokenizers = [PromptTokenizer(artifact_path(self.root, e["tokenizer"]), max_length=e["max_length"],
-                                           pad_id=e["pad_id"]) for e in m["text_encoders"]]
         self.image = m["image"]
         self.latent = m["latent"]
+        dims = {}
+        if height or width:
+            h, w = height or self.image["height"][1], width or self.image["width"][1]
+            self.check_size(h, w)
+            dims = {"height": h // self.latent["vae_scale_factor"], "width": w // self.latent["vae_scale_factor"]}
+        self.sessions = open_sessions(self.root, m, threads=threads, verify=verify, cache=cache,
+                                      memory_arena=memory_arena, dims=dims)
+        self.tokenizers = [PromptTokenizer(artifact_path(self.root, e["tokenizer"]), max_length=e["max_length"],
+                                           pad_id=e["pad_id"]) for e in m["text_encoders"]]
         self.guidance = m["guidance"]
         #: the manifest's cache-reuse entry (None: the artifact has no shallow UNet)
         self.cache = m.get("cache")

@@ -146,6 +146,15 @@ def test_load_compiles_for_the_opt_shapes(artifacts):
         assert session._shapes == tuple(opt_shapes(pipe.manifest["components"][name])), name
     pipe(PROMPT, seed=0)
     assert all(pipe.sessions[name]._compiled is c for name, c in compiled.items())
+    # told another size at load (diffc run --height/--width), it compiles for that one instead
+    size = pipe.image["height"][2]
+    assert size != pipe.image["height"][1]
+    other = load(artifacts["bf16"], progress=False, height=size, width=size)
+    latent = size // other.latent["vae_scale_factor"]
+    assert other.sessions["unet"]._shapes[0][2:] == other.sessions["vae_decoder"]._shapes[0][2:] == (latent, latent)
+    compiled = {name: session._compiled for name, session in other.sessions.items()}
+    assert other(PROMPT, seed=0, height=size, width=size).shape == (1, size, size, 3)
+    assert all(other.sessions[name]._compiled is c for name, c in compiled.items())
 
 
 def test_image_matches_onnxruntime(pipes):
