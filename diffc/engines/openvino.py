@@ -17,8 +17,9 @@ them, so nothing is lost that bf16 compute would keep): the SD-1.5 UNet's file i
 session compiles the graph. Memory: the compiled model keeps the weights file mapped beside its packed copy,
 so the session drops the file's pages once compiled (SD-1.5 UNet after a 512x512 step: 1.9 GiB resident
 instead of 3.5; 5.8 with the fp32 ONNX graph of the first version). Nothing is cached per host: compiling the
-UNet for static shapes takes 3-4 s, while importing OpenVINO's cached compiled model (1.6 GB) took 1.9 s but
-raised the process's peak memory to 5.0 GiB and kept the blob's pages resident.
+bf16 UNet for static shapes takes 3-4 s, while importing OpenVINO's cached compiled model (1.6 GB) took 1.9 s
+but raised the process's peak memory to 5.0 GiB and kept the blob's pages resident; the int8 UNet compiles in
+7-9 s (imported from OpenVINO's cache: 5.2 s, peak 2.97 GiB instead of 2.04).
 """
 
 from __future__ import annotations
@@ -107,15 +108,17 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
 class Session:
     """One component compiled by OpenVINO's CPU plugin. ``run`` takes and returns numpy arrays by name.
 
-    ``precision``: ``bf16`` or ``fp32`` (the plugin's inference precision hint); ``threads`` 0: OpenVINO's
-    latency default (one stream over the physical cores).
+    ``precision``: ``bf16``, ``fp32`` or ``int8`` (:data:`PRECISIONS` gives the plugin's inference precision
+    hint); ``threads`` 0: OpenVINO's latency default (one stream over the physical cores).
 
     The graph is compiled for static input shapes: the plugin then packs the weights while compiling, where with
     the IR's dynamic shapes it packed them during the first inference, 2.6 s slower for the SD-1.5 UNet at
-    512x512 (compiling takes ~1 s longer). ``shapes`` (one per input, in the graph's order): compile for them
-    now; a run with other shapes (or the first run, without ``shapes``) compiles for its own, replacing the
-    compiled model (the loop gives each component one shape per image size and batch). After compiling, the session drops the IR's weight pages from its resident memory
-    (:func:`_drop_file_pages`): the plugin has its packed copy and does not read the file again.
+    512x512 (compiling takes ~1 s longer), and an int8 graph ran at half the speed. ``shapes`` (one per input,
+    in the graph's order): compile for them now; a run with other shapes (or the first run, without
+    ``shapes``) compiles for its own, replacing the compiled model (the loop gives each component one shape
+    per image size and batch). After compiling, the session drops the IR's weight pages from its resident
+    memory (:func:`_drop_file_pages`): the plugin has its packed copy (an fp32 graph reads some weights in
+    place; those pages come back as they are read).
     """
 
     def __init__(self, path: str | os.PathLike, *, precision: str = "fp32", threads: int = 0,

@@ -60,10 +60,10 @@ def opt_shapes(component: dict[str, Any], dims: dict[str, int] | None = None) ->
     opt = {name: r[1] for name, r in (component.get("shape_ranges") or {}).items()} | (dims or {})
     shapes = []
     for value in component["inputs"]:
-        dims = [d if isinstance(d, int) else opt.get(d) for d in value["shape"]]
-        if None in dims:
+        shape = [d if isinstance(d, int) else opt.get(d) for d in value["shape"]]
+        if None in shape:
             return None
-        shapes.append(tuple(dims))
+        shapes.append(tuple(shape))
     return shapes
 
 
