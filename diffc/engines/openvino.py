@@ -149,7 +149,8 @@ class Session:
             self._compile(tuple(tuple(int(d) for d in shape) for shape in shapes))
 
     def _compile(self, shapes: tuple[tuple[int, ...], ...]) -> None:
-        self._compiled = self._request = None  # the old packed weights go before the new ones are made
+        # the old packed weights go before the new ones are made; a failed compile leaves no shapes to match
+        self._compiled = self._request = self._shapes = None
         t0 = time.perf_counter()
         try:
             self._model.reshape(dict(zip(self.input_names, (list(s) for s in shapes))))

@@ -130,6 +130,10 @@ def test_session_compiles_per_shape_and_drops_weight_pages(artifacts, pipes, mon
         assert out.shape[0] == batch and np.linalg.norm(out - ref) < 0.05 * np.linalg.norm(ref)
         assert session._shapes[0][0] == batch
         assert _mapped_rss_kib(weights) == 0
+    # shapes the graph cannot take are refused, and the session still runs the ones it can afterwards
+    with pytest.raises(InputError, match="do not fit the graph"):
+        session.run({**feeds, "sample": feeds["sample"][:, :, 0]})
+    assert session.run(feeds)["out_sample"].shape == feeds["sample"].shape
     del session
     monkeypatch.setattr(ov_engine, "_drop_file_pages", lambda path: 0)
     kept = ov_engine.Session(path, precision="bf16")
