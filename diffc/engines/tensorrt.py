@@ -69,13 +69,8 @@ from diffc.engines._trt_common import (
     version,
 )
 from diffc.engines._trt_graph import GraphInfo, content_hash, inspect_graph
-from diffc.engines._trt_plan import (
-    InputProfile,
-    check_precision,
-    describe_build,
-    input_profiles,
-    options_from_profile,
-)
+from diffc.engines import InputProfile, input_profiles
+from diffc.engines._trt_plan import check_precision, describe_build, options_from_profile
 from diffc.engines._trt_runtime import Session, check_engine_compatible
 from diffc.errors import BackendUnavailableError, ProfileError
 

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from diffc.engines import input_profiles
 from diffc.errors import InputError, ProfileError
 from diffc.profiles.schema import MEMORY_ARENAS, base_component
 from diffc.runtime.cache import full_steps
@@ -55,16 +56,16 @@ def _open_session(name: str, component: dict[str, Any], path: Path, threads: int
 
 def opt_shapes(component: dict[str, Any], dims: dict[str, int] | None = None) -> list[tuple[int, ...]] | None:
     """Each input's shape at the profile's opt point (the manifest's ``shape_ranges``: the default image size and
-    batch), named dimensions in ``dims`` (e.g. the latent ``height`` / ``width``) replaced; None when an input
-    has a dimension without a range."""
-    opt = {name: r[1] for name, r in (component.get("shape_ranges") or {}).items()} | (dims or {})
-    shapes = []
-    for value in component["inputs"]:
-        shape = [d if isinstance(d, int) else opt.get(d) for d in value["shape"]]
-        if None in shape:
-            return None
-        shapes.append(tuple(shape))
-    return shapes
+    batch), named dimensions in ``dims`` (e.g. the latent ``height`` / ``width``) replaced; None when the
+    ranges do not give every input a shape."""
+    ranges = dict(component.get("shape_ranges") or {})
+    for name, value in (dims or {}).items():
+        if name in ranges:
+            ranges[name] = [ranges[name][0], value, ranges[name][2]]
+    try:
+        return [p.opt for p in input_profiles(component["inputs"], ranges).values()]
+    except ProfileError:
+        return None
 
 
 def open_sessions(root: Path, manifest: dict[str, Any], *, threads: int = 0, verify: bool = True,
