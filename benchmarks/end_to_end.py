@@ -30,9 +30,10 @@ Each configuration runs in fresh processes, --reps of them, taken in turn with t
 times its first image from the cold start (imports and model load included), then one more image (the
 first was its warm-up), and reads its peak resident memory. A row gives the medians over its processes and
 the largest peak. Before anything is timed, every configuration's files are read once (the OS
-page cache, for every row alike) and each diffc artifact is loaded once in a process of its own, as a user's
-first run would: that fills diffc's host cache (the layout-optimized graphs, normally made by `diffc build`
-already, and the record of files whose sha256 matched). diffc rows also say where an image's time goes:
+page cache, for every row alike) and each diffc artifact is loaded once per image size in a process of its
+own, as a user's first run at that size would: that fills diffc's host cache (onnxruntime's layout-optimized
+graphs, normally made by `diffc build` already; OpenVINO's models compiled for the size; the record of files
+whose sha256 matched). `setup_s` gives those first loads' seconds. diffc rows also say where an image's time goes:
 `engine_s`, the median seconds per image spent in each engine (text encoder, UNet, shallow UNet, VAE decoder).
 
     python benchmarks/end_to_end.py --quick          # 256x256, 4 steps, 1 rep
@@ -253,19 +254,21 @@ def child_cmd(python: str, config: str, path: Path, size: int, steps: int, *extr
             "--steps", str(steps), *extra]
 
 
-def warm_up(python: str, config: str, path: Path, env: dict[str, str]) -> float:
+def warm_up(python: str, config: str, path: Path, env: dict[str, str], sizes: list[int]) -> float:
     """Before timing, untimed: read every file of ``config`` (into the OS page cache, for every row alike);
-    diffc rows are also loaded once in their own process, as a user's first run would (it fills diffc's host
-    cache: layout-optimized graphs, normally made by `diffc build` already, and the record of files whose
-    sha256 matched). Returns the seconds it took."""
+    diffc rows are also loaded once per image size in a process of their own, as a user's first run at that
+    size would (it fills diffc's host cache: onnxruntime's layout-optimized graphs, normally made by `diffc
+    build` already, OpenVINO's models compiled for that size, and the record of files whose sha256 matched).
+    Returns the seconds it took."""
     t0 = time.perf_counter()
     for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
         with open(f, "rb") as fh:
             while fh.read(1 << 24):
                 pass
     if config.startswith("diffc"):
-        subprocess.run(child_cmd(python, config, path, 0, 1, "--load-only"), check=True, capture_output=True,
-                       env={**os.environ, **env})
+        for size in sizes:
+            subprocess.run(child_cmd(python, config, path, size, 1, "--load-only"), check=True, capture_output=True,
+                           env={**os.environ, **env})
     return time.perf_counter() - t0
 
 
@@ -399,7 +402,7 @@ def main() -> None:
                 log.info("warm-up: %s", config)
                 try:
                     setup_s[f"{config}_warm_up"] = round(warm_up(python_for(config), config, paths[config],
-                                                                      env), 1)
+                                                                      env, sizes), 1)
                 except subprocess.CalledProcessError as e:  # measure_cell() below says what failed, per cell
                     log.error("%s warm-up failed: %s", config, (e.stderr or b"")[-1000:])
 

@@ -24,7 +24,7 @@ def test_diffc_row_says_where_the_time_goes(tmp_path):
     size = json.loads((out / "manifest.json").read_text())["image"]["height"][1]
     # the warm-up loads the artifact once with the benchmark's host cache (the build filled the default one)
     env = {"DIFFC_CACHE_DIR": str(tmp_path / "cache")}
-    assert end_to_end.warm_up(sys.executable, "diffc_cpu_cache", out, env) > 0
+    assert end_to_end.warm_up(sys.executable, "diffc_cpu_cache", out, env, [size]) > 0
     assert any((tmp_path / "cache" / "onnxruntime").iterdir())
     skipped = {}
     rows = end_to_end.measure_cell(lambda c: sys.executable, ["diffc_cpu_cache", "no_such_config"],

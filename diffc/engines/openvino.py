@@ -16,22 +16,32 @@ them, so nothing is lost that bf16 compute would keep): the SD-1.5 UNet's file i
 ``fp32`` component keeps fp32 weights. The precision is the plugin's inference precision hint, set when the
 session compiles the graph. Memory: the compiled model keeps the weights file mapped beside its packed copy,
 so the session drops the file's pages once compiled (SD-1.5 UNet after a 512x512 step: 1.9 GiB resident
-instead of 3.5; 5.8 with the fp32 ONNX graph of the first version). Nothing is cached per host: compiling the
-bf16 UNet for static shapes takes 3-4 s, while importing OpenVINO's cached compiled model (1.6 GB) took 1.9 s
-but raised the process's peak memory to 5.0 GiB and kept the blob's pages resident; the int8 UNet compiles in
-7-9 s (imported from OpenVINO's cache: 5.2 s, peak 2.97 GiB instead of 2.04).
+instead of 3.5; 5.8 with the fp32 ONNX graph of the first version).
+
+Compiled models are kept per host (``<host cache>/openvino``): compiling the int8 UNet takes 5.6-9 s (its
+low-precision transformations), the bf16 one 3-4 s; a later start imports the compiled model instead (int8
+UNet: 3.3-3.5 s) without reading the IR. diffc imports it itself rather than through OpenVINO's model cache:
+OpenVINO's cache looks an entry up by hashing the whole model, weights included, which leaves the weights file
+resident beside the mapped blob and the packed copy (peak 2.97 GiB for the int8 UNet instead of 2.0) and
+takes longer (3.8 s). OpenVINO's cache still writes the entry (while compiling, streamed to the file: +2.2 s
+on the first start, no more memory); diffc maps the blob past the header OpenVINO's core puts in front.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from diffc._fs import host_cache_dir, touch, trim_cache
 from diffc.engines import check_feeds
 from diffc.errors import ArtifactError, BackendUnavailableError, InputError
 
@@ -105,6 +115,22 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
             "files": [engine_path.name, engine_path.with_suffix(".bin").name]}
 
 
+#: how a host cache entry is laid out (in its key, so entries of another layout are made again, never misread)
+CACHE_LAYOUT = 1
+
+
+def cpu_signature(core=None) -> str:
+    """What a compiled model depends on besides the graph and its options: the machine, the CPU (its name and
+    the precisions OpenVINO finds on it) and OpenVINO's version: a cache entry made elsewhere (a shared home
+    folder) or by another release is never tried."""
+    import platform
+
+    core = core or _ov().Core()
+    caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return "|".join([platform.machine(), version(), str(core.get_property("CPU", "FULL_DEVICE_NAME")),
+                     ",".join(sorted(str(c) for c in caps))])
+
+
 class Session:
     """One component compiled by OpenVINO's CPU plugin. ``run`` takes and returns numpy arrays by name.
 
@@ -119,10 +145,17 @@ class Session:
     per image size and batch). After compiling, the session drops the IR's weight pages from its resident
     memory (:func:`_drop_file_pages`): the plugin has its packed copy (an fp32 graph reads some weights in
     place; those pages come back as they are read).
+
+    With a ``cache_key`` (the engine files' sha256 digests), a compiled model is also kept in the per-host cache
+    (``<host cache>/openvino``, keyed by the engine, the shapes, the plugin options and :func:`cpu_signature`)
+    and later sessions import it instead of compiling: the IR is then not read at all, and the blob is mapped,
+    not copied (its pages dropped like the IR's). The SD-1.5 int8 UNet, 256x256 or 512x512: 3.3-3.5 s instead of
+    5.7 (7.9 the first time, writing the entry), peak 2.0 GiB either way. ``from_cache``: whether the last
+    compile was an import.
     """
 
     def __init__(self, path: str | os.PathLike, *, precision: str = "fp32", threads: int = 0,
-                 shapes: Sequence[Sequence[int]] | None = None):
+                 shapes: Sequence[Sequence[int]] | None = None, cache_key: str | None = None):
         ov = _ov()
         if precision not in PRECISIONS:
             raise InputError(f"OpenVINO sessions run {sorted(PRECISIONS)}, not {precision!r}; rebuild the artifact "
@@ -134,39 +167,117 @@ class Session:
         self._core = ov.Core()
         if PRECISIONS[precision] == "bf16" and not native_bf16(self._core):
             log.warning("this CPU has no bf16 instructions (AVX512-BF16 or AMX): OpenVINO runs %s in fp32", path)
-        self.path, self.precision = Path(path), precision
+        self.path, self.precision, self._cache_key = Path(path), precision, cache_key
+        self._model = self._blob = None
+        self.input_names: list[str] = []
+        self.output_names: list[str] = []
+        self._shapes: tuple[tuple[int, ...], ...] | None = None
+        self._compiled = self._request = None
+        self.from_cache = False
+        if shapes is not None:
+            self._compile(tuple(tuple(int(d) for d in shape) for shape in shapes))
+        if not self.input_names:
+            self._read()
+
+    def _read(self) -> None:
+        """Read the IR (the first compile that does not import from the host cache needs it)."""
         try:
-            self._model = self._core.read_model(str(path))
+            self._model = self._core.read_model(str(self.path))
         except Exception as e:  # OpenVINO raises RuntimeError for a bad or unreadable file
-            raise ArtifactError(f"OpenVINO cannot read {path}: {e}; rebuild the artifact with `diffc build`") from e
+            raise ArtifactError(f"OpenVINO cannot read {self.path}: {e}; rebuild the artifact with `diffc build`") from e
         # the IR's ports carry one name each (build_engine): read them here, since compiling merges inner tensor
         # names into the output ports; the compiled model keeps the ports' order
         self.input_names = [p.get_any_name() for p in self._model.inputs]
         self.output_names = [p.get_any_name() for p in self._model.outputs]
-        self._shapes: tuple[tuple[int, ...], ...] | None = None
-        self._compiled = self._request = None
-        if shapes is not None:
-            self._compile(tuple(tuple(int(d) for d in shape) for shape in shapes))
+
+    def _cache_entry(self, shapes: tuple[tuple[int, ...], ...]) -> Path | None:
+        root = host_cache_dir() if self._cache_key else None
+        if root is None:
+            return None
+        what = json.dumps([self._cache_key, [list(s) for s in shapes], sorted(self._config.items()),
+                           cpu_signature(self._core), CACHE_LAYOUT])
+        return root / NAME / hashlib.sha256(what.encode()).hexdigest()[:32]
 
     def _compile(self, shapes: tuple[tuple[int, ...], ...]) -> None:
         # the old packed weights go before the new ones are made; a failed compile leaves no shapes to match
-        self._compiled = self._request = self._shapes = None
+        self._compiled = self._request = self._shapes = self._blob = None
+        self.from_cache = False
         t0 = time.perf_counter()
-        try:
-            self._model.reshape(dict(zip(self.input_names, (list(s) for s in shapes))))
-        except Exception as e:
-            raise InputError(f"{self.path.parent.name}: inputs of shapes {dict(zip(self.input_names, shapes))} do not "
-                             f"fit the graph: {e}") from e
-        try:
-            self._compiled = self._core.compile_model(self._model, "CPU", self._config)
-        except Exception as e:
-            raise ArtifactError(f"OpenVINO cannot compile {self.path}: {e}; rebuild the artifact with "
-                                "`diffc build`") from e
+        entry = self._cache_entry(shapes)
+        if entry is not None and (entry / "complete").is_file():
+            self._import(entry)
+        if self._compiled is None:
+            if self._model is None:
+                self._read()
+            try:
+                self._model.reshape(dict(zip(self.input_names, (list(s) for s in shapes))))
+            except Exception as e:
+                raise InputError(f"{self.path.parent.name}: inputs of shapes {dict(zip(self.input_names, shapes))} "
+                                 f"do not fit the graph: {e}") from e
+            tmp = _temporary_folder(entry)
+            try:
+                # OpenVINO writes the compiled model into the folder as it compiles (streamed to the file; a
+                # compiled model's export_model() would hold two copies in memory: +2 GiB for the int8 UNet)
+                config = self._config if tmp is None else {**self._config, "CACHE_DIR": str(tmp)}
+                self._compiled = self._core.compile_model(self._model, "CPU", config)
+            except Exception as e:
+                if tmp is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise ArtifactError(f"OpenVINO cannot compile {self.path}: {e}; rebuild the artifact with "
+                                    "`diffc build`") from e
+            if tmp is not None:
+                self._publish(tmp, entry)
         self._request = self._compiled.create_infer_request()
         self._shapes = shapes
         dropped = _drop_file_pages(self.path.with_suffix(".bin"))
-        log.debug("OpenVINO compiled %s (%s) for %s in %.2f s; %.0f MiB of weight pages dropped", self.path,
-                  self.precision, shapes, time.perf_counter() - t0, dropped / 2**20)
+        if self.from_cache:
+            dropped += _drop_file_pages(entry / "model.blob")
+        log.debug("OpenVINO %s %s (%s) for %s in %.2f s; %.0f MiB of weight pages dropped",
+                  "imported" if self.from_cache else "compiled", self.path, self.precision, shapes,
+                  time.perf_counter() - t0, dropped / 2**20)
+
+    def _import(self, entry: Path) -> None:
+        """Import the compiled model of a host cache entry, its blob mapped (copy-on-write: OpenVINO takes a
+        writable tensor, and reads its constants in place); a damaged or vanished entry is removed and the
+        session compiles instead."""
+        ov = _ov()
+        try:
+            record = json.loads((entry / "io.json").read_text())
+            blob = np.memmap(entry / "model.blob", dtype=np.uint8, mode="c", offset=record["offset"])
+            self._compiled = self._core.import_model(ov.Tensor(blob, shared_memory=True), "CPU", self._config)
+        except Exception as e:  # OSError, ValueError, KeyError, OpenVINO's RuntimeError for a blob it cannot import
+            log.warning("the OpenVINO cache entry %s cannot be used (%s); compiling again", entry, e)
+            shutil.rmtree(entry, ignore_errors=True)
+            self._compiled = None
+            return
+        self._blob = blob  # the compiled model reads from it: it lives as long as the compiled model
+        self.input_names, self.output_names = record["inputs"], record["outputs"]
+        self.from_cache = True
+        touch(entry / "complete")
+
+    def _publish(self, tmp: Path, entry: Path) -> None:
+        """Make ``tmp``, where OpenVINO wrote the compiled model, the host cache entry: the blob renamed, where
+        the plugin's part of it starts, the port names; then moved into place (a reader never sees half an
+        entry; a process that filled it first wins)."""
+        blobs = list(tmp.glob("*.blob"))
+        offset = _plugin_offset(blobs[0]) if len(blobs) == 1 else None
+        if offset is None:
+            log.warning("OpenVINO %s wrote %s, not one compiled blob diffc can read; %s is not cached", version(),
+                        sorted(p.name for p in tmp.iterdir()), self.path)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        try:
+            blobs[0].rename(tmp / "model.blob")
+            (tmp / "io.json").write_text(json.dumps({"inputs": self.input_names, "outputs": self.output_names,
+                                                     "offset": offset}))
+            (tmp / "complete").write_text(cpu_signature(self._core))
+            os.replace(tmp, entry)
+        except OSError as e:  # the entry already in place (another process), or the cache not writable
+            if not (entry / "complete").is_file():
+                log.warning("cannot write the OpenVINO cache entry %s (%s); the next start compiles again", entry, e)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        trim_cache(entry.parent, "complete", keep=entry)
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         check_feeds(self.input_names, feeds)
@@ -180,35 +291,85 @@ class Session:
                 for n in outputs or self.output_names}
 
 
+def _temporary_folder(entry: Path | None) -> Path | None:
+    """A new ``.tmp-*`` folder beside the cache ``entry`` to fill (None without an entry, or when the cache
+    cannot be written: the session compiles without it)."""
+    if entry is None:
+        return None
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
+    except OSError as e:
+        log.warning("cannot use the OpenVINO cache %s (%s); compiling without it", entry.parent, e)
+        return None
+
+
+def _plugin_offset(blob: Path) -> int | None:
+    """Where the CPU plugin's exported model starts in a blob of OpenVINO's model cache: after the header
+    OpenVINO's core writes in front of it (``<?xml ...?><compiled_blob ... header_size_alignment="0"/>`` and a
+    newline), which ``Core.import_model`` does not read. None for a header of another layout (an aligned one,
+    or a future format): the blob is then not cached."""
+    with open(blob, "rb") as f:
+        head = f.read(1 << 16)
+    start = head.find(b"<compiled_blob ")
+    end = head.find(b"/>", start) if head.startswith(b"<?xml") and start >= 0 else -1
+    if end < 0 or b'header_size_alignment="0"' not in head[start:end]:
+        return None
+    end += 2
+    return end + 1 if head[end:end + 1] == b"\n" else end
+
+
 #: madvise(2) advice that unmaps a range's pages from this process (Linux); file pages are read again on access
 _MADV_DONTNEED = 4
 
 
+def _file_mappings(path: Path) -> list[tuple[int, int, str, int]]:
+    """This process's mappings of ``path``: (start, end, permissions, bytes of anonymous pages: those written
+    through a private mapping, copies that the file does not hold), from ``/proc/self/smaps`` (Linux; empty
+    elsewhere). (Not ``Private_Dirty``: that also counts file pages dirty in the page cache, as a blob this
+    process has just written is.)"""
+    try:
+        with open("/proc/self/smaps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    target = str(path.resolve())
+    found: list[list] = []
+    current = None
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if fields and "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header line
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            current = [start, end, fields[1], 0] if len(fields) == 6 and fields[5] == target else None
+            if current is not None:
+                found.append(current)
+        elif current is not None and fields and fields[0] == "Anonymous:":
+            current[3] = int(fields[1]) * 1024
+    return [tuple(m) for m in found]
+
+
 def _drop_file_pages(path: Path) -> int:
-    """Drop the pages of ``path``'s read-only mappings from this process's resident memory; returns the bytes
-    of mapping advised. OpenVINO maps the IR's weights file and keeps the mapping after the plugin has packed
-    its own copy of the weights, so every weight page it read while compiling stayed resident twice (the SD-1.5
-    UNet: 1.66 GiB of file pages beside 1.85 GiB for the compiled model). A read-only mapping holds nothing
-    that the file does not, so the pages can go; should OpenVINO read the file again they are read back.
-    Linux only (``/proc/self/maps``); elsewhere nothing is done."""
+    """Drop the pages of ``path``'s mappings from this process's resident memory; returns the bytes of mapping
+    advised. OpenVINO maps the IR's weights file and keeps the mapping after the plugin has packed its own copy
+    of the weights, so every weight page it read while compiling stayed resident twice (the SD-1.5 UNet:
+    1.66 GiB of file pages beside 1.85 GiB for the compiled model); an imported blob is mapped the same way. A
+    mapping holds nothing that the file does not while none of its pages was written (read-only, or private
+    without anonymous pages: the copy-on-write mapping of an imported blob), so its pages can go; should
+    OpenVINO read them again they are read back from the file. A mapping with written pages is left alone.
+    Linux only (``/proc/self/smaps``); elsewhere nothing is done."""
     import ctypes
 
-    try:
-        with open("/proc/self/maps") as f:
-            maps = f.read().splitlines()
-    except OSError:
+    mappings = _file_mappings(path)
+    if not mappings:
         return 0
-    target = str(path.resolve())
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     dropped = 0
-    for line in maps:
-        fields = line.split(maxsplit=5)
-        if len(fields) < 6 or fields[5] != target or "w" in fields[1]:
+    for start, end, perms, written in mappings:
+        if "w" in perms and (perms.endswith("s") or written):
             continue
-        start, end = (int(x, 16) for x in fields[0].split("-"))
         if libc.madvise(start, end - start, _MADV_DONTNEED) == 0:
             dropped += end - start
         else:
-            log.debug("madvise on %s failed: errno %d", target, ctypes.get_errno())
+            log.debug("madvise on %s failed: errno %d", path, ctypes.get_errno())
     return dropped

@@ -45,7 +45,8 @@ def _open_session(name: str, component: dict[str, Any], path: Path, threads: int
     if backend == "openvino":
         from diffc.engines.openvino import Session
 
-        return Session(path, precision=component["precision"], threads=threads, shapes=opt_shapes(component, dims))
+        return Session(path, precision=component["precision"], threads=threads, shapes=opt_shapes(component, dims),
+                       cache_key=cache_key)
     if backend in ("tensorrt", "tensorrt_rtx"):
         # checks TensorRT version and GPU architecture against the record before deserializing
         from diffc.engines.tensorrt import Session

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -139,6 +140,53 @@ def test_session_compiles_per_shape_and_drops_weight_pages(artifacts, pipes, mon
     kept = ov_engine.Session(path, precision="bf16")
     kept.run(feeds)
     assert _mapped_rss_kib(weights) > 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
+def test_host_cache_imports_the_compiled_model(artifacts, pipes, tmp_path, monkeypatch, caplog):
+    """With a cache key, a compiled model goes into the host cache; the next session with the same key, shapes
+    and options imports it (without reading the IR; the same numbers; the blob's pages dropped like the IR's).
+    Other shapes or another key are other entries; a damaged entry is compiled again and replaced; with the
+    cache off nothing is written."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DIFFC_CACHE_DIR", str(cache))
+    path = artifacts["bf16"] / "unet" / "model.xml"
+    feeds = _feeds(pipes["ort"], "unet")
+    names = pipes["bf16"].sessions["unet"].input_names
+    shapes = [feeds[n].shape for n in names]
+
+    def entries():
+        return sorted(p.parent for p in (cache / "openvino").glob("*/complete"))
+
+    first = ov_engine.Session(path, precision="bf16", shapes=shapes, cache_key="k")
+    ref = first.run(feeds)
+    assert not first.from_cache and len(entries()) == 1
+    entry = entries()[0]
+    second = ov_engine.Session(path, precision="bf16", shapes=shapes, cache_key="k")
+    assert second.from_cache and second._model is None
+    assert (second.input_names, second.output_names) == (first.input_names, first.output_names)
+    assert _mapped_rss_kib(entry / "model.blob") == 0
+    out = second.run(feeds)
+    assert out.keys() == ref.keys() and all(np.array_equal(out[k], ref[k]) for k in ref)
+    # another batch: compiled (reading the IR now) into an entry of its own
+    part = {k: v[:1] for k, v in feeds.items()}
+    assert second.run(part)["out_sample"].shape[0] == 1 and not second.from_cache and len(entries()) == 2
+    assert not ov_engine.Session(path, precision="bf16", shapes=shapes, cache_key="other").from_cache
+    assert len(entries()) == 3
+    # a damaged blob: a warning, a compile, the entry written again
+    (entry / "model.blob").write_bytes(b"not a compiled model")
+    with caplog.at_level("WARNING", logger="diffc.engines.openvino"):
+        again = ov_engine.Session(path, precision="bf16", shapes=shapes, cache_key="k")
+    assert not again.from_cache and "cannot be used" in caplog.text
+    assert np.array_equal(again.run(feeds)["out_sample"], ref["out_sample"])
+    assert ov_engine.Session(path, precision="bf16", shapes=shapes, cache_key="k").from_cache
+    # through the runtime: a second load imports every component
+    load(artifacts["bf16"], progress=False)
+    assert all(s.from_cache for s in load(artifacts["bf16"], progress=False).sessions.values())
+    monkeypatch.setenv("DIFFC_CACHE_DIR", "off")
+    shutil.rmtree(cache)
+    assert not ov_engine.Session(path, precision="bf16", shapes=shapes, cache_key="k").from_cache
+    assert not cache.exists()
 
 
 def test_load_compiles_for_the_opt_shapes(artifacts):
