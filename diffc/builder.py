@@ -581,9 +581,10 @@ def build(model: str | Path, profile: str | Path | Profile = "cpu", out: str | P
             report["components"].setdefault(name, {}).update(
                 parity={k: ec[k] for k in ("max_abs_err", "rel_l2", "passed")}, **engine_report)
         report["timings"]["engines_s"] = round(time.perf_counter() - t0, 3)
-        # a TensorRT engine may be for a GPU this machine lacks, and OpenVINO keeps no per-host cache: nothing to warm
-        if prof.backend is Backend.ONNXRUNTIME:
-            # Fill this host's engine cache now, so the first `diffc run` here starts as fast as later ones.
+        # a TensorRT engine may be for a GPU this machine lacks: nothing to warm
+        if prof.backend in (Backend.ONNXRUNTIME, Backend.OPENVINO):
+            # Fill this host's engine cache now (onnxruntime's layout-optimized graphs; OpenVINO's models compiled
+            # for the default shapes), so the first `diffc run` here starts as fast as later ones.
             t0 = time.perf_counter()
             open_sessions(tmp, {"components": manifest_components, "text_encoders": []}, verify=False)
             report["timings"]["host_cache_s"] = round(time.perf_counter() - t0, 3)
