@@ -57,3 +57,25 @@ def test_machine_names_the_diffc_source():
         assert info["diffc_commit"] is None  # not a git checkout
     else:
         assert re.fullmatch(re.escape(head.stdout.strip()) + "(-dirty)?", info["diffc_commit"])
+
+
+def test_openvino_roofline_on_the_demo(tmp_path):
+    """benchmarks/openvino_roofline.py on the demo's cpu-openvino-int8 artifact: every component timed and
+    counted, the int8 and bf16 convolution peaks measured, ratios for the conv/GEMM layers."""
+    import subprocess
+
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'diffc[openvino]')")
+    out = diffc.build("demo", "cpu-openvino-int8", tmp_path / "ov.diffc", progress=False)
+    size = json.loads((out / "manifest.json").read_text())["image"]["height"][1]
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "openvino_roofline.py"
+    run = subprocess.run([sys.executable, str(script), str(out), "--size", str(size), "--runs", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout)
+    assert set(result["components"]) == {"text_encoder", "unet", "vae_decoder"}
+    assert all(v > 0 for v in result["peak_gmac_per_s"].values())
+    unet = result["components"]["unet"]
+    assert unet["precision"] == "int8" and unet["gmac"]["conv"] > 0 and unet["gmac"]["attention"] > 0
+    assert unet["layer_s"]["int8_conv_gemm"] > 0  # the Q/DQ convolutions ran on int8 kernels
+    assert sum(unet["layer_s"].values()) <= unet["run_s"] * 1.5
+    assert "unet_conv_gemm_of_int8_peak" in result["ratios"] and result["ratios"]["unet_conv_gemm_of_int8_peak"] > 0
