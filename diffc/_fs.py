@@ -10,6 +10,7 @@ import logging
 import os
 import secrets
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -167,6 +168,18 @@ def touch(path: Path) -> None:
     """Mark a cache entry's marker file as used now (the size limit evicts the least recently used first)."""
     with contextlib.suppress(OSError):
         os.utime(path)
+
+
+def new_cache_folder(entry: Path) -> Path | None:
+    """A new ``.tmp-*`` folder beside the host cache ``entry``, to fill and then rename into place (readers never
+    see half an entry; :func:`trim_cache` leaves such folders alone); None, with a warning, when the cache cannot
+    be written (the caller goes on without it)."""
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
+    except OSError as e:
+        log.warning("cannot write the host cache %s (%s); going on without it", entry.parent, e)
+        return None
 
 
 def trim_cache(folder: Path, marker: str, *, keep: Path | None = None, max_bytes: int | None = None) -> list[Path]:

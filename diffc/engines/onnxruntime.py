@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from diffc._fs import host_cache_dir, touch, trim_cache
+from diffc._fs import host_cache_dir, new_cache_folder, touch, trim_cache
 from diffc.engines import check_feeds
 from diffc.errors import ArtifactError, BackendUnavailableError, InputError
 
@@ -207,21 +207,15 @@ class Session:
         if not self.from_cache:
             # Extended optimizations were applied at build time; only the layout pass remains to do here.
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            tmp = None
-            if entry is not None:
-                try:
-                    entry.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
-                    opts.optimized_model_filepath = str(tmp / "model.onnx")
-                    # weights always in a data file beside the graph, which onnxruntime maps instead of parsing:
-                    # the SD-1.5 text encoder's entry (492 MB, single file in the artifact) opens in 0.3 s, not 1.3
-                    opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                                  "model.onnx.data")
-                    opts.add_session_config_entry(
-                        "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-                except OSError as e:
-                    log.warning("cannot use the engine cache %s (%s); starting without it", entry, e)
-                    tmp = None
+            tmp = new_cache_folder(entry) if entry is not None else None
+            if tmp is not None:
+                opts.optimized_model_filepath = str(tmp / "model.onnx")
+                # weights always in a data file beside the graph, which onnxruntime maps instead of parsing:
+                # the SD-1.5 text encoder's entry (492 MB, single file in the artifact) opens in 0.3 s, not 1.3
+                opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                              "model.onnx.data")
+                opts.add_session_config_entry(
+                    "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
             try:
                 self._sess = self._open(path, opts)
             except BaseException:

@@ -34,14 +34,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from diffc._fs import host_cache_dir, touch, trim_cache
+from diffc._fs import host_cache_dir, new_cache_folder, touch, trim_cache
 from diffc.engines import check_feeds
 from diffc.errors import ArtifactError, BackendUnavailableError, InputError
 
@@ -214,7 +213,7 @@ class Session:
             except Exception as e:
                 raise InputError(f"{self.path.parent.name}: inputs of shapes {dict(zip(self.input_names, shapes))} "
                                  f"do not fit the graph: {e}") from e
-            tmp = _temporary_folder(entry)
+            tmp = new_cache_folder(entry) if entry is not None else None
             try:
                 # OpenVINO writes the compiled model into the folder as it compiles (streamed to the file; a
                 # compiled model's export_model() would hold two copies in memory: +2 GiB for the int8 UNet)
@@ -289,19 +288,6 @@ class Session:
         # the request's output buffers are reused by the next run: copy what is returned
         return {n: self._request.get_output_tensor(self.output_names.index(n)).data.copy()
                 for n in outputs or self.output_names}
-
-
-def _temporary_folder(entry: Path | None) -> Path | None:
-    """A new ``.tmp-*`` folder beside the cache ``entry`` to fill (None without an entry, or when the cache
-    cannot be written: the session compiles without it)."""
-    if entry is None:
-        return None
-    try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
-    except OSError as e:
-        log.warning("cannot use the OpenVINO cache %s (%s); compiling without it", entry.parent, e)
-        return None
 
 
 def _plugin_offset(blob: Path) -> int | None:
