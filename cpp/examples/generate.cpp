@@ -105,8 +105,8 @@ int main(int argc, char** argv) {
         const char* v = argv[++i];
         if (flag == "--seed") req.seed = std::strtoull(v, nullptr, 10);
         else if (flag == "--guidance") req.guidance = std::strtof(v, nullptr);
-        else if (flag == "--height") req.height = std::atoi(v);
-        else if (flag == "--width") req.width = std::atoi(v);
+        else if (flag == "--height") req.height = opts.height = std::atoi(v);  // open for the size it asks for
+        else if (flag == "--width") req.width = opts.width = std::atoi(v);
         else if (flag == "--negative") req.negative_prompt = v;
         else if (flag == "--threads") opts.threads = std::atoi(v);
         else return usage();

@@ -32,7 +32,7 @@
 extern "C" {
 #endif
 
-#define DIFFC_API_VERSION 1
+#define DIFFC_API_VERSION 2 /* 2: diffc_options.height / width */
 
 typedef enum diffc_status {
     DIFFC_OK = 0,
@@ -50,6 +50,8 @@ typedef struct diffc_options {
     int threads;        /* onnxruntime intra-op threads; 0 = the profile's (0 there: onnxruntime picks) */
     const char* device; /* "cpu" (or NULL): the backend device; other devices need a GPU artifact */
     int verify;         /* nonzero: check every file's sha256 at open (recommended); 0: skip */
+    int height;         /* pixels; 0: the artifact's default. The size of a request with height 0; engines */
+    int width;          /* specialized by shape at open (OpenVINO) are compiled for it instead of the default */
 } diffc_options;
 
 typedef struct diffc_request {
@@ -61,7 +63,7 @@ typedef struct diffc_request {
     int width;      /* pixels; 0: the artifact's default */
 } diffc_request;
 
-/* Fill `opts` with defaults (threads 0, device "cpu", verify 1). */
+/* Fill `opts` with defaults (threads 0, device "cpu", verify 1, the artifact's default size). */
 void diffc_options_init(diffc_options* opts);
 /* Fill `req` with defaults (no negative prompt, seed 0, default guidance and size). */
 void diffc_request_init(diffc_request* req);
@@ -69,7 +71,7 @@ void diffc_request_init(diffc_request* req);
 /* Open an artifact folder. On success *out is a new handle; on failure *out is NULL. `opts` may be NULL. */
 diffc_status diffc_open(const char* artifact_dir, const diffc_options* opts, diffc_pipeline** out);
 
-/* The size a request with height = width = 0 produces. */
+/* The size a request with height = width = 0 produces: the size given at open, or the artifact's default. */
 diffc_status diffc_default_size(diffc_pipeline* pipeline, int* height, int* width);
 
 /* Generate one image into the caller-owned buffer `rgb` of `rgb_size` bytes (at least height*width*3):

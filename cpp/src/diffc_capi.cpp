@@ -110,6 +110,8 @@ void diffc_options_init(diffc_options* opts) {
     opts->threads = 0;
     opts->device = "cpu";
     opts->verify = 1;
+    opts->height = 0;
+    opts->width = 0;
 }
 
 void diffc_request_init(diffc_request* req) {
@@ -125,13 +127,16 @@ diffc_status diffc_open(const char* artifact_dir, const diffc_options* opts, dif
     diffc_options_init(&defaults);
     if (opts == nullptr) opts = &defaults;
     if (opts->threads < 0) return fail(DIFFC_ERR_INVALID_ARGUMENT, "diffc_open: `threads` must be >= 0");
+    if (opts->height < 0 || opts->width < 0)
+        return fail(DIFFC_ERR_INVALID_ARGUMENT, "diffc_open: height and width must be >= 0 (0 = default)");
     if (diffc_status s = ensure_python(); s != DIFFC_OK) return s;
     try {
         py::gil_scoped_acquire gil;
         try {
             py::module_ capi = py::module_::import("diffc.runtime.capi");
             py::object pipe = capi.attr("open_pipeline")(artifact_dir, opts->threads,
-                                                         opts->device ? opts->device : "cpu", opts->verify != 0);
+                                                         opts->device ? opts->device : "cpu", opts->verify != 0,
+                                                         opts->height, opts->width);
             auto* handle = new (std::nothrow) diffc_pipeline();
             if (handle == nullptr) return fail(DIFFC_ERR_INTERNAL, "diffc_open: out of memory");
             handle->pipe = std::move(pipe);

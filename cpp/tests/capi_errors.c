@@ -38,6 +38,24 @@ int main(int argc, char** argv) {
     int h = 0, w = 0;
     report("generate", diffc_generate(pipe, &req, buf, (size_t)4096 * 4096 * 3, &h, &w));
     printf("size %d %d\n", h, w);
+    diffc_close(pipe);
+
+    /* a size given at open: checked there, and what requests without a size produce */
+    diffc_options opts;
+    diffc_options_init(&opts);
+    opts.height = 4096;
+    report("open_bad_size", diffc_open(argv[1], &opts, &pipe));
+    opts.height = -1;
+    report("open_negative_size", diffc_open(argv[1], &opts, &pipe));
+    opts.height = 48;
+    opts.width = 32;
+    s = diffc_open(argv[1], &opts, &pipe);
+    report("open_sized", s);
+    if (s != DIFFC_OK) return 1;
+    report("default_size", diffc_default_size(pipe, &h, &w));
+    printf("opened_default %d %d\n", h, w);
+    report("generate_sized", diffc_generate(pipe, &req, buf, (size_t)4096 * 4096 * 3, &h, &w));
+    printf("opened_size %d %d\n", h, w);
     free(buf);
     diffc_close(pipe);
     return 0;

@@ -27,15 +27,16 @@ def status_of(exc: BaseException) -> int:
     return INTERNAL
 
 
-def open_pipeline(path: str, threads: int, device: str, verify: bool) -> Pipeline:
+def open_pipeline(path: str, threads: int, device: str, verify: bool, height: int = 0, width: int = 0) -> Pipeline:
     if device not in ("", "cpu"):
         raise BackendUnavailableError(f"device {device!r} is not available to this artifact's onnxruntime CPU "
                                       "engines; use device \"cpu\", or build a GPU artifact")
-    return Pipeline(path, threads=threads, verify=verify, progress=False)
+    return Pipeline(path, threads=threads, verify=verify, progress=False, height=height or None,
+                    width=width or None)
 
 
 def default_size(pipe: Pipeline) -> tuple[int, int]:
-    return int(pipe.image["height"][1]), int(pipe.image["width"][1])
+    return pipe.default_size
 
 
 def generate(pipe: Pipeline, prompt: str, negative_prompt: str | None, seed: int, guidance: float, height: int,

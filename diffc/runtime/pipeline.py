@@ -125,7 +125,8 @@ class Pipeline:
                  progress: bool = True, memory_arena: str | None = None, height: int | None = None,
                  width: int | None = None):
         """``height`` / ``width``: the image size the caller will ask for, when it is not the artifact's default:
-        engines specialized by shape at load (OpenVINO) are compiled for it instead of the default."""
+        engines specialized by shape at load (OpenVINO) are compiled for it instead of the default, and calls
+        that give no size produce it (:attr:`default_size`)."""
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
         m = self.manifest
@@ -133,9 +134,11 @@ class Pipeline:
         self.tables = SamplerTables.from_dict(m["sampler"])
         self.image = m["image"]
         self.latent = m["latent"]
+        #: (height, width) in pixels of a call that gives no size
+        self.default_size = (int(height or self.image["height"][1]), int(width or self.image["width"][1]))
         dims = {}
         if height or width:
-            h, w = height or self.image["height"][1], width or self.image["width"][1]
+            h, w = self.default_size
             self.check_size(h, w)
             dims = {"height": h // self.latent["vae_scale_factor"], "width": w // self.latent["vae_scale_factor"]}
         self.sessions = open_sessions(self.root, m, threads=threads, verify=verify, cache=cache,
@@ -223,8 +226,8 @@ class Pipeline:
         if not lo_b <= batch <= hi_b:
             raise InputError(f"{batch} prompts is outside this artifact's batch range [{lo_b}, {hi_b}]; "
                              "split the prompts or rebuild with a larger [shapes].batch")
-        height = height or self.image["height"][1]
-        width = width or self.image["width"][1]
+        height = height or self.default_size[0]
+        width = width or self.default_size[1]
         self.check_size(height, width)
         g = float(self.guidance["default_scale"] if guidance is None else guidance)
         mode = self.guidance["mode"]

@@ -75,6 +75,11 @@ def test_error_paths(binaries, artifact):
     assert rows["bad_size"][0] == 3 and "outside this artifact's range" in rows["bad_size"][1]
     assert rows["null_prompt"][0] == 1
     assert rows["generate"][0] == 0  # the handle still works after the failed calls
+    # a size at open: checked there (typed error), then what a request without a size produces
+    assert rows["open_bad_size"][0] == 3 and "outside this artifact's range" in rows["open_bad_size"][1]
+    assert rows["open_negative_size"][0] == 1 and ">= 0" in rows["open_negative_size"][1]
+    assert rows["open_sized"][0] == 0 and rows["default_size"][0] == 0 and rows["generate_sized"][0] == 0
+    assert rows["opened_default"] == (48, "32") and rows["opened_size"] == (48, "32")
 
 
 def test_example_reports_bad_artifact(binaries, tmp_path):
