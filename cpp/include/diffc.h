@@ -50,8 +50,11 @@ typedef struct diffc_options {
     int threads;        /* onnxruntime intra-op threads; 0 = the profile's (0 there: onnxruntime picks) */
     const char* device; /* "cpu" (or NULL): the backend device; other devices need a GPU artifact */
     int verify;         /* nonzero: check every file's sha256 at open (recommended); 0: skip */
-    int height;         /* pixels; 0: the artifact's default. The size of a request with height 0; engines */
-    int width;          /* specialized by shape at open (OpenVINO) are compiled for it instead of the default */
+    /* The image size to prepare for, in pixels (0: the artifact's default): checked at open, engines specialized
+     * by shape (OpenVINO) are compiled for it there instead of the default, and requests with height = width = 0
+     * produce it. Other sizes still work; a shape-specialized engine then compiles again at that request. */
+    int height;
+    int width;
 } diffc_options;
 
 typedef struct diffc_request {
