@@ -170,10 +170,12 @@ def touch(path: Path) -> None:
         os.utime(path)
 
 
-def new_cache_folder(entry: Path) -> Path | None:
+def new_cache_folder(entry: Path | None) -> Path | None:
     """A new ``.tmp-*`` folder beside the host cache ``entry``, to fill and then rename into place (readers never
-    see half an entry; :func:`trim_cache` leaves such folders alone); None, with a warning, when the cache cannot
-    be written (the caller goes on without it)."""
+    see half an entry; :func:`trim_cache` leaves such folders alone); None without an entry (the cache is off),
+    or, with a warning, when the cache cannot be written (the caller goes on without it)."""
+    if entry is None:
+        return None
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))

@@ -207,7 +207,7 @@ class Session:
         if not self.from_cache:
             # Extended optimizations were applied at build time; only the layout pass remains to do here.
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            tmp = new_cache_folder(entry) if entry is not None else None
+            tmp = new_cache_folder(entry)
             if tmp is not None:
                 opts.optimized_model_filepath = str(tmp / "model.onnx")
                 # weights always in a data file beside the graph, which onnxruntime maps instead of parsing:

@@ -213,7 +213,7 @@ class Session:
             except Exception as e:
                 raise InputError(f"{self.path.parent.name}: inputs of shapes {dict(zip(self.input_names, shapes))} "
                                  f"do not fit the graph: {e}") from e
-            tmp = new_cache_folder(entry) if entry is not None else None
+            tmp = new_cache_folder(entry)
             try:
                 # OpenVINO writes the compiled model into the folder as it compiles (streamed to the file; a
                 # compiled model's export_model() would hold two copies in memory: +2 GiB for the int8 UNet)
