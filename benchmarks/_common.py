@@ -71,6 +71,12 @@ def median_time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def sig(x: float, digits: int = 3) -> float:
+    """``x`` to ``digits`` significant figures: a small ratio or time (a tiny model on a fast machine) stays
+    non-zero, which rounding to a fixed number of decimals does not keep."""
+    return float(f"{x:.{digits}g}")
+
+
 def emit(result: dict[str, Any]) -> None:
     """The one thing a benchmark writes to stdout."""
     sys.stdout.write(json.dumps(result, indent=2) + "\n")

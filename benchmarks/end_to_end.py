@@ -60,7 +60,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import emit, machine  # noqa: E402
+from _common import emit, machine, sig  # noqa: E402
 
 log = logging.getLogger("diffc.bench.end_to_end")
 
@@ -329,7 +329,7 @@ def measure_cell(python_for, configs: list[str], paths: dict[str, Path], size: i
             "peak_rss_gib": round(max(p["peak_rss_bytes"] for p in runs) / 2**30, 2),
         }
         if runs[0]["engines"]:  # diffc rows: median seconds per image in each engine
-            row["engine_s"] = {n: round(statistics.median(p["engines"].get(n, 0.0) for p in runs), 3)
+            row["engine_s"] = {n: sig(statistics.median(p["engines"].get(n, 0.0) for p in runs))
                                for n in runs[0]["engines"]}
         rows[config] = row
     return rows

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, machine  # noqa: E402
+from _common import emit, machine, sig  # noqa: E402
 
 
 def conv_peak(core, precision: str) -> float:
@@ -155,19 +155,19 @@ def main() -> None:
         run_s, by_kind = min(runs, key=lambda r: r[0])
         conv_gemm_s = by_kind["int8_conv_gemm"] + by_kind["float_conv_gemm"]
         components[name] = {"precision": c["precision"], "shapes": [list(s) for s in shapes],
-                            "compile_s": round(compile_s, 2), "run_s": round(run_s, 3),
-                            "runs_s": [round(r[0], 3) for r in runs],
-                            "gmac": {k: round(v / 1e9, 4) for k, v in macs.items()},
-                            "layer_s": {k: round(v, 3) for k, v in sorted(by_kind.items())}}
+                            "compile_s": round(compile_s, 2), "run_s": sig(run_s),
+                            "runs_s": [sig(r[0]) for r in runs],
+                            "gmac": {k: sig(v / 1e9) for k, v in macs.items()},
+                            "layer_s": {k: sig(v) for k, v in sorted(by_kind.items())}}
         if conv_gemm_s > 0:
             # the convolutions and linear layers run on conv / GEMM kernels; attention's MatMuls run inside
             # OpenVINO's fused subgraphs (with the softmax and element-wise ops), so they are reported apart
             kernel = "int8" if by_kind["int8_conv_gemm"] >= by_kind["float_conv_gemm"] else "bf16"
             achieved = (macs["conv"] + macs["linear"]) / conv_gemm_s
-            components[name]["conv_gemm_gmac_per_s"] = round(achieved / 1e9)
-            ratios[f"{name}_conv_gemm_of_{kernel}_peak"] = round(achieved / peak[kernel], 2)
+            components[name]["conv_gemm_gmac_per_s"] = sig(achieved / 1e9)
+            ratios[f"{name}_conv_gemm_of_{kernel}_peak"] = sig(achieved / peak[kernel])
         if macs["attention"] and by_kind["fused_subgraphs"]:
-            components[name]["attention_and_fused_gmac_per_s"] = round(macs["attention"] / by_kind["fused_subgraphs"] / 1e9)
+            components[name]["attention_and_fused_gmac_per_s"] = sig(macs["attention"] / by_kind["fused_subgraphs"] / 1e9)
     emit({"benchmark": "openvino_roofline", "artifact": str(args.artifact), "size": args.size,
           "openvino": ov.get_version(), "peak_gmac_per_s": {k: round(v / 1e9) for k, v in peak.items()},
           "components": components, "ratios": ratios,
