@@ -82,7 +82,7 @@ def cut(marked: Path, branch: int, kind: str, out: Path) -> tuple[Path, int]:
 
     from diffc.onnx_io import load_model, save_model
     from diffc.passes.cache_reuse import CacheFullPass, CacheShallowPass
-    from diffc.runtime.cache import feature_dims, unet_branches
+    from diffc.exporter.unet_blocks import feature_dims, unet_branches
 
     level = unet_branches(SD15_UNET)[branch]["level"]
     model = ir.serde.deserialize_model(load_model(marked))
@@ -113,9 +113,9 @@ def feeds_for(latent: int) -> dict[str, np.ndarray]:
 
 def loop_runner(sessions: dict[str, Any], branch: int, steps: int):
     """diffc's runtime loop (``Pipeline.denoise``) over the given sessions, without an artifact around it."""
-    from diffc.runtime.cache import feature_name
+    from diffc.exporter.unet_blocks import feature_name
     from diffc.runtime.pipeline import Pipeline
-    from diffc.runtime.sampler import compile_sampler
+    from diffc.exporter.sampler import compile_sampler
 
     pipe = Pipeline.__new__(Pipeline)  # the loop needs sessions, tables and the cache entry; no files
     pipe.sessions, pipe.progress, pipe.manifest = sessions, False, {}
@@ -129,7 +129,7 @@ def loop_runner(sessions: dict[str, Any], branch: int, steps: int):
 def worker(args) -> dict[str, Any]:
     """One measurement in a fresh process, so that at most two multi-GB sessions are ever alive."""
     from diffc.engines.onnxruntime import Session
-    from diffc.runtime.cache import unet_branches
+    from diffc.exporter.unet_blocks import unet_branches
 
     work, latent = Path(args.workdir), args.latent
     feeds = feeds_for(latent)
@@ -204,7 +204,7 @@ def main() -> None:
         return
     t_start = time.perf_counter()
 
-    from diffc.runtime.cache import unet_branches
+    from diffc.exporter.unet_blocks import unet_branches
 
     latent = 32 if args.quick else 64
     reps = args.reps or (2 if args.quick else 3)

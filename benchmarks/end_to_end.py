@@ -207,7 +207,7 @@ def child(config: str, path: str, size: int, steps: int, load_only: bool = False
                         output_type="np").images
     elif config.startswith("diffc"):
         import diffc
-        from diffc.runtime.sampler import compile_sampler
+        from diffc.exporter.sampler import compile_sampler
 
         pipe = diffc.load(path, progress=False, height=size, width=size)
         m = pipe.manifest

@@ -151,7 +151,7 @@ def main() -> None:
     t_start = time.perf_counter()
 
     from diffc.runtime import load
-    from diffc.runtime.sampler import compile_sampler
+    from diffc.exporter.sampler import compile_sampler
 
     judge = Judge()
     seeds = list(range(n_seeds))

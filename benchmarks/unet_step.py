@@ -200,11 +200,12 @@ def worker_diffc(args) -> dict[str, Any]:
 
 def worker_int8(args) -> dict[str, Any]:
     """diffc's quantize pass over the diffc fp32 graph. Calibration: the graph's own fp32 activations on this
-    benchmark's inputs at timesteps 981, 500 and 21 (percentile 99.99, envelope), as diffc.quantization does."""
+    benchmark's inputs at timesteps 981, 500 and 21 (percentile 99.99, envelope), as diffc.build.calibrate does."""
     import onnx_ir as ir
 
     from diffc.passes.quantize import calibration_targets
-    from diffc.quantization import RangeRecorder, quantize_graph
+    from diffc.build.calibrate import RangeRecorder
+    from diffc.build.quantize import quantize_graph
     from diffc.profiles.schema import Backend
 
     t0 = time.perf_counter()

@@ -82,7 +82,8 @@ def worker_build(args) -> dict[str, Any]:
     from diffc.passes import run_passes
     from diffc.passes.quantize import calibration_targets
     from diffc.profiles.schema import Backend
-    from diffc.quantization import RangeRecorder, quantize_graph
+    from diffc.build.calibrate import RangeRecorder
+    from diffc.build.quantize import quantize_graph
 
     quiet_huggingface()
     work = Path(args.out)

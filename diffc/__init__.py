@@ -11,14 +11,13 @@ __version__ = "0.1.0"
 
 from diffc.errors import DiffcError
 
+# ``diffc.build`` is both the function and the package of build stages (diffc/build/). Importing the function
+# here, before anything imports a stage, binds the name to the function for good: the import system sets a
+# package's attribute only when it first loads the subpackage, which this line does. The package's __init__
+# is light (the stages load when build() runs).
+from diffc.build import build  # noqa: E402
+
 __all__ = ["DiffcError", "__version__", "build", "load"]
-
-
-def build(model, profile="cpu", out=None, **kwargs):
-    """Compile ``model`` (a diffusers folder or ``"demo"``) for ``profile`` into an artifact at ``out``."""
-    from diffc.builder import build as _build
-
-    return _build(model, profile=profile, out=out, **kwargs)
 
 
 def load(artifact, **kwargs):

@@ -4,47 +4,288 @@ cache and its size limit."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
-from diffc.errors import OutputExistsError
+from diffc.errors import DiffcError, DiskSpaceError, OutputExistsError, OutputPathError
 
 log = logging.getLogger("diffc")
 
 
+#: written into every folder :func:`atomic_output_dir` creates: the proof, for a later ``--force``, that diffc wrote
+#: the folder and may replace it (diffc never deletes a folder it did not write)
+OWNER_FILE = ".diffc-output.json"
+#: what marked the folders diffc wrote before :data:`OWNER_FILE` existed: a JSON file with these keys
+_LEGACY_OWNER_FILES = {"manifest.json": ("schema_version", "diffc_version"), "export_report.json": ("opset",
+                                                                                                   "components")}
+
+
+def written_by_diffc(folder: Path) -> bool:
+    """Whether ``folder`` (a real folder, not a link) is one diffc wrote: it holds :data:`OWNER_FILE`, or, for
+    folders written before that file existed, an artifact manifest / export report with diffc's keys."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    marks = {OWNER_FILE: ("written_by",), **_LEGACY_OWNER_FILES}
+    for name, keys in marks.items():
+        path = folder / name
+        if path.is_symlink() or not path.is_file():
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict) and all(k in data for k in keys) and data.get("written_by", "diffc") == "diffc":
+                return True
+    return False
+
+
+def _replaceable(path: Path) -> bool:
+    """A folder ``--force`` may replace: an empty real folder, or one diffc wrote."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    with contextlib.suppress(OSError):
+        with os.scandir(path) as it:
+            if next(it, None) is None:
+                return True
+    return written_by_diffc(path)
+
+
+def _refuse_replacing(out: Path, what: str) -> OutputExistsError:
+    if out.is_symlink():
+        kind = "a symbolic link"
+    elif out.is_dir():
+        kind = "a folder diffc did not write (it holds no diffc manifest, export report or " + OWNER_FILE + ")"
+    elif out.exists():
+        kind = "a file, not a folder"
+    else:
+        kind = "something diffc did not write"
+    return OutputExistsError(f"{what} path {out} is {kind}; --force only replaces folders diffc wrote, or empty "
+                             "ones, and never deletes anything else: choose another --out, or move it away yourself")
+
+
+def _check_protected(out: Path, protect: Iterable[str | os.PathLike], what: str) -> None:
+    real_out = out.resolve()
+    for p in protect:
+        real = Path(p).absolute().resolve()
+        if real == real_out or real_out in real.parents:
+            raise OutputExistsError(f"{what} path {out} is (or holds) the model folder {p}; writing there would "
+                                    "replace the model itself: choose another --out")
+
+
+def _output_error(out: Path, what: str, e: OSError) -> DiffcError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" ({e.filename})" if e.filename else ""
+        return DiskSpaceError(f"a disk filled up while writing the {what} {out}{where}: {e.strerror}; nothing was "
+                              "written: free some space, choose another --out, or set TMPDIR to a disk with room "
+                              "for the work files")
+    return OutputPathError(f"cannot write the {what} at {out}: {e.strerror or e} ({e.__class__.__name__}); "
+                           "choose an --out in a folder you can write to")
+
+
 @contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, *, force: bool = False, what: str = "output") -> Iterator[Path]:
+def atomic_output_dir(out: str | os.PathLike, *, force: bool = False, what: str = "output",
+                      protect: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
     """Yield an empty temporary folder next to ``out``; move it to ``out`` only if the block succeeds.
 
     The temporary folder lives in the same parent so the final step is a rename on one filesystem: an
-    interrupted export or build (exception, Ctrl-C) leaves no half-written ``out`` behind.
+    interrupted export or build (exception, Ctrl-C, SIGTERM through the CLI) leaves no half-written ``out``
+    behind, and one killed outright leaves a ``.NAME.tmp-PID-START-*`` folder that the next call beside the
+    same ``out`` removes once that process is gone (:func:`remove_stale`).
+
+    What it will and will not delete: with ``force``, an existing ``out`` is replaced only when it is an empty
+    folder or one diffc wrote (:func:`written_by_diffc`); a file, a link, any other folder, or a path that is or
+    holds one of ``protect`` (the source model) is refused with :class:`OutputExistsError` before any work.
+    The final move never replaces what appeared at ``out`` while the block ran (another build, a user's
+    folder): it renames with ``RENAME_NOREPLACE``, and a target that appeared is a typed error, with the new
+    folder removed and the other left as it was. A full disk is :class:`DiskSpaceError`, an unwritable
+    location :class:`OutputPathError`.
     """
     out = Path(out).absolute()
-    if out.exists() and not force:
-        raise OutputExistsError(f"{what} folder {out} already exists; pass --force to replace it, or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_sibling(out)
-    os.mkdir(tmp, 0o777)  # the usual permissions (umask applies), not mkdtemp's private 0700
+    if out.parent == out or not out.name or out.name in (".", ".."):
+        raise OutputPathError(f"{what} path {out} names no folder that can be created; choose an --out like "
+                              "./model.diffc")
+    _check_protected(out, protect, what)
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise OutputExistsError(f"{what} folder {out} already exists; pass --force to replace it (only a folder "
+                                    "diffc wrote, or an empty one, is replaced), or choose another --out")
+        if not _replaceable(out):
+            raise _refuse_replacing(out, what)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(out.parent, f".{out.name}.")
+        tmp = _temporary_sibling(out)
+        os.mkdir(tmp, 0o777)  # the usual permissions (umask applies), not mkdtemp's private 0700
+    except OSError as e:
+        raise _output_error(out, what, e) from e
+    try:
+        (tmp / OWNER_FILE).write_text(json.dumps({"written_by": "diffc", "what": what}) + "\n")
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _output_error(out, what, e) from e
         raise
+    try:
+        _publish(tmp, out, force=force, what=what)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise _output_error(out, what, e) from e
+        raise
+
+
+def _publish(tmp: Path, out: Path, *, force: bool, what: str) -> None:
+    """Move ``tmp`` to ``out`` without ever replacing what diffc may not delete (see :func:`atomic_output_dir`)."""
     old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
+    if force and (out.exists() or out.is_symlink()):
+        # move it aside first and check what was actually moved (it may have changed since the check at start)
+        old = out.parent / f".{out.name}.old-{_owner_tag()}-{secrets.token_hex(4)}"
+        os.rename(out, old)
+        if not _replaceable(old):
+            _rename_noreplace(old, out)  # put it back as it was
+            raise _refuse_replacing(out, what)
+    try:
+        _rename_noreplace(tmp, out)
+    except FileExistsError:
+        if old is not None:
+            with contextlib.suppress(OSError):
+                _rename_noreplace(old, out)
+        raise OutputExistsError(f"{what} folder {out} appeared while this one was being written (another build to "
+                                "the same --out?); it was left as it is and nothing was written: run again with "
+                                "another --out, or with --force to replace it if diffc wrote it") from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+_libc = None
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """``rename(src, dst)`` that fails with FileExistsError when ``dst`` exists, atomically (Linux
+    ``renameat2(RENAME_NOREPLACE)``: Python's ``os.rename`` silently replaces an empty folder at ``dst`` and has no
+    no-replace flag, so the syscall is called through ctypes). Where the syscall or the file system lacks it,
+    a check then ``os.rename`` (which still refuses a non-empty folder) is the fallback."""
+    global _libc
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        fn = getattr(_libc, "renameat2", None)
+        if fn is not None:
+            at_fdcwd, rename_noreplace = -100, 1
+            if fn(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace) == 0:
+                return
+            err = ctypes.get_errno()
+            if err == errno.EEXIST:
+                raise FileExistsError(err, os.strerror(err), str(dst))
+            if err not in (errno.EINVAL, errno.ENOSYS):
+                raise OSError(err, os.strerror(err), str(src))
+    if dst.exists() or dst.is_symlink():
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    try:
+        os.rename(src, dst)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from e
+        raise
+
+
+@contextlib.contextmanager
+def work_dir(prefix: str = "diffc-work") -> Iterator[Path]:
+    """A temporary work folder in ``TMPDIR`` named ``PREFIX-PID-START-*`` (this process's id and start time),
+    removed when the block ends; folders of this form whose process is gone (a build killed with SIGKILL) are
+    removed first (:func:`remove_stale`). A full ``TMPDIR`` is :class:`DiskSpaceError`."""
+    base = Path(tempfile.gettempdir())
+    remove_stale(base, f"{prefix}-")
+    try:
+        path = Path(tempfile.mkdtemp(prefix=f"{prefix}-{_owner_tag()}-", dir=base))
+    except OSError as e:
+        raise _output_error(base / prefix, "work folder", e) from e
+    try:
+        yield path
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskSpaceError(f"a disk filled up during the build ({e.strerror}: {e.filename or ''}); nothing "
+                                 f"was written: free some space (work files go to {base}; set TMPDIR to use "
+                                 "another disk)") from e
+        raise
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` in clock ticks since boot (``/proc/PID/stat`` field 22), which tells a
+    live process from a later one that reuses its id; None when there is no such process (or no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_line = f.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    # the command name (field 2) is in parentheses and may hold spaces or parentheses itself
+    return stat_line.rsplit(")", 1)[-1].split()[19]
+
+
+_OWNER_TAG: str | None = None
+
+
+def _owner_tag() -> str:
+    """``PID-START``: what temporary names carry so that a later process can tell whether their owner lives."""
+    global _OWNER_TAG
+    pid = os.getpid()
+    if _OWNER_TAG is None or not _OWNER_TAG.startswith(f"{pid}-"):
+        _OWNER_TAG = f"{pid}-{_process_start(pid) or 0}"
+    return _OWNER_TAG
+
+
+_STALE = re.compile(r"(?:tmp|old)?-?(\d+)-(\d+)-[0-9a-z_]+$")
+
+
+def remove_stale(folder: Path, prefix: str) -> list[Path]:
+    """Remove what killed diffc processes left in ``folder``: entries named ``PREFIX[tmp-|old-]PID-START-*``
+    (see :func:`_owner_tag`) whose process is gone. Entries of live processes, and every name not of this
+    exact form, are left alone. Returns what was removed."""
+    removed = []
+    if not prefix or not folder.is_dir():
+        return removed
+    with contextlib.suppress(OSError), os.scandir(folder) as it:
+        entries = [e for e in it if e.name.startswith(prefix)]
+    for e in entries:
+        m = _STALE.fullmatch(e.name[len(prefix):])
+        if m is None:
+            continue
+        pid, start = int(m.group(1)), m.group(2)
+        if pid == os.getpid() or _process_start(pid) == start or (start == "0" and _pid_alive(pid)):
+            continue
+        path = Path(e.path)
+        if path.is_symlink() or not path.is_dir():
+            with contextlib.suppress(OSError):
+                path.unlink()
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        log.info("removed %s, left by diffc process %d, which is gone", path, pid)
+        removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | bytearray | memoryview) -> Path:
@@ -69,7 +310,7 @@ def write_atomic(path: str | os.PathLike, data: bytes | bytearray | memoryview) 
 def _temporary_sibling(path: Path) -> Path:
     """A fresh hidden name beside ``path``, created by the caller with an explicit mode (O_EXCL / mkdir) so the
     umask applies: reading the umask means setting it, which would race with other threads creating files."""
-    return path.with_name(f".{path.name}.tmp-{secrets.token_hex(8)}")
+    return path.with_name(f".{path.name}.tmp-{_owner_tag()}-{secrets.token_hex(8)}")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -168,20 +409,6 @@ def touch(path: Path) -> None:
     """Mark a cache entry's marker file as used now (the size limit evicts the least recently used first)."""
     with contextlib.suppress(OSError):
         os.utime(path)
-
-
-def new_cache_folder(entry: Path | None) -> Path | None:
-    """A new ``.tmp-*`` folder beside the host cache ``entry``, to fill and then rename into place (readers never
-    see half an entry; :func:`trim_cache` leaves such folders alone); None without an entry (the cache is off),
-    or, with a warning, when the cache cannot be written (the caller goes on without it)."""
-    if entry is None:
-        return None
-    try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
-    except OSError as e:
-        log.warning("cannot write the host cache %s (%s); going on without it", entry.parent, e)
-        return None
 
 
 def trim_cache(folder: Path, marker: str, *, keep: Path | None = None, max_bytes: int | None = None) -> list[Path]:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
 
 from diffc import __version__
-from diffc.errors import DiffcError
-from diffc.profiles.schema import MEMORY_ARENAS
+from diffc.errors import DiffcError, ProfileError
+from diffc.profiles.schema import GUIDANCE_MAX, MEMORY_ARENAS, SAMPLER_KINDS, max_threads
 
 log = logging.getLogger("diffc")
 
@@ -25,6 +27,22 @@ class _Group(click.Group):
         except DiffcError as e:
             click.echo(f"error ({e.code}): {e}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted; an unfinished build or export leaves nothing behind", err=True)
+            sys.exit(130)
+
+
+def _exit_on_sigterm(signum, frame):
+    """SIGTERM (what ``timeout``, ``docker stop`` and systemd send) ends diffc the way Ctrl-C does: the exception
+    unwinds through every ``with`` block, so temporary folders are removed, then the exit status is 128 + 15."""
+    raise SystemExit(128 + signum)
+
+
+def _handle_sigterm(ctx: click.Context) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may set handlers (an app calling main() from a worker keeps its own)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
 
 
 @click.group(cls=_Group)
@@ -39,6 +57,7 @@ def main(ctx, verbose, quiet):
     for noisy in ("torch", "diffusers", "transformers", "onnxscript", "onnx_ir", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     ctx.obj = {"progress": not quiet}
+    _handle_sigterm(ctx)
 
 
 @main.command()
@@ -46,11 +65,19 @@ def main(ctx, verbose, quiet):
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript", show_default=True)
-@click.option("--opset", type=int, default=21, show_default=True)
+@click.option("--opset", type=int, default=21, show_default=True,
+              help="ONNX opset, from 17 (the oldest the passes and backends read) to the installed onnx's newest.")
 @click.option("--component", "components", multiple=True, help="Export only these components (repeatable).")
 @click.pass_obj
 def export(obj, model, out, force, exporter, opset, components):
     """Export MODEL (a diffusers folder, or 'demo') to ONNX, one folder per component, checked against PyTorch."""
+    import onnx
+
+    from diffc.errors import ExportError
+
+    newest = onnx.defs.onnx_opset_version()
+    if not 17 <= opset <= newest:
+        raise ExportError(f"--opset must be from 17 to {newest} (the installed onnx's newest), got {opset}")
     from diffc.exporter import export_pipeline
 
     report = export_pipeline(model, out, force=force, exporter=exporter, opset=opset, components=components or None,
@@ -61,14 +88,24 @@ def export(obj, model, out, force, exporter, opset, components):
     click.echo(f"wrote {out}")
 
 
+def _check_overrides(steps: int | None, sampler: str | None) -> None:
+    """``build --steps / --sampler`` replace profile fields: the same ranges as the profile's [sampler] table."""
+    if steps is not None and not 1 <= steps <= 1000:
+        raise ProfileError(f"--steps must be an integer from 1 to 1000 (it replaces the profile's [sampler].steps), "
+                           f"got {steps}")
+    if sampler is not None and sampler not in SAMPLER_KINDS:
+        raise ProfileError(f"--sampler must be one of {', '.join(SAMPLER_KINDS)}, got {sampler!r}")
+
+
 @main.command()
 @click.argument("model")
 @click.option("--profile", "-p", default="cpu", show_default=True, help="Profile name or path to a .toml file.")
 @click.option("--out", "-o", type=click.Path(path_type=Path), help="Artifact folder to write (required unless "
               "--dry-run).")
 @click.option("--force", is_flag=True, help="Replace the artifact folder if it exists.")
-@click.option("--steps", type=int, default=None, help="Override the profile's step count.")
-@click.option("--sampler", default=None, help="Override the profile's sampler (ddim, euler, dpmpp_2m, lcm, flow_euler).")
+@click.option("--steps", type=int, default=None, help="Override the profile's step count (1 to 1000).")
+@click.option("--sampler", default=None, help="Override the profile's sampler (auto, ddim, euler, dpmpp_2m, lcm, "
+              "flow_euler).")
 @click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript", show_default=True)
 @click.option("--verify-passes", is_flag=True, help="Run the onnx checker and shape inference after every graph pass.")
 @click.option("--no-cache", is_flag=True, help="Rebuild every TensorRT engine, even those the build cache holds.")
@@ -77,19 +114,20 @@ def export(obj, model, out, force, exporter, opset, components):
 @click.pass_obj
 def build(obj, model, profile, out, force, steps, sampler, exporter, verify_passes, no_cache, dry_run):
     """Compile MODEL (a diffusers folder, or 'demo') for PROFILE into an artifact."""
+    _check_overrides(steps, sampler)
     if dry_run:
-        from diffc.builder import plan
+        from diffc.build.plan import plan
 
         click.echo(json.dumps(plan(model, profile, steps=steps, sampler=sampler), indent=2))
         return
     if out is None:
         raise click.UsageError("Missing option '--out' / '-o' (only --dry-run runs without it).")
-    from diffc.builder import build as _build
+    from diffc.build import build as _build
 
     path = _build(model, profile=profile, out=out, force=force, steps=steps, sampler=sampler, exporter=exporter,
                   progress=obj["progress"], no_cache=no_cache, verify_passes=verify_passes)
     if obj["progress"]:
-        from diffc.builder import format_build_report
+        from diffc.build.report import format_build_report
 
         click.echo(format_build_report(json.loads((path / "build_report.json").read_text())))
     click.echo(f"wrote artifact {path}")
@@ -99,13 +137,19 @@ def build(obj, model, profile, out, force, steps, sampler, exporter, verify_pass
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--prompt", required=True)
 @click.option("--negative-prompt", default=None)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--guidance", type=float, default=None, help="Guidance scale (default: the artifact's).")
-@click.option("--height", type=int, default=None)
-@click.option("--width", type=int, default=None)
-@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="PNG file to write.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Random seed, 0 to 2**64 - 1 (the C API's uint64); negative seeds are refused, not mapped.")
+@click.option("--guidance", type=float, default=None,
+              help=f"Guidance scale, a finite number from 0 to {GUIDANCE_MAX:g} (default: the artifact's). Scales "
+                   "<= 1 run without classifier-free guidance, as diffusers does.")
+@click.option("--height", type=int, default=None, help="Image height in pixels (default: the artifact's); "
+              "`diffc inspect` shows the range the artifact covers.")
+@click.option("--width", type=int, default=None, help="Image width in pixels (default: the artifact's).")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
+              help="Image file to write; its extension picks the format: .png, .jpg / .jpeg or .webp.")
 @click.option("--threads", type=int, default=0,
-              help="onnxruntime intra-op threads (0: the profile's [onnxruntime].intra_op_num_threads).")
+              help=f"onnxruntime intra-op threads, 0 to 4 per CPU ({max_threads()} here); 0: the profile's "
+                   "[onnxruntime].intra_op_num_threads.")
 @click.option("--memory-arena", type=click.Choice(MEMORY_ARENAS), default=None,
               help="onnxruntime memory: arenas for the UNet only (the others give their activations back) or one "
                    "arena shared by every component (default: the profile's [onnxruntime].memory_arena).")
@@ -116,14 +160,25 @@ def build(obj, model, profile, out, force, steps, sampler, exporter, verify_pass
 def run(obj, artifact, prompt, negative_prompt, seed, guidance, height, width, out, threads, memory_arena,
         cache_interval):
     """Generate an image from ARTIFACT (torch-free)."""
-    from diffc.runtime import load, save_png
+    from diffc.runtime import check_image_path, load, save_image
+    from diffc.runtime.pipeline import check_guidance, check_prompts, check_seed, check_size_arg, check_threads
 
+    # every flag is checked before the artifact loads: a mistake costs a second, not a load and a sampling run
+    check_prompts("--prompt", prompt)
+    if negative_prompt is not None:
+        check_prompts("--negative-prompt", negative_prompt)
+    check_seed(seed, "--seed")
+    check_guidance(guidance, "--guidance")
+    check_size_arg("--height", height)
+    check_size_arg("--width", width)
+    check_threads(threads, "--threads")
+    check_image_path(out)
     pipe = load(artifact, threads=threads, memory_arena=memory_arena, progress=obj["progress"], height=height,
                 width=width)
     if cache_interval is not None:
         pipe.set_cache_schedule({"kind": "interval", "interval": cache_interval})
     images = pipe(prompt, negative_prompt=negative_prompt, seed=seed, guidance=guidance, height=height, width=width)
-    save_png(images[0], out)
+    save_image(images[0], out)
     click.echo(f"wrote {out}")
 
 
@@ -140,11 +195,10 @@ def demo_model(out):
 @click.option("--profile", "-p", default="cpu", show_default=True, help="Profile name or path to a .toml file.")
 def passes(profile):
     """Print the ordered pass list a profile runs, with its options."""
-    from diffc.passes import format_pass_list, pass_list
+    from diffc.passes import format_pass_list, profile_pass_list
     from diffc.profiles import load_profile
 
-    prof = load_profile(profile)
-    click.echo(format_pass_list(pass_list(prof.backend.value, **prof.passes)))
+    click.echo(format_pass_list(profile_pass_list(load_profile(profile))))
 
 
 @main.command()

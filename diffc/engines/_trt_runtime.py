@@ -95,11 +95,13 @@ def check_engine_compatible(record: Mapping[str, Any], *, installed_version: str
 # ------------------------------------------------------------------------------------------------ runtime
 
 
-def _runtime_cache_file(cache_key: str | None, device_cc: str) -> Path | None:
+def _runtime_cache_file(cache_key: str | None, device_cc: str, trt_version: str = "") -> Path | None:
+    """The TensorRT-RTX runtime cache of an engine (``cache_key``: its verified digests) on this GPU and release.
+    TensorRT-RTX itself rejects a cache another GPU, driver or release wrote (it is then compiled again)."""
     root = default_cache_dir()
     if root is None or not cache_key:
         return None
-    digest = hashlib.sha256(f"{cache_key}|{device_cc}".encode()).hexdigest()[:32]
+    digest = hashlib.sha256(f"{cache_key}|{device_cc}|{trt_version}".encode()).hexdigest()[:32]
     return root / "runtime-cache" / f"{digest}.bin"
 
 
@@ -112,12 +114,16 @@ class Session:
     datacenter TensorRT replays one graph per input-shape set (``cuda_graph``); TensorRT-RTX captures and
     replays itself (its runtime config's ``WHOLE_GRAPH_CAPTURE`` strategy) and keeps its just-in-time compiled
     kernels in a runtime cache file in the per-host cache (keyed by ``cache_key`` and the GPU), so only the
-    first session on a machine pays for JIT compilation. ``threads`` is accepted for interface parity.
+    first session on a machine pays for JIT compilation; with a ``gate`` (a
+    :class:`~diffc.engines.host_cache.PublishGate`), that file is written only once the gate has opened (the
+    engine's digests verified), so kernels of a refused engine are never kept under a genuine one's key.
+    ``threads`` is accepted for interface parity.
     """
 
     def __init__(self, path: str | os.PathLike, *, record: Mapping[str, Any] | None = None, cuda_graph: bool = True,
                  cache_key: str | None = None, threads: int = 0, device: int = 0,
-                 weight_streaming_budget: int | None = None, runtime_cache: str | os.PathLike | None = None):
+                 weight_streaming_budget: int | None = None, runtime_cache: str | os.PathLike | None = None,
+                 gate: Any = None):
         from diffc.engines import _trt_cuda as cu
 
         self._cu = cu
@@ -161,11 +167,13 @@ class Session:
 
         self._rtx_cache = None
         self._rtx_cache_file = None
+        self._gate = gate  # diffc.engines.host_cache.PublishGate: the runtime cache is written only once it opens
         if flavour == "tensorrt_rtx":
             rc = self.engine.create_runtime_config()
             if cuda_graph:
                 rc.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
-            self._rtx_cache_file = Path(runtime_cache) if runtime_cache else _runtime_cache_file(cache_key, device_cc)
+            self._rtx_cache_file = Path(runtime_cache) if runtime_cache else \
+                _runtime_cache_file(cache_key, device_cc, str(trt.__version__))
             if self._rtx_cache_file is not None:
                 self._rtx_cache = rc.create_runtime_cache()
                 if self._rtx_cache_file.is_file():
@@ -254,7 +262,9 @@ class Session:
         if self._closed:
             return
         self._closed = True
-        if self._rtx_cache is not None and self._rtx_cache_file is not None:
+        # kernels compiled for an engine whose digests were not verified are not kept under them
+        trusted = self._gate is None or self._gate.state is True
+        if self._rtx_cache is not None and self._rtx_cache_file is not None and trusted:
             with contextlib.suppress(OSError):
                 write_atomic(self._rtx_cache_file, memoryview(self._rtx_cache.serialize()))
         for g in self._graphs.values():

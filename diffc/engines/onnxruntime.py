@@ -9,20 +9,20 @@ opens it with the graph already optimized: it only applies the cheap hardware-sp
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import shutil
 import tempfile
 import threading
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
-from diffc._fs import host_cache_dir, new_cache_folder, touch, trim_cache
-from diffc.engines import check_feeds
+from diffc.engines import BuiltEngine, SessionOptions, check_feeds, component_entry, engine_io, register
+from diffc.engines.host_cache import HostCache, PublishGate, with_fallback
 from diffc.errors import ArtifactError, BackendUnavailableError, InputError
+from diffc.names import base_component
 
 log = logging.getLogger("diffc.engines.onnxruntime")
 
@@ -166,22 +166,16 @@ def cpu_signature() -> str:
 CACHE_LAYOUT = 2
 
 
-def _cache_entry(cache_key: str) -> Path | None:
-    root = host_cache_dir()
-    if root is None:
-        return None
-    digest = hashlib.sha256(f"{cache_key}|{cpu_signature()}|{CACHE_LAYOUT}".encode()).hexdigest()[:32]
-    return root / "onnxruntime" / digest
-
-
 class Session:
     """One component's onnxruntime session. ``run`` takes and returns numpy arrays by name.
 
     With a ``cache_key`` (the engine files' sha256 digests), the first session on a machine also saves the
     graph after onnxruntime's hardware-specific layout pass (NCHWc convolutions: ~4.5 s of a 6.4 s start
-    for the SD-1.5 UNet) into a per-host cache keyed by the engine and :func:`cpu_signature`, its weights in a
-    data file onnxruntime maps; later sessions open that graph with optimizations off and start in ~1.0 s.
-    The artifact itself stays portable: the cache never leaves the machine that made it.
+    for the SD-1.5 UNet) into the per-host cache (:mod:`diffc.engines.host_cache`), keyed by those digests and
+    :func:`cpu_signature`, its weights in a data file onnxruntime maps; later sessions open that graph with
+    optimizations off and start in ~1.0 s. The artifact itself stays portable: the cache never leaves the
+    machine that made it. ``gate``: the entry is published only once it opens (the runtime opens it when the
+    digests have been verified against the files); without one the caller vouches for ``cache_key``.
 
     ``arena`` (one of :data:`ARENAS`) says where the session's activations live: its ``own`` onnxruntime arena,
     held at their peak for the life of the session; ``none``: given back to the system after each run (the
@@ -189,46 +183,46 @@ class Session:
     """
 
     def __init__(self, path: str | os.PathLike, *, threads: int = 0, inter_threads: int = 0,
-                 cache_key: str | None = None, arena: str = "own"):
+                 cache_key: str | None = None, arena: str = "own", gate: PublishGate | None = None):
         ort = _ort()
         path = Path(path)
-        opts = _session_options(threads, inter_threads, arena)
-        entry = _cache_entry(cache_key) if cache_key else None
+        _session_options(threads, inter_threads, arena)  # a bad arena is refused before any work
+        cache = HostCache(NAME)
+        key = cache.key(cache_key, cpu_signature(), CACHE_LAYOUT) if cache_key and cache.enabled else None
+        entry = cache.lookup(key) if key else None
         self.from_cache = False
-        if entry is not None and (entry / "complete").is_file():
+        if entry is not None:
+            opts = _session_options(threads, inter_threads, arena)
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             try:
-                self._sess = self._open(entry / "model.onnx", opts)
+                self._sess = self._open(entry.path / "model.onnx", opts)
                 self.from_cache = True
-                touch(entry / "complete")
-            except ArtifactError as e:  # damaged, or removed by another process's size limit meanwhile
-                log.warning("the engine cache entry %s cannot be used (%s); making it again", entry, e)
-                shutil.rmtree(entry, ignore_errors=True)
+            except ArtifactError as e:  # made by an onnxruntime that reads it differently, or removed meanwhile
+                entry.discard(str(e))
         if not self.from_cache:
-            # Extended optimizations were applied at build time; only the layout pass remains to do here.
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            tmp = new_cache_folder(entry)
-            if tmp is not None:
-                opts.optimized_model_filepath = str(tmp / "model.onnx")
+            pending = cache.begin(key, gate) if key else None
+
+            def layout_options():
+                # Extended optimizations were applied at build time; only the layout pass remains to do here.
+                opts = _session_options(threads, inter_threads, arena)
+                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                return opts
+
+            def open_cached():
+                opts = layout_options()
+                opts.optimized_model_filepath = str(pending.path / "model.onnx")
                 # weights always in a data file beside the graph, which onnxruntime maps instead of parsing:
                 # the SD-1.5 text encoder's entry (492 MB, single file in the artifact) opens in 0.3 s, not 1.3
                 opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                               "model.onnx.data")
                 opts.add_session_config_entry(
                     "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-            try:
-                self._sess = self._open(path, opts)
-            except BaseException:
-                if tmp is not None:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            if tmp is not None:
-                (tmp / "complete").write_text(cpu_signature())
-                try:
-                    os.replace(tmp, entry)
-                except OSError:  # another process filled the entry first
-                    shutil.rmtree(tmp, ignore_errors=True)
-                trim_cache(entry.parent, "complete", keep=entry)
+                return self._open(path, opts)
+
+            self._sess, written = with_fallback(open_cached, lambda: self._open(path, layout_options()), pending,
+                                                cache)
+            if written:
+                pending.finish({"cpu": cpu_signature()})
         self.input_names = [i.name for i in self._sess.get_inputs()]
         self.output_names = [o.name for o in self._sess.get_outputs()]
 
@@ -245,3 +239,77 @@ class Session:
         names = outputs or self.output_names
         values = self._sess.run(names, {n: feeds[n] for n in self.input_names})
         return dict(zip(names, values))
+
+
+class OnnxRuntimeBackend:
+    """The onnxruntime CPU backend behind :class:`diffc.engines.Backend`."""
+
+    name = NAME
+    #: onnxruntime has CPU kernels for its contrib ops: MultiHeadAttention (measured faster than opset-23
+    #: Attention at SD-1.5 shapes), QuickGelu, and InstanceNormalization for GroupNorm (faster than its
+    #: GroupNormalization-21 kernel)
+    pass_defaults = MappingProxyType({"attention": "mha", "groupnorm": "instance_norm", "layernorm": True,
+                                      "gelu": True, "quick_gelu": True, "disable": ()})
+    parallel_open = False
+    PRECISIONS = ("fp32", "int8")
+
+    def available(self) -> str | None:
+        try:
+            return version()
+        except BackendUnavailableError:
+            return None
+
+    def version(self) -> str:
+        return version()
+
+    def tolerance(self, precision: str) -> float:
+        return {"fp32": 1e-5, "int8": 0.1}.get(precision, 0.0)
+
+    def check_profile(self, profile, graphs=None) -> None:
+        for comp, prec in profile.precision.items():
+            if prec.value not in self.PRECISIONS:
+                raise BackendUnavailableError(
+                    f"profile {profile.name!r} asks for {prec.value} ({comp}); the onnxruntime CPU backend builds "
+                    "fp32, and int8 for the denoiser (cpu-int8)")
+
+    def build_engine(self, component: str, onnx_path: Path, artifact: Path, *, profile, shape_ranges,
+                     no_cache: bool = False) -> BuiltEngine:
+        info = build_engine(onnx_path, Path(artifact) / component / "model.onnx")
+        return self._entry(component, component, info, artifact, profile, shape_ranges)
+
+    def build_engine_group(self, graphs, artifact: Path, folder: str, *, profile, shape_ranges,
+                           no_cache: bool = False) -> dict[str, BuiltEngine]:
+        """One weights file (``<folder>/weights.data``) for every graph: ``<folder>/model.onnx`` for the
+        component named ``folder``, ``<folder>/<rest>.onnx`` for ``<folder>_<rest>`` (``unet/shallow.onnx``)."""
+        artifact = Path(artifact)
+        paths = {name: (Path(p), artifact / folder / ("model.onnx" if name == folder else
+                                                      f"{name.removeprefix(folder + '_')}.onnx"))
+                 for name, p in graphs.items()}
+        records = build_engines_sharing_weights(paths, artifact / folder / "weights.data")
+        return {name: self._entry(name, folder, records[name], artifact, profile, shape_ranges[name])
+                for name in graphs}
+
+    @staticmethod
+    def _entry(component, folder, info, artifact, profile, shape_ranges) -> BuiltEngine:
+        return component_entry(Path(artifact), folder, info["files"], backend=NAME,
+                               backend_version=info["backend_version"],
+                               precision=profile.precision_of(component).value,
+                               io=engine_io(Path(artifact) / folder / info["files"][0]), shape_ranges=shape_ranges,
+                               backend_options={"graph_optimization_applied": info["optimization"]})
+
+    def open_session(self, name: str, component, path: Path, options: SessionOptions) -> Session:
+        ort_options = options.onnxruntime
+        if ort_options.get("memory_arena") == "shared":
+            arena = "shared"
+        else:
+            # "denoiser": only the UNet, which runs every step, keeps an arena of its own: the text encoder and the
+            # VAE decoder run once per image, and their arenas would hold their peak activations (the 512x512
+            # decoder's are large) while the UNet runs (SD 1.5 at 512x512: 6.9 GiB peak with every arena on, 5.3
+            # without theirs, same speed)
+            arena = "own" if base_component(name) == "unet" else "none"
+        return Session(path, threads=options.threads or ort_options.get("intra_op_num_threads", 0),
+                       inter_threads=ort_options.get("inter_op_num_threads", 0), cache_key=options.cache_key,
+                       arena=arena, gate=options.gate)
+
+
+BACKEND = register(OnnxRuntimeBackend())

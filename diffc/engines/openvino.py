@@ -29,19 +29,18 @@ on the first start, no more memory); diffc maps the blob past the header OpenVIN
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Sequence
 
 import numpy as np
 
-from diffc._fs import host_cache_dir, new_cache_folder, touch, trim_cache
-from diffc.engines import check_feeds
+from diffc.engines import (BuiltEngine, SessionOptions, check_feeds, component_entry, engine_io, opt_shapes,
+                           register)
+from diffc.engines.host_cache import Entry, HostCache, Pending, PublishGate, with_fallback
 from diffc.errors import ArtifactError, BackendUnavailableError, InputError
 
 log = logging.getLogger("diffc.engines.openvino")
@@ -150,11 +149,14 @@ class Session:
     and later sessions import it instead of compiling: the IR is then not read at all, and the blob is mapped,
     not copied (its pages dropped like the IR's). The SD-1.5 int8 UNet, 256x256 or 512x512: 3.3-3.5 s instead of
     5.7 (7.9 the first time, writing the entry), peak 2.0 GiB either way. ``from_cache``: whether the last
-    compile was an import.
+    compile was an import. ``gate``: a new entry is published only once it opens (the runtime opens it when the
+    digests have been verified against the files; :mod:`diffc.engines.host_cache`); without one the caller
+    vouches for ``cache_key``.
     """
 
     def __init__(self, path: str | os.PathLike, *, precision: str = "fp32", threads: int = 0,
-                 shapes: Sequence[Sequence[int]] | None = None, cache_key: str | None = None):
+                 shapes: Sequence[Sequence[int]] | None = None, cache_key: str | None = None,
+                 gate: PublishGate | None = None):
         ov = _ov()
         if precision not in PRECISIONS:
             raise InputError(f"OpenVINO sessions run {sorted(PRECISIONS)}, not {precision!r}; rebuild the artifact "
@@ -166,7 +168,7 @@ class Session:
         self._core = ov.Core()
         if PRECISIONS[precision] == "bf16" and not native_bf16(self._core):
             log.warning("this CPU has no bf16 instructions (AVX512-BF16 or AMX): OpenVINO runs %s in fp32", path)
-        self.path, self.precision, self._cache_key = Path(path), precision, cache_key
+        self.path, self.precision, self._cache_key, self._gate = Path(path), precision, cache_key, gate
         self._model = self._blob = None
         self.input_names: list[str] = []
         self.output_names: list[str] = []
@@ -189,21 +191,21 @@ class Session:
         self.input_names = [p.get_any_name() for p in self._model.inputs]
         self.output_names = [p.get_any_name() for p in self._model.outputs]
 
-    def _cache_entry(self, shapes: tuple[tuple[int, ...], ...]) -> Path | None:
-        root = host_cache_dir() if self._cache_key else None
-        if root is None:
+    def _entry_key(self, cache: HostCache, shapes: tuple[tuple[int, ...], ...]) -> str | None:
+        if not (self._cache_key and cache.enabled):
             return None
-        what = json.dumps([self._cache_key, [list(s) for s in shapes], sorted(self._config.items()),
-                           cpu_signature(self._core), CACHE_LAYOUT])
-        return root / NAME / hashlib.sha256(what.encode()).hexdigest()[:32]
+        return cache.key(self._cache_key, [list(s) for s in shapes], sorted(self._config.items()),
+                         cpu_signature(self._core), CACHE_LAYOUT)
 
     def _compile(self, shapes: tuple[tuple[int, ...], ...]) -> None:
         # the old packed weights go before the new ones are made; a failed compile leaves no shapes to match
         self._compiled = self._request = self._shapes = self._blob = None
         self.from_cache = False
         t0 = time.perf_counter()
-        entry = self._cache_entry(shapes)
-        if entry is not None and (entry / "complete").is_file():
+        cache = HostCache(NAME)
+        key = self._entry_key(cache, shapes)
+        entry = cache.lookup(key) if key else None
+        if entry is not None:
             self._import(entry)
         if self._compiled is None:
             if self._model is None:
@@ -213,70 +215,66 @@ class Session:
             except Exception as e:
                 raise InputError(f"{self.path.parent.name}: inputs of shapes {dict(zip(self.input_names, shapes))} "
                                  f"do not fit the graph: {e}") from e
-            tmp = new_cache_folder(entry)
-            try:
-                # OpenVINO writes the compiled model into the folder as it compiles (streamed to the file; a
-                # compiled model's export_model() would hold two copies in memory: +2 GiB for the int8 UNet)
-                config = self._config if tmp is None else {**self._config, "CACHE_DIR": str(tmp)}
-                self._compiled = self._core.compile_model(self._model, "CPU", config)
-            except Exception as e:
-                if tmp is not None:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                raise ArtifactError(f"OpenVINO cannot compile {self.path}: {e}; rebuild the artifact with "
-                                    "`diffc build`") from e
-            if tmp is not None:
-                self._publish(tmp, entry)
+            pending = cache.begin(key, self._gate) if key else None
+            # OpenVINO writes the compiled model into the folder as it compiles (streamed to the file; a compiled
+            # model's export_model() would hold two copies in memory: +2 GiB for the int8 UNet)
+            self._compiled, written = with_fallback(
+                lambda: self._compile_model({**self._config, "CACHE_DIR": str(pending.path)}),
+                lambda: self._compile_model(self._config), pending, cache)
+            if written:
+                self._publish(pending)
         self._request = self._compiled.create_infer_request()
         self._shapes = shapes
         dropped = _drop_file_pages(self.path.with_suffix(".bin"))
         if self.from_cache:
-            dropped += _drop_file_pages(entry / "model.blob")
+            dropped += _drop_file_pages(entry.path / "model.blob")
         log.debug("OpenVINO %s %s (%s) for %s in %.2f s; %.0f MiB of weight pages dropped",
                   "imported" if self.from_cache else "compiled", self.path, self.precision, shapes,
                   time.perf_counter() - t0, dropped / 2**20)
 
-    def _import(self, entry: Path) -> None:
+    def _compile_model(self, config: dict[str, Any]):
+        try:
+            return self._core.compile_model(self._model, "CPU", config)
+        except Exception as e:
+            raise ArtifactError(f"OpenVINO cannot compile {self.path}: {e}; rebuild the artifact with "
+                                "`diffc build`") from e
+
+    def _import(self, entry: Entry) -> None:
         """Import the compiled model of a host cache entry, its blob mapped (copy-on-write: OpenVINO takes a
-        writable tensor, and reads its constants in place); a damaged or vanished entry is removed and the
+        writable tensor, and reads its constants in place); an entry OpenVINO cannot import is removed and the
         session compiles instead."""
         ov = _ov()
         try:
-            record = json.loads((entry / "io.json").read_text())
-            blob = np.memmap(entry / "model.blob", dtype=np.uint8, mode="c", offset=record["offset"])
+            meta = entry.meta
+            blob = np.memmap(entry.path / "model.blob", dtype=np.uint8, mode="c", offset=meta["offset"])
             self._compiled = self._core.import_model(ov.Tensor(blob, shared_memory=True), "CPU", self._config)
+            inputs, outputs = list(meta["inputs"]), list(meta["outputs"])
         except Exception as e:  # OSError, ValueError, KeyError, OpenVINO's RuntimeError for a blob it cannot import
-            log.warning("the OpenVINO cache entry %s cannot be used (%s); compiling again", entry, e)
-            shutil.rmtree(entry, ignore_errors=True)
+            entry.discard(str(e))
             self._compiled = None
             return
         self._blob = blob  # the compiled model reads from it: it lives as long as the compiled model
-        self.input_names, self.output_names = record["inputs"], record["outputs"]
+        self.input_names, self.output_names = inputs, outputs
         self.from_cache = True
-        touch(entry / "complete")
 
-    def _publish(self, tmp: Path, entry: Path) -> None:
-        """Make ``tmp``, where OpenVINO wrote the compiled model, the host cache entry: the blob renamed, where
-        the plugin's part of it starts, the port names; then moved into place (a reader never sees half an
-        entry; a process that filled it first wins)."""
-        blobs = list(tmp.glob("*.blob"))
+    def _publish(self, pending: Pending) -> None:
+        """Make the folder where OpenVINO wrote the compiled model a host cache entry: the blob renamed, where the
+        plugin's part of it starts and the port names recorded (published once the gate opens)."""
+        blobs = list(pending.path.glob("*.blob"))
         offset = _plugin_offset(blobs[0]) if len(blobs) == 1 else None
         if offset is None:
             log.warning("OpenVINO %s wrote %s, not one compiled blob diffc can read; %s is not cached", version(),
-                        sorted(p.name for p in tmp.iterdir()), self.path)
-            shutil.rmtree(tmp, ignore_errors=True)
+                        sorted(p.name for p in pending.path.iterdir()), self.path)
+            pending.discard()
             return
         try:
-            blobs[0].rename(tmp / "model.blob")
-            (tmp / "io.json").write_text(json.dumps({"inputs": self.input_names, "outputs": self.output_names,
-                                                     "offset": offset}))
-            (tmp / "complete").write_text(cpu_signature(self._core))
-            os.replace(tmp, entry)
-        except OSError as e:  # the entry already in place (another process), or the cache not writable
-            if not (entry / "complete").is_file():
-                log.warning("cannot write the OpenVINO cache entry %s (%s); the next start compiles again", entry, e)
-            shutil.rmtree(tmp, ignore_errors=True)
+            blobs[0].rename(pending.path / "model.blob")
+        except OSError as e:
+            pending.discard()
+            pending.cache.unwritable(e)
             return
-        trim_cache(entry.parent, "complete", keep=entry)
+        pending.finish({"inputs": self.input_names, "outputs": self.output_names, "offset": offset,
+                        "cpu": cpu_signature(self._core)})
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         check_feeds(self.input_names, feeds)
@@ -288,6 +286,61 @@ class Session:
         # the request's output buffers are reused by the next run: copy what is returned
         return {n: self._request.get_output_tensor(self.output_names.index(n)).data.copy()
                 for n in outputs or self.output_names}
+
+
+class OpenVINOBackend:
+    """The OpenVINO CPU backend behind :class:`diffc.engines.Backend`."""
+
+    name = NAME
+    #: OpenVINO fuses MatMul-Softmax-MatMul attention itself (its CPU plugin's scaled-dot-product subgraph) and runs
+    #: the InstanceNormalization form of GroupNorm as one MVN; it knows no onnxruntime contrib ops
+    pass_defaults = MappingProxyType({"attention": "none", "groupnorm": "instance_norm", "layernorm": True,
+                                      "gelu": True, "quick_gelu": False, "disable": ()})
+    #: OpenVINO compiles without the GIL and largely on one core: two components at a time (SD-1.5 int8 + cache
+    #: reuse on 2 cores: 8.8 s for the four instead of 11.6 one after another)
+    parallel_open = True
+
+    def available(self) -> str | None:
+        return available()
+
+    def version(self) -> str:
+        return version()
+
+    def tolerance(self, precision: str) -> float:
+        # bf16 compute (fp16-stored weights) on the CPUs that have it: 2.2-2.4% on SD-1.5's VAE decoder
+        return {"fp32": 1e-4, "bf16": 3e-2, "int8": 0.1}.get(precision, 0.0)
+
+    def check_profile(self, profile, graphs=None) -> None:
+        if available() is None:
+            raise BackendUnavailableError(f"profile {profile.name!r} builds for OpenVINO, which is not installed; "
+                                          f"install it with {EXTRA}")
+        for comp, prec in profile.precision.items():
+            if prec.value not in PRECISIONS:
+                raise BackendUnavailableError(
+                    f"profile {profile.name!r} asks for {prec.value} ({comp}); the openvino backend builds "
+                    f"{', '.join(PRECISIONS)} (int8: the denoiser and VAE decoder, cpu-openvino-int8)")
+
+    def build_engine(self, component: str, onnx_path: Path, artifact: Path, *, profile, shape_ranges,
+                     no_cache: bool = False) -> BuiltEngine:
+        precision = profile.precision_of(component).value
+        info = build_engine(onnx_path, Path(artifact) / component / ENGINE_FILE, precision=precision)
+        # the IR's ports keep the graph's names (build_engine), so the manifest's I/O is the graph's
+        return component_entry(Path(artifact), component, info["files"], backend=NAME,
+                               backend_version=info["backend_version"], precision=precision,
+                               io=engine_io(onnx_path), shape_ranges=shape_ranges)
+
+    def build_engine_group(self, graphs, artifact: Path, folder: str, *, profile, shape_ranges,
+                           no_cache: bool = False) -> dict[str, BuiltEngine]:
+        """Each graph on its own (``<component>/model.xml``): OpenVINO IR has no weights file two graphs share."""
+        return {name: self.build_engine(name, Path(p), artifact, profile=profile, shape_ranges=shape_ranges[name])
+                for name, p in graphs.items()}
+
+    def open_session(self, name: str, component, path: Path, options: SessionOptions) -> Session:
+        return Session(path, precision=component["precision"], threads=options.threads,
+                       shapes=opt_shapes(component, options.dims), cache_key=options.cache_key, gate=options.gate)
+
+
+BACKEND = register(OpenVINOBackend())
 
 
 def _plugin_offset(blob: Path) -> int | None:

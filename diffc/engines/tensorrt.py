@@ -45,11 +45,12 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from diffc._fs import sha256_file, touch, trim_cache, write_atomic
+from diffc._fs import sha256_file, write_atomic
 from diffc.engines._trt_common import (
     _MIB,
     CACHE_FORMAT,
@@ -68,8 +69,9 @@ from diffc.engines._trt_common import (
     default_cache_dir,
     version,
 )
+from diffc.engines import BuiltEngine, InputProfile, SessionOptions, input_profiles, register
 from diffc.engines._trt_graph import GraphInfo, content_hash, inspect_graph
-from diffc.engines import InputProfile, input_profiles
+from diffc.engines.host_cache import HostCache
 from diffc.engines._trt_plan import check_precision, describe_build, options_from_profile
 from diffc.engines._trt_runtime import Session, check_engine_compatible
 from diffc.errors import BackendUnavailableError, ProfileError
@@ -86,36 +88,21 @@ log = logging.getLogger("diffc.engines.tensorrt")
 # ------------------------------------------------------------------------------------------------ build cache
 
 
-def _cache_lookup(entry: Path) -> dict[str, Any] | None:
-    rec_file, plan = entry / "record.json", entry / ENGINE_FILE
-    if not (rec_file.is_file() and plan.is_file()):
-        return None
+def _cache_store(cache: HostCache, key: str, engine_path: Path, record: dict[str, Any], *, replace: bool) -> None:
+    """Keep the engine just built (hard-linked: both sides are written once) with its record as the host cache
+    entry ``key``; ``replace``: instead of an entry already there (``no_cache`` rebuilds refresh it)."""
+    if replace:
+        cache.remove(key)
+    pending = cache.begin(key)
+    if pending is None:
+        return
     try:
-        record = json.loads(rec_file.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if sha256_file(plan) != record.get("backend_options", {}).get("engine_sha256"):
-        log.warning("cached engine %s does not match its record; rebuilding", plan)
-        return None
-    touch(rec_file)
-    return record
-
-
-def _cache_store(entry: Path, engine_path: Path, record: dict[str, Any]) -> None:
-    try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
-        _link_or_copy(engine_path, tmp / ENGINE_FILE)
-        (tmp / "record.json").write_text(json.dumps(record, indent=2))
-        if entry.exists():
-            shutil.rmtree(entry, ignore_errors=True)
-        try:
-            os.replace(tmp, entry)
-        except OSError:  # another process stored the same entry first
-            shutil.rmtree(tmp, ignore_errors=True)
-        trim_cache(entry.parent, "record.json", keep=entry)
+        _link_or_copy(engine_path, pending.path / ENGINE_FILE)
     except OSError as e:
-        log.warning("cannot write the engine cache %s (%s); continuing without it", entry, e)
+        pending.discard()
+        cache.unwritable(e)
+        return
+    pending.finish(record)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -227,13 +214,18 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     key = hashlib.sha256(json.dumps({"graph": content_hash(onnx_path, info), "settings": settings},
                                     sort_keys=True).encode()).hexdigest()
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    entry = cache_root / flavour / key[:40] if cache_root is not None else None
+    # the key is the hash of the graph itself (not of a digest someone claims) and every build setting: an entry
+    # can only be what building this graph here gives; its integrity record catches damage since
+    cache = HostCache(flavour, folder=cache_root / flavour if cache_root is not None else None)
+    entry = HostCache.key(key) if cache.enabled else None
 
     if entry is not None and not no_cache:
-        cached = _cache_lookup(entry)
+        found = cache.lookup(entry)
+        cached = None
         try:
-            if cached is not None:
-                _link_or_copy(entry / ENGINE_FILE, engine_path)
+            if found is not None:
+                _link_or_copy(found.path / ENGINE_FILE, engine_path)
+                cached = found.meta
         except FileNotFoundError:  # another process is replacing the entry right now: build instead
             cached = None
         if cached is not None:
@@ -313,7 +305,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
             log.warning("%s needs about %.0f MiB (weights + activations) at its max shapes, over the %d MiB budget",
                         component or onnx_path.name, need / _MIB, memory_budget_bytes // _MIB)
     if entry is not None:
-        _cache_store(entry, engine_path, record)
+        _cache_store(cache, entry, engine_path, record, replace=no_cache)
     log.info("%s: built %s engine (%s, %.1f MB) in %.1f s", component or onnx_path.name, flavour, precision,
              nbytes / 1e6, build_s)
     return record
@@ -535,3 +527,64 @@ def _inspect_engine(trt, engine_path: Path, logsum: dict[str, Any]) -> dict[str,
     return out
 
 
+
+
+class TensorRTBackend:
+    """One TensorRT flavour (``tensorrt`` or ``tensorrt_rtx``) behind :class:`diffc.engines.Backend`."""
+
+    #: TensorRT has no onnxruntime contrib ops; it fuses attention itself (Myelin) and has a GroupNormalization
+    #: layer; its erf GELU runs as written
+    pass_defaults = MappingProxyType({"attention": "none", "groupnorm": "group_normalization", "layernorm": True,
+                                      "gelu": False, "quick_gelu": False, "disable": ()})
+    parallel_open = False
+
+    def __init__(self, flavour: str):
+        self.name = _check_flavour(flavour)
+
+    def available(self) -> str | None:
+        if available(self.name) is None:
+            return None
+        try:
+            return version(self.name)
+        except BackendUnavailableError:  # found but not importable (bindings without their libraries)
+            return None
+
+    def version(self) -> str:
+        return version(self.name)
+
+    def tolerance(self, precision: str) -> float:
+        # fp32 layers may run in TF32 on Ampere and later; fp16 / bf16 as their mantissas allow
+        return {"fp32": 5e-3, "fp16": 1e-2, "bf16": 3e-2, "int8": 0.1, "fp8": 0.1}.get(precision, 0.0)
+
+    def check_profile(self, profile, graphs=None) -> None:
+        """Refuse what the profile cannot build before any work: a missing backend, a precision the targets lack,
+        and (with ``graphs``, after export) int8/fp8 components whose graphs carry no Q/DQ."""
+        if available(self.name) is None:
+            raise BackendUnavailableError(f"profile {profile.name!r} builds {self.name} engines, and {self.name} is "
+                                          f"not installed; install it with {EXTRAS[self.name]}")
+        for comp in (graphs or ("text_encoder", "text_encoder_2", "unet", "vae_decoder")):
+            check_precision(profile.precision_of(comp), backend=self.name,
+                            compute_capabilities=profile.tensorrt.compute_capabilities,
+                            strongly_typed=profile.tensorrt.strongly_typed,
+                            graph=graphs[comp] if graphs else None, component=comp, profile=profile.name)
+
+    def build_engine(self, component: str, onnx_path: Path, artifact: Path, *, profile, shape_ranges,
+                     no_cache: bool = False) -> BuiltEngine:
+        rec = build_engine(onnx_path, Path(artifact) / component / ENGINE_FILE, no_cache=no_cache,
+                           **options_from_profile(profile, component, shape_ranges))
+        return BuiltEngine({**manifest_entry(rec, component), "shape_ranges": dict(shape_ranges)},
+                           {"engine_bytes": rec["report"]["engine_bytes"], "tensorrt": rec["report"]})
+
+    def build_engine_group(self, graphs, artifact: Path, folder: str, *, profile, shape_ranges,
+                           no_cache: bool = False) -> dict[str, BuiltEngine]:
+        """Each graph its own engine (``<component>/model.plan``): a plan embeds its weights."""
+        return {name: self.build_engine(name, Path(p), artifact, profile=profile, shape_ranges=shape_ranges[name],
+                                        no_cache=no_cache) for name, p in graphs.items()}
+
+    def open_session(self, name: str, component, path: Path, options: SessionOptions) -> Session:
+        # checks TensorRT version and GPU architecture against the record before deserializing
+        return Session(path, record=component, cache_key=options.cache_key, cuda_graph=options.cuda_graph,
+                       gate=options.gate)
+
+
+BACKENDS = {f: register(TensorRTBackend(f)) for f in FLAVOURS}

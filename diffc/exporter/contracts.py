@@ -16,14 +16,18 @@ from typing import Any, Callable
 
 import torch
 
+from diffc.exporter.unet_blocks import feature_dims, unet_branches
+
 # Symbolic axis names, shared by all contracts so the runtime and the TensorRT profiles can map them.
 BATCH, SEQUENCE, HEIGHT, WIDTH = "batch", "sequence", "height", "width"
 IMAGE_HEIGHT, IMAGE_WIDTH = "image_height", "image_width"
-#: spatial axes of cached UNet features below the latent resolution (diffc.runtime.cache.feature_dims)
+#: FLUX's packed-latent token count, (H/2)(W/2) (diffc.exporter.dit)
+IMAGE_SEQUENCE = "image_sequence"
+#: spatial axes of cached UNet features below the latent resolution (diffc.exporter.unet_blocks.feature_dims)
 FEATURE_AXES = frozenset(f"{axis}_div{2 ** level}" for axis in ("height", "width") for level in range(1, 7))
 #: only these names become dynamic axes; other string dims (``"channels"``, ``"hidden"``) are static and read
 #: off the exported graph
-DYNAMIC_AXES = frozenset({BATCH, SEQUENCE, HEIGHT, WIDTH, IMAGE_HEIGHT, IMAGE_WIDTH}) | FEATURE_AXES
+DYNAMIC_AXES = frozenset({BATCH, SEQUENCE, HEIGHT, WIDTH, IMAGE_HEIGHT, IMAGE_WIDTH, IMAGE_SEQUENCE}) | FEATURE_AXES
 
 
 @dataclass(frozen=True)
@@ -137,8 +141,6 @@ class _CacheMarkedUNet(_UNet):
 
     def __init__(self, unet: torch.nn.Module):
         super().__init__(unet)
-        from diffc.runtime.cache import unet_branches
-
         self.branches = unet_branches(dict(unet.config))
         self._captured: dict[int, torch.Tensor] = {}
 
@@ -295,8 +297,6 @@ def unet_contract(unet: torch.nn.Module | None = None, *, cache_marks: bool = Fa
             inputs.append(TensorSpec("timestep_cond", "float32", (BATCH, cfg.time_cond_proj_dim)))
     outputs = [TensorSpec("out_sample", "float32", (BATCH, "channels", HEIGHT, WIDTH))]
     if cache_marks:
-        from diffc.runtime.cache import feature_dims, unet_branches
-
         if unet is None:
             from diffc.errors import ExportError
 
@@ -316,8 +316,11 @@ def unet_contract(unet: torch.nn.Module | None = None, *, cache_marks: bool = Fa
 
 
 CONTRACTS: dict[str, Callable[..., Contract]] = {
-    "text_encoder": lambda m=None: _text_encoder_contract("text_encoder"),
-    "text_encoder_2": lambda m=None: _text_encoder_contract("text_encoder_2"),
+    # CLIP, or T5 / Gemma-2 for the transformer pipelines (diffc.exporter.dit dispatches on the module's class)
+    "text_encoder": lambda m=None: _dit.text_encoder_contract("text_encoder", m, _text_encoder_contract),
+    "text_encoder_2": lambda m=None: _dit.text_encoder_contract("text_encoder_2", m, _text_encoder_contract),
+    "text_encoder_3": lambda m=None: _dit.text_encoder_contract("text_encoder_3", m, _text_encoder_contract),
+    "transformer": lambda m=None: _dit.transformer_contract(m),
     "unet": unet_contract,
     "vae_decoder": lambda m=None: Contract(
         name="vae_decoder",
@@ -340,6 +343,11 @@ CONTRACTS: dict[str, Callable[..., Contract]] = {
         rtol_l2=1e-4,
     ),
 }
+
+
+# the DiT contracts build on this module's TensorSpec / Contract; imported last, and used only at call time, so
+# importing either module first works
+import diffc.exporter.dit as _dit  # noqa: E402
 
 
 def get_contract(name: str, module: torch.nn.Module | None = None, **options: Any) -> Contract:

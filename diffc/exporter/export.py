@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -22,9 +21,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffc._fs import atomic_output_dir, folder_hash
+from diffc._fs import atomic_output_dir, folder_hash, work_dir
 from diffc.errors import ExportError, ModelError, ParityError, ShapeError
 from diffc.exporter.contracts import Contract, SampleShape, get_contract
+from diffc.exporter.dit import upcast_for_export
+from diffc.exporter.symbolics import register_onnx_symbolics
 from diffc.exporter.source import ModelSource, inspect_model
 from diffc.onnx_io import load_model, save_model
 
@@ -75,10 +76,25 @@ def load_pipeline(source: ModelSource):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pipe = diffusers.DiffusionPipeline.from_pretrained(source.path, dtype=torch.float32)
+            pipe = diffusers.DiffusionPipeline.from_pretrained(source.path, dtype=load_dtypes(source))
     except Exception as e:  # diffusers raises many types for a broken folder
         raise ModelError(f"diffusers could not load {source.path}: {e}") from e
     return pipe
+
+
+def load_dtypes(source: ModelSource):
+    """float32 for the UNet pipelines (small enough to export from an fp32 copy); for the transformer
+    pipelines each model stays in the dtype its safetensors hold, so a bf16 / fp16 checkpoint is never copied
+    whole to fp32 (diffc.exporter.dit.upcast_for_export upcasts one component at a time, while it is exported)."""
+    if "transformer" not in source.components:
+        return torch.float32
+    from diffc.exporter.dit import stored_dtype
+    from diffc.exporter.source import COMPONENT_FOLDER
+
+    names = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+    folders = {COMPONENT_FOLDER[c] for c in source.components}
+    return {"default": torch.float32,
+            **{f: names[stored_dtype(source.path / f) or "F32"] for f in sorted(folders)}}
 
 
 def component_module(pipe, name: str) -> torch.nn.Module:
@@ -100,6 +116,10 @@ def sample_shapes(pipe, name: str) -> tuple[SampleShape, SampleShape]:
     """Two different shapes per component, so the dynamic axes are really exercised by the parity check: the
     denoiser's native latent size (at most :data:`PARITY_MAX_LATENT`), and one step up in each direction at
     batch 2."""
+    if getattr(pipe, "unet", None) is None:
+        from diffc.exporter.dit import sample_shapes as dit_sample_shapes
+
+        return dit_sample_shapes(pipe, name, PARITY_MAX_LATENT)
     unet = pipe.unet
     native = int(unet.config.sample_size) if not isinstance(unet.config.sample_size, (list, tuple)) else int(
         unet.config.sample_size[0]
@@ -117,9 +137,10 @@ def sample_shapes(pipe, name: str) -> tuple[SampleShape, SampleShape]:
 def export_component(module: torch.nn.Module, contract: Contract, path: Path, *, opset: int, exporter: str,
                      sample: tuple[torch.Tensor, ...]) -> Path:
     """Export one wrapped module to ``path`` (``model.onnx`` [+ ``model.onnx.data``])."""
+    register_onnx_symbolics()
     wrapped = contract.wrap(module).eval()
-    with tempfile.TemporaryDirectory(prefix="diffc-export-") as scratch:
-        raw = Path(scratch) / "raw.onnx"
+    with work_dir("diffc-export") as scratch:
+        raw = scratch / "raw.onnx"
         try:
             with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -224,12 +245,13 @@ def export_pipeline_to(pipe, source: ModelSource, out: Path, *, components: Iter
         shapes = sample_shapes(pipe, name)
         t0 = time.perf_counter()
         sample = contract.make_inputs(module, shapes[0], torch.Generator().manual_seed(0))
-        path = export_component(module, contract, out / name / "model.onnx", opset=opset, exporter=exporter,
-                                sample=sample)
+        with upcast_for_export(module, name):
+            path = export_component(module, contract, out / name / "model.onnx", opset=opset, exporter=exporter,
+                                    sample=sample)
+            rows = check_parity(module, contract, path, shapes) if check else None
         entry: dict[str, Any] = {"file": f"{name}/model.onnx", "export_seconds": round(time.perf_counter() - t0, 3),
                                  "contract": contract.to_dict()}
-        if check:
-            rows = check_parity(module, contract, path, shapes)
+        if rows is not None:
             entry.update({
                 **worst_parity(rows),
                 "tolerance": {"atol": contract.atol, "rtol_l2": contract.rtol_l2},
@@ -258,10 +280,10 @@ def export_pipeline(model: str | Path, out: str | Path, *, force: bool = False, 
     """``diffc export``: every component of ``model`` to ``out/<component>/model.onnx`` + ``export_report.json``."""
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}; use one of {EXPORTERS}")
-    with tempfile.TemporaryDirectory(prefix="diffc-model-") as work, atomic_output_dir(out, force=force,
-                                                                                       what="export") as tmp:
+    protect = [model] if str(model) != "demo" else []
+    with work_dir("diffc-model") as work, atomic_output_dir(out, force=force, what="export", protect=protect) as tmp:
         folder = resolve_model(model, Path(work))
-        source = inspect_model(folder)
+        source = inspect_model(folder, purpose="export")
         pipe = load_pipeline(source)
         report = export_pipeline_to(pipe, source, tmp, components=components, opset=opset, exporter=exporter,
                                     check=check, progress=progress)

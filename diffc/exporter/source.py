@@ -9,6 +9,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import jsonschema
+from jsonschema.exceptions import best_match
 
 from diffc.errors import MissingComponentError, ModelError, UnsupportedPipelineError
 
@@ -28,10 +32,34 @@ SUPPORTED_PIPELINES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
 }
 
+#: pipeline classes with a transformer denoiser: ``diffc export`` exports them (diffc.exporter.dit), ``diffc
+#: build`` does not build them yet (its sampler loop, passes and profiles are UNet-only). Same layout as above.
+EXPORT_ONLY_PIPELINES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "FluxPipeline": (
+        ("text_encoder", "text_encoder_2", "transformer", "vae_decoder"),
+        ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae", "scheduler"),
+    ),
+    "StableDiffusion3Pipeline": (
+        ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae_decoder"),
+        ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3",
+         "transformer", "vae", "scheduler"),
+    ),
+    "PixArtSigmaPipeline": (
+        ("text_encoder", "transformer", "vae_decoder"),
+        ("text_encoder", "tokenizer", "transformer", "vae", "scheduler"),
+    ),
+    "SanaPipeline": (
+        ("text_encoder", "transformer", "vae_decoder"),
+        ("text_encoder", "tokenizer", "transformer", "vae", "scheduler"),
+    ),
+}
+
 #: graph component -> the folder it is loaded from
 COMPONENT_FOLDER = {
     "text_encoder": "text_encoder",
     "text_encoder_2": "text_encoder_2",
+    "text_encoder_3": "text_encoder_3",
+    "transformer": "transformer",
     "unet": "unet",
     "vae_decoder": "vae",
     "vae_encoder": "vae",
@@ -50,7 +78,7 @@ class ModelSource:
         for name in ("config.json", "scheduler_config.json"):
             p = self.path / folder / name
             if p.is_file():
-                return _read_json(p)
+                return _read_json(p, folder if folder in _CONFIG_SCHEMAS else None)
         raise MissingComponentError(
             f"{self.path / folder} has no config.json; re-save the pipeline with diffusers' save_pretrained()"
         )
@@ -62,15 +90,115 @@ class ModelSource:
         return cfg
 
 
-def _read_json(path: Path) -> dict:
+#: the fields of each config that diffc reads without torch (``--dry-run``, the image geometry, the cache plan,
+#: the manifest): a wrong type there must be a ModelError naming the field, not a TypeError deep in the build.
+#: Everything else in a config is diffusers' business (from_pretrained checks it when the build loads the model).
+_CONFIG_SCHEMAS: dict[str, dict[str, Any]] = {
+    "model_index.json": {
+        "type": "object",
+        "required": ["_class_name"],
+        "properties": {"_class_name": {"type": "string"}},
+        # components: [library, class] pairs, or [null, null] for one the pipeline was saved without
+        "additionalProperties": {"anyOf": [
+            {"type": "array", "minItems": 2, "maxItems": 2, "items": {"type": ["string", "null"]}},
+            {"not": {"type": "array"}},  # _diffusers_version, requires_safety_checker, ...
+        ]},
+    },
+    "unet": {
+        "type": "object",
+        "required": ["block_out_channels", "sample_size"],
+        "properties": {
+            "block_out_channels": {"$ref": "#/$defs/channels"},
+            "sample_size": {"anyOf": [{"type": "integer", "minimum": 1},
+                                      {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 1}}]},
+            "in_channels": {"type": "integer", "minimum": 1},
+            "layers_per_block": {"anyOf": [{"type": "integer", "minimum": 1},
+                                           {"type": "array", "items": {"type": "integer", "minimum": 1}}]},
+            "time_cond_proj_dim": {"type": ["integer", "null"], "minimum": 1},
+            "addition_embed_type": {"type": ["string", "null"]},
+        },
+    },
+    "vae": {
+        "type": "object",
+        "required": ["block_out_channels"],
+        "properties": {
+            "block_out_channels": {"$ref": "#/$defs/channels"},
+            "latent_channels": {"type": "integer", "minimum": 1},
+            "scaling_factor": {"type": "number", "exclusiveMinimum": 0},
+            "shift_factor": {"type": ["number", "null"]},
+        },
+    },
+    "scheduler": {
+        "type": "object",
+        "properties": {
+            "_class_name": {"type": "string"},
+            # betas are probabilities; a negative one reaches torch.linspace as a complex sqrt
+            "beta_start": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+            "beta_end": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+            "num_train_timesteps": {"type": "integer", "minimum": 2},
+        },
+    },
+}
+_DEFS = {"channels": {"type": "array", "minItems": 1, "maxItems": 16, "items": {"type": "integer", "minimum": 1}}}
+#: a diffusers config is a few kB; a multi-MB "config" is not one
+_MAX_CONFIG_BYTES = 4 * 2**20
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _where(path) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".") or "the top level"
+
+
+def _read_json(path: Path, schema: str | None = None) -> dict:
+    """A config file as a dict, or a :class:`ModelError` naming the file (and the field, for ``schema``)."""
+    fix = "the pipeline folder looks corrupt; re-save it with diffusers' save_pretrained()"
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelError(f"cannot read {path}: {e}; the pipeline folder looks corrupt, re-save it") from e
+        if path.stat().st_size > _MAX_CONFIG_BYTES:
+            raise ModelError(f"{path} is {path.stat().st_size // 2**20} MiB, not a diffusers config; {fix}")
+        data = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_refuse_constant)
+    except UnicodeDecodeError as e:
+        raise ModelError(f"cannot read {path}: not UTF-8 text (byte {e.start}); {fix}") from None
+    except RecursionError:
+        raise ModelError(f"cannot read {path}: nested too deeply to be a diffusers config; {fix}") from None
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read {path}: {e}; {fix}") from e
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} holds a JSON {type(data).__name__}, not an object; {fix}")
+    if schema is not None:
+        validator = jsonschema.Draft202012Validator({**_CONFIG_SCHEMAS[schema], "$defs": _DEFS})
+        try:
+            error = best_match(validator.iter_errors(data))
+        except RecursionError:
+            raise ModelError(f"cannot read {path}: nested too deeply to be a diffusers config; {fix}") from None
+        if error is not None:
+            message = error.message if len(error.message) <= 160 else error.message[:160] + "..."
+            raise ModelError(f"{path}: {_where(error.absolute_path)}: {message}; {fix}")
+    return data
 
 
-def inspect_model(path: str | Path) -> ModelSource:
-    """Validate a diffusers pipeline folder and say what diffc will export from it."""
+def _unsupported(cls: str, purpose: str) -> UnsupportedPipelineError:
+    builds = ", ".join(sorted(SUPPORTED_PIPELINES))
+    exports = ", ".join(sorted(EXPORT_ONLY_PIPELINES))
+    if cls in EXPORT_ONLY_PIPELINES and purpose == "build":
+        return UnsupportedPipelineError(
+            f"pipeline class {cls!r} can be exported (diffc export) but not built yet; diffc builds: {builds}")
+    return UnsupportedPipelineError(
+        f"pipeline class {cls!r} is not supported; diffc builds: {builds}; diffc exports also: {exports}. "
+        "Variants of these (inpainting / fill, Kontext, control, img2img pipeline classes) are not supported: "
+        "save the base text-to-image pipeline instead")
+
+
+def inspect_model(path: str | Path, *, purpose: str = "build") -> ModelSource:
+    """Validate a diffusers pipeline folder and say what diffc will export from it.
+
+    ``purpose``: ``"build"`` accepts the pipelines diffc builds (:data:`SUPPORTED_PIPELINES`), ``"export"`` also
+    those it only exports (:data:`EXPORT_ONLY_PIPELINES`); anything else is an :class:`UnsupportedPipelineError`.
+    """
+    if purpose not in ("build", "export"):
+        raise ValueError(f"purpose must be 'build' or 'export', got {purpose!r}")
     path = Path(path)
     if not path.is_dir():
         raise ModelError(f"model folder {path} does not exist; pass a diffusers pipeline folder or the word 'demo'")
@@ -80,16 +208,15 @@ def inspect_model(path: str | Path) -> ModelSource:
             f"{path} has no model_index.json, so it is not a diffusers pipeline folder; save one with "
             "pipeline.save_pretrained(DIR), or use 'demo'"
         )
-    index = _read_json(index_path)
-    cls = index.get("_class_name")
-    if cls not in SUPPORTED_PIPELINES:
-        raise UnsupportedPipelineError(
-            f"pipeline class {cls!r} is not supported; diffc builds: {', '.join(sorted(SUPPORTED_PIPELINES))}"
-        )
-    components, folders = SUPPORTED_PIPELINES[cls]
+    index = _read_json(index_path, "model_index.json")
+    cls = index["_class_name"]
+    known = SUPPORTED_PIPELINES if purpose == "build" else {**SUPPORTED_PIPELINES, **EXPORT_ONLY_PIPELINES}
+    if cls not in known:
+        raise _unsupported(cls, purpose)
+    components, folders = known[cls]
     for folder in folders:
         entry = index.get(folder)
-        if not entry or entry == [None, None] or not (path / folder).is_dir():
+        if not isinstance(entry, list) or entry == [None, None] or not (path / folder).is_dir():
             raise MissingComponentError(
                 f"{cls} needs the component '{folder}', but {path / folder} is missing (or null in "
                 "model_index.json); copy the whole pipeline folder, not only some of its components"

@@ -8,12 +8,14 @@ into what the target backend runs fast, and refuse graphs the target cannot run 
 ``legalize_norms`` GroupNorm into the target's fast form; LayerNorm and GELU fusions where it has kernels
 ``fuse_attention`` decomposed attention -> ``MultiHeadAttention`` / opset-23 ``Attention`` (onnxruntime only)
 ``check_ops``      refuse ops the target cannot run (CUDA-only contrib ops on CPU, any contrib op elsewhere)
+``cache_split``    (profiles with ``[cache]``) the UNet cut into a full and a shallow graph, by the build's passes stage
+``quantize``       (int8 / fp8 profiles) Q/DQ insertion with calibrated ranges, by the build's quantize stage
 =================  ==========================================================================================
 
 Usage::
 
-    specs = pass_list("onnxruntime", attention="mha")
-    print(format_pass_list(specs))
+    specs = pass_list("onnxruntime", attention="mha")   # the graph passes run_passes runs
+    print(format_pass_list(profile_pass_list(profile)))  # and the stage passes, as `diffc passes` shows
     model, report = run_passes(model_proto, "unet", "onnxruntime", verify=True)
 
 Options are plain keywords (a profile's ``[passes]`` table maps onto them one to one):
@@ -33,9 +35,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from diffc.engines import get_backend
+from diffc.errors import ProfileError
 from diffc.passes._errors import PassError, PassOptionError
 
 if TYPE_CHECKING:  # onnx_ir / onnxscript load only when passes are built or run
@@ -44,7 +47,7 @@ if TYPE_CHECKING:  # onnx_ir / onnxscript load only when passes are built or run
     from diffc.passes._base import DiffcPass
 
 __all__ = ["PassSpec", "PassError", "PassOptionError", "TARGETS", "ATTENTION_KINDS", "GROUPNORM_FORMS",
-           "QUANTIZE_ROLES", "pass_list",
+           "QUANTIZE_ROLES", "STAGE_PASSES", "activation_type", "defaults", "pass_list", "profile_pass_list",
            "format_pass_list", "resolve_options", "run_passes"]
 
 log = logging.getLogger("diffc.passes")
@@ -58,18 +61,13 @@ QUANTIZE_ROLES = ("conv_in", "conv_out", "time_embedding", "skip_concat", "outpu
 #: values of the ``groupnorm`` option (legalize_norms)
 GROUPNORM_FORMS = ("instance_norm", "group_normalization", "keep")
 
-#: per-target defaults of every option; the keys are the whole option vocabulary
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "onnxruntime": {"attention": "mha", "groupnorm": "instance_norm", "layernorm": True, "gelu": True,
-                    "quick_gelu": True, "disable": ()},
-    "tensorrt": {"attention": "none", "groupnorm": "group_normalization", "layernorm": True, "gelu": False,
-                 "quick_gelu": False, "disable": ()},
-}
-DEFAULTS["tensorrt_rtx"] = dict(DEFAULTS["tensorrt"])
-#: OpenVINO fuses MatMul-Softmax-MatMul attention itself (its CPU plugin's scaled-dot-product subgraph) and runs
-#: the InstanceNormalization form of GroupNorm as one MVN; it knows no onnxruntime contrib ops
-DEFAULTS["openvino"] = {"attention": "none", "groupnorm": "instance_norm", "layernorm": True, "gelu": True,
-                        "quick_gelu": False, "disable": ()}
+
+def defaults(target: str) -> dict[str, Any]:
+    """``target``'s default of every option (the keys are the whole option vocabulary): each backend declares its
+    own (``pass_defaults``, :mod:`diffc.engines`), since which fused forms are fast or legal is backend knowledge.
+    """
+    return dict(get_backend(target).pass_defaults)
+
 
 PASS_NAMES = ("cleanup", "legalize_norms", "fuse_attention", "check_ops")
 
@@ -81,9 +79,13 @@ class PassSpec:
     name: str
     options: Mapping[str, Any]
     why: str
-    factory: Callable[..., DiffcPass] = dataclasses.field(repr=False, compare=False)
+    #: None for the passes a build stage runs with inputs of its own (:data:`STAGE_PASSES`)
+    factory: Callable[..., DiffcPass] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def create(self) -> DiffcPass:
+        if self.factory is None:
+            raise PassOptionError(f"pass {self.name!r} runs in its build stage ({STAGE_PASSES[self.name]}), not in "
+                                  "run_passes")
         return self.factory(**self.options)
 
     def to_dict(self) -> dict[str, Any]:
@@ -107,11 +109,11 @@ def resolve_options(target: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """
     if target not in TARGETS:
         raise PassOptionError(f"unknown pass target {target!r}; use one of {list(TARGETS)} (the profile's backend)")
-    defaults = DEFAULTS[target]
-    unknown = sorted(set(options) - set(defaults))
+    base = defaults(target)
+    unknown = sorted(set(options) - set(base))
     if unknown:
-        raise PassOptionError(f"[passes].{unknown[0]} is not a known pass option; known: {sorted(defaults)}")
-    opts = {**defaults, **options}
+        raise PassOptionError(f"[passes].{unknown[0]} is not a known pass option; known: {sorted(base)}")
+    opts = {**base, **options}
     disable = opts["disable"]
     if isinstance(disable, str) or not all(isinstance(d, str) for d in disable):
         raise PassOptionError(f"[passes].disable must be a list of pass names, got {disable!r}")
@@ -165,6 +167,48 @@ def pass_list(target: str, **options: Any) -> list[PassSpec]:
     return [s for s in specs if s.name not in opts["disable"]]
 
 
+#: passes the build runs at the stage where their inputs exist, after the graph passes of :func:`pass_list`:
+#: the cache split turns the UNet into two graphs, quantize needs the ranges calibrated in the fp32 twin's loop
+STAGE_PASSES = {"cache_split": "diffc.build.passes.split_cache: the UNet only",
+                "quantize": "diffc.build.quantize, after calibration: the quantized components"}
+
+
+def activation_type(profile: Any, precision: Any) -> str:
+    """The Q/DQ encoding of a quantized component's activations under ``profile``: ``fp8``, or the int8
+    signedness the target fuses (uint8 on onnxruntime: x86 VNNI multiplies u8 x s8; int8 elsewhere). See
+    :mod:`diffc.passes.quantize`. Raises :class:`~diffc.errors.ProfileError` for uint8 on a target without
+    zero points."""
+    if getattr(precision, "value", precision) == "fp8":
+        return "fp8"
+    backend = profile.backend.value
+    acts = profile.quantize.activations
+    if acts == "auto":
+        return "uint8" if backend == "onnxruntime" else "int8"
+    if acts == "uint8" and backend != "onnxruntime":
+        raise ProfileError(f"profile {profile.name!r}: [quantize].activations = 'uint8' needs zero points, which "
+                           f"{backend} does not support; use 'int8' or 'auto'")
+    return acts
+
+
+def profile_pass_list(profile: Any) -> list[PassSpec]:
+    """Every pass a build for ``profile`` (a :class:`~diffc.profiles.Profile`) runs, in order: the graph passes
+    of :func:`pass_list` on each component, then, when the profile asks for them, ``cache_split`` and
+    ``quantize`` (:data:`STAGE_PASSES`). What ``diffc passes`` prints and ``build_report.json`` records."""
+    specs = pass_list(profile.backend.value, **profile.passes)
+    if profile.cache.enabled:
+        specs.append(PassSpec("cache_split", {"branch": profile.cache.branch},
+                              "cut the UNet at the cached feature into a full graph and a shallow one"))
+    quantized = profile.quantized_components()
+    if quantized:
+        ort_form = profile.backend.value == "onnxruntime"
+        specs.append(PassSpec(
+            "quantize", {"activations": {c: activation_type(profile, p) for c, p in quantized.items()},
+                         "keep_float": tuple(profile.quantize.keep_float), "output_qdq": ort_form,
+                         "int32_bias": ort_form},
+            "Q/DQ around Conv/MatMul/Gemm with ranges calibrated in the fp32 twin's loop"))
+    return specs
+
+
 def format_pass_list(specs: list[PassSpec]) -> str:
     """A numbered, aligned listing for ``diffc passes --profile P``."""
     if not specs:
@@ -185,8 +229,8 @@ def run_passes(model: onnx.ModelProto, component: str, target: str, *, verify: b
     """
     import onnx_ir as ir
 
-    from diffc.passes._base import op_counts
-    from diffc.passes._base import verify as verify_model
+    from diffc.errors import DiffcError
+    from diffc.passes._base import VerifyPass, op_counts
 
     specs = pass_list(target, **options)
     if not isinstance(component, str) or not component:
@@ -198,21 +242,31 @@ def run_passes(model: onnx.ModelProto, component: str, target: str, *, verify: b
         "passes": [],
         "op_counts_before": op_counts(model),
     }
+    instances = [spec.create() for spec in specs]
+    # One IR model through onnx_ir's PassManager, once (steps=1): each pass iterates to its own fixed point
+    # (cleanup's folding loop, apply_rules' rounds), and a second sweep of the list over an SD UNet would cost
+    # as much as the first to find nothing (the pass tests check that a second run is not modified).
+    chain: list[ir.passes.PassBase] = [VerifyPass(after="input")] if verify else []
+    for spec, instance in zip(specs, instances):
+        chain += [instance, VerifyPass(after=spec.name)] if verify else [instance]
     ir_model = ir.serde.deserialize_model(model)
-    if verify:
-        verify_model(ir_model, after="input")
-    for spec in specs:
-        instance = spec.create()
-        t0 = time.perf_counter()
-        result = instance(ir_model)
-        seconds = time.perf_counter() - t0
-        ir_model = result.model
-        if verify:
-            verify_model(ir_model, after=spec.name)
-        report["passes"].append({"name": spec.name, "fired": dict(instance.fired), "modified": bool(result.modified),
-                                 "seconds": round(seconds, 4)})
+    if chain:
+        try:
+            ir_model = ir.passes.PassManager(chain, steps=1)(ir_model).model
+        except ir.passes.PassError as e:  # the manager wraps what a pass raised: diffc's typed error goes on
+            cause = e.__cause__
+            while cause is not None and not isinstance(cause, DiffcError):
+                cause = cause.__cause__
+            if cause is None:
+                raise
+            raise cause from None
+    for spec, instance in zip(specs, instances):
+        report["passes"].append({"name": spec.name, "fired": dict(instance.fired),
+                                 "modified": any(v > 0 for v in instance.fired.values()),
+                                 "seconds": round(instance.seconds, 4),
+                                 **({"found": dict(instance.found)} if instance.found else {})})
         log.info("%s: %s %s in %.2f s", component, spec.name,
-                 {k: v for k, v in instance.fired.items() if v} or "nothing", seconds)
+                 {k: v for k, v in instance.fired.items() if v} or "nothing", instance.seconds)
     out = ir.serde.serialize_model(ir_model)
     report["op_counts_after"] = op_counts(out)
     return out, report

@@ -11,17 +11,21 @@ import abc
 
 import collections
 import logging
+import time
 from typing import ClassVar, Iterable
 
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
+# Private API: onnx_ir's helper that hands a model to an onnx C++ API with its large initializers stripped (protobuf
+# cannot serialize past 2 GiB, an SD-1.5 UNet is 3.4 GB). onnx_ir's public passes use it internally, but none runs
+# strict-mode, type-checking shape inference with data propagation, which :func:`verify` needs.
 from onnx_ir.passes.common import _c_api_utils
 from onnxscript.rewriter import pattern
 
 from diffc.passes._errors import PassError, PassOptionError
 
-__all__ = ["DiffcPass", "PassError", "PassOptionError", "apply_rules", "op_counts", "verify"]
+__all__ = ["DiffcPass", "PassError", "PassOptionError", "VerifyPass", "apply_rules", "op_counts", "verify"]
 
 log = logging.getLogger("diffc.passes")
 
@@ -40,19 +44,38 @@ class DiffcPass(ir.passes.InPlacePass):
 
     def __init__(self) -> None:
         super().__init__()
+        #: how often each rewrite fired in the last run (the build report's counts: rewrites, nothing else)
         self.fired: dict[str, int] = {}
+        #: what a checking pass saw without changing anything (e.g. check_ops' legal contrib nodes)
+        self.found: dict[str, int] = {}
+        #: wall time of the last run, shape inference included
+        self.seconds = 0.0
 
     @abc.abstractmethod
     def run(self, model: ir.Model) -> dict[str, int]:
         """Rewrite ``model`` in place; return how often each rewrite fired."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        t0 = time.perf_counter()
         if self.needs_shapes:
             common_passes.ShapeInferencePass(data_prop=True)(model)
         self.fired = {k: int(v) for k, v in self.run(model).items()}
+        self.seconds = time.perf_counter() - t0
         modified = any(v > 0 for v in self.fired.values())
         log.debug("%s fired %s", self.name, self.fired)
         return ir.passes.PassResult(model, modified)
+
+
+class VerifyPass(ir.passes.InPlacePass):
+    """:func:`verify` as a pass, so a pass manager can check the graph after each pass (``--verify-passes``)."""
+
+    def __init__(self, *, after: str) -> None:
+        super().__init__()
+        self.after = after
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        verify(model, after=self.after)
+        return ir.passes.PassResult(model, False)
 
 
 def apply_rules(model: ir.Model, rules: Iterable[pattern.RewriteRule], *, commute: bool = False,

@@ -10,7 +10,7 @@ The boundary is found by name, not by guessing: the exporter marks every branch'
 ``cache_feature_<m>`` (captured with forward hooks on the diffusers up blocks, see
 ``diffc.exporter.contracts._CacheMarkedUNet``), so the split works the same on graphs from either torch
 exporter and after any other pass (passes keep graph outputs). Branch numbering is DeepCache's (module
-docstring of diffc.runtime.cache): branch ``m`` is the tensor concatenated with skip feature ``s_{m+1}``;
+docstring of diffc.exporter.unet_blocks): branch ``m`` is the tensor concatenated with skip feature ``s_{m+1}``;
 branch 0 is the shallowest and cheapest.
 
 ``CacheFullPass(branch)``: keep ``out_sample`` and ``cache_feature_<branch>`` as outputs, drop the other marks

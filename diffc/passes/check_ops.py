@@ -40,8 +40,8 @@ CUDA_ONLY_CONTRIB = frozenset({
 
 
 class CheckTargetOpsPass(DiffcPass):
-    """Raise if the graph holds ops the target cannot run. Fire count ``contrib_ops`` = contrib nodes found
-    (all legal); the pass never modifies the graph, so ``modified`` is always False."""
+    """Raise if the graph holds ops the target cannot run. It never rewrites, so nothing fires and ``modified`` is
+    always False; what it saw is in :attr:`found` (``contrib_ops``: contrib nodes, all legal)."""
 
     name = "check_ops"
     needs_shapes = False
@@ -81,8 +81,5 @@ class CheckTargetOpsPass(DiffcPass):
                 f"the graph holds ops the {self.target} target cannot run: {listing} ({why}). Export the model "
                 "with diffc (not a graph optimized for another backend), or disable the pass that emitted them"
             )
-        return {"contrib_ops": contrib}
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.fired = self.run(model)
-        return ir.passes.PassResult(model, False)
+        self.found = {"contrib_ops": contrib}
+        return {}

@@ -20,8 +20,8 @@ import logging
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
+from onnxscript import optimizer
 from onnxscript import rewriter as _rewriter
-from onnxscript.optimizer import _constant_folding
 
 from diffc.passes._base import DiffcPass, apply_rules
 
@@ -31,6 +31,9 @@ log = logging.getLogger("diffc.passes.cleanup")
 #: simplification, Pad/BatchNorm into Conv. Not onnxscript's ``ort_fusions.shape_optimization.ExtractDim``:
 #: it reads a dimension back out of a Reshape's shape operand without checking for -1, and on dynamo UNet
 #: exports turns ``[-1, S, D]`` into the invalid ``[-1, -1, D]`` (onnxscript 0.7.2).
+#: Private API: onnxscript exposes its default rule set only as ``rewriter._DEFAULT_REWRITE_RULES`` (its public
+#: ``rewriter.rewrite()`` applies them but returns no count, and this pass reports how often rules fired);
+#: copying the list instead would drift from onnxscript's as it gains rules.
 _RULES = tuple(_rewriter._DEFAULT_REWRITE_RULES)
 
 
@@ -147,10 +150,8 @@ class CleanupPass(DiffcPass):
 
             n = _compute_nodes(g)
             fold_static_shape_reads(g)
-            _constant_folding.FoldConstantsPass(
-                shape_inference=True, input_size_limit=self.fold_input_size_limit,
-                output_size_limit=self.fold_output_size_limit,
-            )(model)
+            optimizer.fold_constants(model, onnx_shape_inference=True, input_size_limit=self.fold_input_size_limit,
+                                     output_size_limit=self.fold_output_size_limit)
             common_passes.RemoveUnusedNodesPass()(model)
             step["folded"] += n - _compute_nodes(g)
 

@@ -35,7 +35,7 @@ kernel; this pass never quantizes activation x activation products). ``output_bl
 last upsampler: the full-resolution up block, ~13% of SD-1.5's MACs) is the next most sensitive group, float
 on request. Roles are found from the graph's data flow, not node names, so they hold for both exporters.
 
-Scales come from calibration (:mod:`diffc.quantization`): ``ranges`` maps a tensor name to the ``(lo, hi)``
+Scales come from calibration (:mod:`diffc.build.calibrate`): ``ranges`` maps a tensor name to the ``(lo, hi)``
 range chosen for it. A tensor without a range is left in float (counted as ``no_range`` in the report).
 """
 

@@ -8,13 +8,22 @@ a typo must not silently fall back to a default.
 from __future__ import annotations
 
 import enum
-import re
+import math
 import tomllib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from diffc.errors import ProfileError
+# the artifact contract's names and limits, defined where the runtime imports them without importing profiles
+from diffc.names import (  # noqa: F401 (re-exported for profile users)
+    GUIDANCE_MAX,
+    MEMORY_ARENAS,
+    SEED_MAX,
+    base_component,
+    max_threads,
+    step_group_components,
+)
 
 PROFILE_DIR = Path(__file__).parent
 
@@ -39,10 +48,15 @@ SAMPLER_KINDS = ("auto", "ddim", "euler", "dpmpp_2m", "lcm", "flow_euler")
 HARDWARE_COMPAT = ("none", "ampere_plus", "same_compute_capability")
 _TRT_BACKENDS = ("tensorrt", "tensorrt_rtx")
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
-#: ``[onnxruntime].memory_arena``: ``denoiser`` -- the UNet's sessions keep onnxruntime arenas of their own, the
-#: text encoders and VAE decoder (once per image) give their activations back after each run; ``shared`` -- every
-#: session draws from one process-wide arena, held at the largest component's peak
-MEMORY_ARENAS = ("denoiser", "shared")
+#: a profile's thread counts are machine-independent; the runtime checks a request against its own machine
+#: (:func:`max_threads`)
+MAX_PROFILE_THREADS = 1024
+#: the largest image side and batch a profile may ask for: far beyond any diffusion model's range, and small
+#: enough that the shapes derived from them stay int32 (TensorRT's dimensions) and a typo such as 10**9 is caught
+MAX_PIXELS = 16384
+MAX_BATCH = 1024
+#: a profile is a few kB; a larger file is not one (and is refused before it is parsed)
+MAX_PROFILE_BYTES = 1 * 2**20
 
 
 @dataclass(frozen=True)
@@ -213,9 +227,11 @@ class Profile:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, where: str = "<dict>") -> "Profile":
-        """Inverse of :meth:`to_dict` (as stored in a manifest)."""
+        """Inverse of :meth:`to_dict` (as stored in a manifest); a malformed dict is a :class:`ProfileError`."""
+        if not isinstance(data, dict):
+            raise ProfileError(f"profile {where}: must be an object of profile fields, got {type(data).__name__}")
         toml_like = {
-            "name": data["name"], "backend": data["backend"], "description": data.get("description", ""),
+            "name": data.get("name"), "backend": data.get("backend"), "description": data.get("description", ""),
             "precision": data.get("precision", {}),
             "shapes": {k: data[k] for k in ("height", "width", "batch") if data.get(k) is not None},
             "sampler": {"kind": data.get("sampler", "auto"), "steps": data.get("steps", 4),
@@ -224,33 +240,26 @@ class Profile:
             "passes": data.get("passes", {}),
         }
         # Older manifests have neither table; a profile that left them at their defaults round-trips without them.
-        if data.get("tensorrt") and data["backend"] in _TRT_BACKENDS:
-            trt = {k: v for k, v in data["tensorrt"].items() if v is not None}
-            if "strongly_typed" not in trt:
+        # A table that is not one goes to parse_profile as it is, which names it.
+        def table(key: str) -> Any:
+            value = data.get(key)
+            return {k: v for k, v in value.items() if v is not None} if isinstance(value, dict) else value
+
+        if data.get("tensorrt") and data.get("backend") in _TRT_BACKENDS:
+            trt = table("tensorrt")
+            if isinstance(trt, dict) and "strongly_typed" not in trt:
                 trt["strongly_typed"] = "auto"
             toml_like["tensorrt"] = trt
-        if data.get("memory") and data["memory"].get("budget_mib") is not None:
-            toml_like["memory"] = dict(data["memory"])
+        if data.get("memory") and (not isinstance(data["memory"], dict) or data["memory"].get("budget_mib") is not None):
+            toml_like["memory"] = table("memory")
         if data.get("quantize"):
-            toml_like["quantize"] = {k: v for k, v in data["quantize"].items() if v is not None}
-        if data.get("cache") and data["cache"].get("enabled"):
-            toml_like["cache"] = {k: v for k, v in data["cache"].items() if v is not None}
+            toml_like["quantize"] = table("quantize")
+        if data.get("cache") and (not isinstance(data["cache"], dict) or data["cache"].get("enabled")):
+            toml_like["cache"] = table("cache")
         return parse_profile(toml_like, where=where)
 
     def with_overrides(self, **changes) -> "Profile":
         return replace(self, **changes)
-
-
-def base_component(name: str) -> str:
-    """The model component an engine is built from: cache reuse's ``unet_shallow`` and the per-step-group
-    quantized variants ``unet_g1``, ``unet_g2``... are all the UNet."""
-    return "unet" if name == "unet_shallow" or re.fullmatch(r"unet_g[1-9][0-9]*", name) else name
-
-
-def step_group_components(groups: int) -> list[str]:
-    """The UNet engines of ``[quantize].step_groups`` = ``groups``: ``unet`` for the first group, then
-    ``unet_g1``, ``unet_g2``..."""
-    return ["unet", *(f"unet_g{g}" for g in range(1, groups))]
 
 
 def _err(where: str, field_: str, msg: str) -> ProfileError:
@@ -263,14 +272,40 @@ def _check_keys(table: dict, allowed: set[str], where: str, prefix: str) -> None
         raise _err(where, f"{prefix}{extra[0]}", f"is not a known field; known fields here: {sorted(allowed)}")
 
 
-def _range(value: Any, where: str, field_: str, *, minimum: int = 1) -> Range:
+def _range(value: Any, where: str, field_: str, *, minimum: int = 1, maximum: int) -> Range:
     if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, int) and not isinstance(v, bool)
                                                                   for v in value)):
-        raise _err(where, field_, f"must be a list of three integers [min, opt, max], got {value!r}")
+        raise _err(where, field_, f"must be a list of three integers [min, opt, max], got {_short(value)}")
     lo, opt, hi = value
-    if not (minimum <= lo <= opt <= hi):
-        raise _err(where, field_, f"must satisfy {minimum} <= min <= opt <= max, got {value!r}")
+    if not (minimum <= lo <= opt <= hi <= maximum):
+        raise _err(where, field_, f"must satisfy {minimum} <= min <= opt <= max <= {maximum}, got {value!r}")
     return Range(lo, opt, hi)
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _table(data: dict, key: str, where: str) -> dict:
+    """``data[key]`` as a TOML table (absent: empty); ``shapes = 5`` names the field instead of crashing on it."""
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise _err(where, f"[{key}]", f"must be a table ([{key}] with key = value lines), got {_short(value)}")
+    return value
+
+
+def _number(table: dict, key: str, default: float | None, where: str, prefix: str, *, lo: float, hi: float,
+            lo_open: bool = False) -> float | None:
+    """A finite float in [lo, hi] (``(lo, hi]`` with ``lo_open``); TOML's ``nan`` and ``inf`` are refused by name."""
+    value = table.get(key, default)
+    if value is None:
+        return None
+    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+            or not (lo < value if lo_open else lo <= value) or value > hi):
+        bound = f"({lo:g}, {hi:g}]" if lo_open else f"[{lo:g}, {hi:g}]"
+        raise _err(where, f"{prefix}{key}", f"must be a finite number in {bound}, got {_short(value)}")
+    return float(value)
 
 
 def _bool(table: dict, key: str, default: bool, where: str, prefix: str) -> bool:
@@ -385,6 +420,8 @@ def _parse_passes(table: Any, backend: Backend, where: str) -> dict[str, Any]:
     modules (profiles load in the torch- and onnxscript-free runtime)."""
     if not isinstance(table, dict):
         raise _err(where, "[passes]", "must be a table")
+    if "disable" in table and not isinstance(table["disable"], list):
+        raise _err(where, "[passes].disable", f"must be a list of pass names, got {_short(table['disable'])}")
     from diffc.passes import resolve_options
 
     try:
@@ -395,10 +432,17 @@ def _parse_passes(table: Any, backend: Backend, where: str) -> dict[str, Any]:
 
 
 def _str_list(table: dict, key: str, default: tuple, where: str, prefix: str, *, item=str) -> tuple:
+    """A non-empty list of prompts (UTF-8 text) or of seeds (0 to 2**64 - 1, as the runtime takes them)."""
     value = table.get(key, list(default))
-    kind = "strings" if item is str else "integers"
-    if not (isinstance(value, list) and value and all(isinstance(v, item) and not isinstance(v, bool) for v in value)):
-        raise _err(where, f"{prefix}{key}", f"must be a non-empty list of {kind}, got {value!r}")
+    kind = "strings" if item is str else "integers from 0 to 2**64 - 1 (seeds)"
+    if not (isinstance(value, list) and value and all(isinstance(v, item) and not isinstance(v, bool) for v in value)
+            and (item is str or all(0 <= v <= SEED_MAX for v in value))):
+        raise _err(where, f"{prefix}{key}", f"must be a non-empty list of {kind}, got {_short(value)}")
+    for v in value if item is str else ():
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _err(where, f"{prefix}{key}", f"holds {_short(v)}, which is not UTF-8 text") from None
     return tuple(value)
 
 
@@ -423,8 +467,9 @@ def _parse_quantize(table: Any, where: str) -> QuantizeOptions:
     if not isinstance(keep, list) or any(r not in QUANTIZE_ROLES for r in keep):
         raise _err(where, f"{p}keep_float", f"must be a list of layer roles from {list(QUANTIZE_ROLES)}, got {keep!r}")
     psnr = table.get("min_psnr_db", d.min_psnr_db)
-    if not isinstance(psnr, (int, float)) or isinstance(psnr, bool) or psnr < 0:
-        raise _err(where, f"{p}min_psnr_db", f"must be a number >= 0 (0 turns the gate off), got {psnr!r}")
+    if not isinstance(psnr, (int, float)) or isinstance(psnr, bool) or not 0 <= psnr <= 1000:
+        raise _err(where, f"{p}min_psnr_db", f"must be a finite number of dB from 0 (0 turns the gate off) to 1000, "
+                                             f"got {_short(psnr)}")
     max_err = table.get("max_abs_error")
     if max_err is not None and (not isinstance(max_err, (int, float)) or isinstance(max_err, bool)
                                 or not 0 < max_err <= 1):
@@ -442,56 +487,63 @@ def _parse_quantize(table: Any, where: str) -> QuantizeOptions:
 
 
 def parse_profile(data: dict[str, Any], *, where: str) -> Profile:
+    """A profile from its TOML tables (or :meth:`Profile.to_dict`'s form). Every value is checked for type, range
+    and finiteness (TOML has ``nan`` and ``inf``), so any input gives a :class:`Profile` or a
+    :class:`ProfileError` naming the field."""
+    if not isinstance(data, dict):
+        raise ProfileError(f"profile {where}: must be a TOML document of tables, got {type(data).__name__}")
     _check_keys(data, {"name", "description", "backend", "precision", "shapes", "sampler", "onnxruntime", "passes",
                        "tensorrt", "memory", "quantize", "cache"}, where, "")
     name = data.get("name")
     if not isinstance(name, str) or not name:
         raise _err(where, "name", "must be a non-empty string")
-    try:
-        backend = Backend(data.get("backend", "onnxruntime"))
-    except ValueError:
-        raise _err(where, "backend", f"must be one of {[b.value for b in Backend]}, got {data.get('backend')!r}") from None
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise _err(where, "description", f"must be a string, got {_short(description)}")
+    backend_value = data.get("backend", "onnxruntime")
+    if backend_value not in [b.value for b in Backend]:
+        raise _err(where, "backend", f"must be one of {[b.value for b in Backend]}, got {_short(backend_value)}")
+    backend = Backend(backend_value)
 
     precision: dict[str, Precision] = {}
-    prec_table = data.get("precision", {})
-    if not isinstance(prec_table, dict):
-        raise _err(where, "[precision]", "must be a table")
+    prec_table = _table(data, "precision", where)
     _check_keys(prec_table, {"default", *COMPONENTS}, where, "[precision].")
     for comp, value in prec_table.items():
-        try:
-            precision[comp] = Precision(value)
-        except ValueError:
-            raise _err(where, f"[precision].{comp}",
-                       f"must be one of {[p.value for p in Precision]}, got {value!r}") from None
+        if value not in [p.value for p in Precision]:
+            raise _err(where, f"[precision].{comp}", f"must be one of {[p.value for p in Precision]}, got "
+                                                     f"{_short(value)}")
+        precision[comp] = Precision(value)
 
-    shapes = data.get("shapes", {})
+    shapes = _table(data, "shapes", where)
     _check_keys(shapes, {"height", "width", "batch"}, where, "[shapes].")
-    height = _range(shapes["height"], where, "[shapes].height", minimum=8) if "height" in shapes else None
-    width = _range(shapes["width"], where, "[shapes].width", minimum=8) if "width" in shapes else None
-    batch = _range(shapes["batch"], where, "[shapes].batch") if "batch" in shapes else Range(1, 1, 4)
+    height = _range(shapes["height"], where, "[shapes].height", minimum=8, maximum=MAX_PIXELS) \
+        if "height" in shapes else None
+    width = _range(shapes["width"], where, "[shapes].width", minimum=8, maximum=MAX_PIXELS) \
+        if "width" in shapes else None
+    batch = _range(shapes["batch"], where, "[shapes].batch", maximum=MAX_BATCH) if "batch" in shapes \
+        else Range(1, 1, 4)
 
-    sampler = data.get("sampler", {})
+    sampler = _table(data, "sampler", where)
     _check_keys(sampler, {"kind", "steps", "guidance"}, where, "[sampler].")
     kind = sampler.get("kind", "auto")
-    if kind not in SAMPLER_KINDS:
-        raise _err(where, "[sampler].kind", f"must be one of {list(SAMPLER_KINDS)}, got {kind!r}")
+    if not isinstance(kind, str) or kind not in SAMPLER_KINDS:
+        raise _err(where, "[sampler].kind", f"must be one of {list(SAMPLER_KINDS)}, got {_short(kind)}")
     steps = sampler.get("steps", 4)
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 1000:
-        raise _err(where, "[sampler].steps", f"must be an integer from 1 to 1000, got {steps!r}")
-    guidance = sampler.get("guidance", 7.5)
-    if guidance is not None and (not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or guidance < 0):
-        raise _err(where, "[sampler].guidance", f"must be a number >= 0, got {guidance!r}")
+        raise _err(where, "[sampler].steps", f"must be an integer from 1 to 1000, got {_short(steps)}")
+    # None only from Profile.from_dict (TOML has no null): the model's own default
+    guidance = _number(sampler, "guidance", 7.5, where, "[sampler].", lo=0.0, hi=GUIDANCE_MAX)
 
-    if not isinstance(data.get("onnxruntime", {}), dict):
-        raise _err(where, "[onnxruntime]", "must be a table")
-    ort_table = {"memory_arena": "denoiser", **data.get("onnxruntime", {})}
+    ort_table = {"memory_arena": "denoiser", **_table(data, "onnxruntime", where)}
     _check_keys(ort_table, {"intra_op_num_threads", "inter_op_num_threads", "memory_arena"}, where, "[onnxruntime].")
     for key, value in ort_table.items():
         if key == "memory_arena":
-            if value not in MEMORY_ARENAS:
-                raise _err(where, "[onnxruntime].memory_arena", f"must be one of {list(MEMORY_ARENAS)}, got {value!r}")
-        elif not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise _err(where, f"[onnxruntime].{key}", f"must be an integer >= 0, got {value!r}")
+            if not isinstance(value, str) or value not in MEMORY_ARENAS:
+                raise _err(where, "[onnxruntime].memory_arena", f"must be one of {list(MEMORY_ARENAS)}, got "
+                                                                f"{_short(value)}")
+        elif not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_PROFILE_THREADS:
+            raise _err(where, f"[onnxruntime].{key}", f"must be an integer from 0 (onnxruntime picks) to "
+                                                      f"{MAX_PROFILE_THREADS}, got {_short(value)}")
 
     passes = _parse_passes(data.get("passes", {}), backend, where)
     tensorrt = _parse_tensorrt(data.get("tensorrt", {}), backend, where)
@@ -500,10 +552,10 @@ def parse_profile(data: dict[str, Any], *, where: str) -> Profile:
     cache = _parse_cache(data.get("cache", {}), where, steps)
 
     return Profile(
-        name=name, backend=backend, description=str(data.get("description", "")), precision=precision,
+        name=name, backend=backend, description=description, precision=precision,
         height=height, width=width, batch=batch, sampler=kind, steps=steps,
-        guidance=float(guidance) if guidance is not None else None, onnxruntime=dict(ort_table), passes=passes, tensorrt=tensorrt,
-        memory=memory, quantize=quantize, cache=cache, source=where,
+        guidance=guidance, onnxruntime=dict(ort_table), passes=passes, tensorrt=tensorrt, memory=memory,
+        quantize=quantize, cache=cache, source=where,
     )
 
 
@@ -526,7 +578,15 @@ def load_profile(name_or_path: str | Path) -> Profile:
             "(or pass the path of a .toml file)"
         )
     try:
-        data = tomllib.loads(path.read_text())
+        if path.stat().st_size > MAX_PROFILE_BYTES:
+            raise ProfileError(f"profile {path} is {path.stat().st_size // 1024} kB, far more than a profile (a few "
+                               "kB); pass the path of a profile .toml file")
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ProfileError(f"profile {path}: is not UTF-8 text (byte {e.start}); TOML files are UTF-8, save it as "
+                           "UTF-8") from None
+    except RecursionError:
+        raise ProfileError(f"profile {path}: nests arrays or tables too deeply to be a profile") from None
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ProfileError(f"profile {path}: cannot parse TOML: {e}") from e
     return parse_profile(data, where=f"'{path.name}'")

@@ -1,20 +1,10 @@
-"""Feature-cache reuse (DeepCache) as data: which UNet tensor is cached, and on which steps it is recomputed.
+"""Feature-cache reuse (DeepCache) at run time: on which steps the full UNet runs and refreshes the cache.
 
-Two pure, torch-free functions the builder, ``--dry-run`` and the runtime share:
-
-* :func:`unet_branches` reads a ``UNet2DConditionModel`` config and lists the cache branches it has, with the
-  cached feature's channels and resolution level (the TensorRT shape ranges and the export marks use them).
-* :func:`full_steps` turns a cache schedule into a per-step mask (``True``: run the full UNet and refresh the
-  cache; ``False``: run the shallow UNet on the cached feature). The builder writes the mask into the
-  manifest, so a runner follows it without knowing any schedule.
-
-Branch numbering is DeepCache's. The down path of a diffusers UNet produces skip features ``s_0`` (conv_in's
-output), then one per down layer (each resnet [+ attention] pair, and each downsampler), in order; the up
-layers concatenate them in reverse (the first up layer consumes ``s_{K-1}``, the last one ``s_0``). Branch
-``m`` (``0 .. K-2``) caches the main-branch tensor that is concatenated with ``s_{m+1}``: a shallow step
-recomputes conv_in, the down layers up to ``s_{m+1}``, and the up path from that concatenation on. Branch 0
-is DeepCache's (block 0, layer 0), the cheapest shallow step (about 23 % of the MACs of a full SD 1.5 step);
-larger branches recompute more and approximate less.
+:func:`full_steps` turns a cache schedule into a per-step mask (``True``: run the full UNet and refresh the
+cache; ``False``: run the shallow UNet on the cached feature). The build writes the mask into the manifest, so a
+runner follows it without knowing any schedule; the runtime recomputes it only when asked for another schedule
+(``diffc run --cache-interval``). Which UNet tensor is cached (the branches of a UNet, numbered as DeepCache
+does) is build-time knowledge: :mod:`diffc.exporter.unet_blocks`.
 """
 
 from __future__ import annotations
@@ -27,60 +17,6 @@ from diffc.errors import ProfileError
 SCHEDULE_KINDS = ("interval", "nonuniform", "mask")
 #: DeepCache's non-uniform schedule: starting exponent of the power law (the paper's experiments use 1.2-1.5)
 DEFAULT_POWER = 1.4
-
-
-def feature_name(branch: int) -> str:
-    return f"cache_feature_{branch}"
-
-
-def feature_dims(level: int) -> tuple[str, str]:
-    """Symbolic names of a level-``level`` feature's spatial axes (level 0 is the latent's own size)."""
-    if level == 0:
-        return "height", "width"
-    return f"height_div{2 ** level}", f"width_div{2 ** level}"
-
-
-def _per_block(value: Any, n: int) -> list[int]:
-    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)] * n
-
-
-def unet_branches(unet_cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The cache branches of a UNet2DConditionModel config, ordered by branch index.
-
-    Each: ``branch``, ``feature`` (graph name), ``up_block`` / ``layer`` (the up layer whose concatenation it
-    feeds), ``skip`` (the skip feature it is concatenated with, ``branch + 1``), ``level`` (the feature is
-    ``latent / 2**level`` in height and width), ``channels``.
-    """
-    channels = [int(c) for c in unet_cfg["block_out_channels"]]
-    n = len(channels)
-    layers = _per_block(unet_cfg.get("layers_per_block", 2), n)
-    # conv_in, then per down block its layers and (all but the last block) a downsampler
-    skips = 1 + sum(layers[i] + (1 if i < n - 1 else 0) for i in range(n))
-    rev_channels, rev_layers = channels[::-1], layers[::-1]
-    branches = []
-    u = 0  # up layer index over all up blocks
-    for i in range(n):
-        for j in range(rev_layers[i] + 1):
-            skip = skips - 1 - u
-            u += 1
-            if skip == 0:
-                continue  # the last up layer: caching its input would leave nothing to reuse
-            if j == 0:
-                c = channels[-1] if i == 0 else rev_channels[i - 1]
-            else:
-                c = rev_channels[i]
-            branches.append({"branch": skip - 1, "feature": feature_name(skip - 1), "up_block": i, "layer": j,
-                             "skip": skip, "level": n - 1 - i, "channels": c})
-    return sorted(branches, key=lambda b: b["branch"])
-
-
-def branch_info(unet_cfg: Mapping[str, Any], branch: int, *, where: str = "[cache].branch") -> dict[str, Any]:
-    """:func:`unet_branches`'s entry for ``branch``; a typed error naming the valid range otherwise."""
-    branches = unet_branches(unet_cfg)
-    if not isinstance(branch, int) or isinstance(branch, bool) or not 0 <= branch < len(branches):
-        raise ProfileError(f"{where} = {branch!r} does not exist in this UNet: it has branches 0 to "
-                           f"{len(branches) - 1} (0 is the shallowest and fastest); pick one in that range")
-    return branches[branch]
 
 
 def _power_center(steps: int, n_full: int, center: int, power: float) -> list[int] | None:

@@ -6,6 +6,8 @@ fail raises here, and :func:`status_of` maps the exception to the C status code.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from diffc.errors import ArtifactError, BackendUnavailableError, DiffcError, InputError
@@ -41,6 +43,10 @@ def default_size(pipe: Pipeline) -> tuple[int, int]:
 
 def generate(pipe: Pipeline, prompt: str, negative_prompt: str | None, seed: int, guidance: float, height: int,
              width: int) -> tuple[bytes, int, int]:
+    """diffc.h: ``guidance <= 0`` and ``height = width = 0`` mean the artifact's defaults; a NaN or infinite
+    guidance is refused (NaN compares false with everything, so it would otherwise pass as a default)."""
+    if not math.isfinite(guidance):
+        raise InputError(f"guidance must be a finite number (<= 0: the artifact's default), got {guidance!r}")
     images = pipe(prompt, negative_prompt=negative_prompt, seed=seed, guidance=guidance if guidance > 0 else None,
                   height=height or None, width=width or None)
     rgb = np.ascontiguousarray(to_uint8(images[0]))

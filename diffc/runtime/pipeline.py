@@ -8,16 +8,19 @@ is a list of (tokenizer, encoder, output) triples. docs/manifest.md gives the sa
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from diffc.engines import input_profiles
-from diffc.errors import InputError, ProfileError
-from diffc.profiles.schema import MEMORY_ARENAS, base_component
+from diffc.engines import SessionOptions, get_backend, opt_shapes  # noqa: F401 (opt_shapes: its old home)
+from diffc.engines.host_cache import PublishGate
+from diffc.errors import BackendUnavailableError, InputError, ManifestError, ProfileError
+from diffc.names import GUIDANCE_MAX, MEMORY_ARENAS, SEED_MAX, max_threads
 from diffc.runtime.cache import full_steps
 from diffc.runtime.manifest import artifact_path, read_manifest, verify_files
 from diffc.runtime.sampler import SamplerTables, guidance_embedding, step
@@ -26,52 +29,26 @@ from diffc.runtime.tokenizer import PromptTokenizer
 log = logging.getLogger("diffc.runtime")
 
 
-def _open_session(name: str, component: dict[str, Any], path: Path, threads: int, cache_key: str | None,
-                  cuda_graph: bool, ort_options: dict[str, Any], dims: dict[str, int] | None = None):
-    backend = component["backend"]
-    if backend == "onnxruntime":
-        from diffc.engines.onnxruntime import Session
-
-        if ort_options["memory_arena"] == "shared":
-            arena = "shared"
-        else:
-            # "denoiser": only the UNet, which runs every step, keeps an arena of its own: the text encoder and the
-            # VAE decoder run once per image, and their arenas would hold their peak activations (the 512x512
-            # decoder's are large) while the UNet runs (SD 1.5 at 512x512: 6.9 GiB peak with every arena on, 5.3
-            # without theirs, same speed)
-            arena = "own" if base_component(name) == "unet" else "none"
-        return Session(path, threads=threads or ort_options.get("intra_op_num_threads", 0),
-                       inter_threads=ort_options.get("inter_op_num_threads", 0), cache_key=cache_key, arena=arena)
-    if backend == "openvino":
-        from diffc.engines.openvino import Session
-
-        return Session(path, precision=component["precision"], threads=threads, shapes=opt_shapes(component, dims),
-                       cache_key=cache_key)
-    if backend in ("tensorrt", "tensorrt_rtx"):
-        # checks TensorRT version and GPU architecture against the record before deserializing
-        from diffc.engines.tensorrt import Session
-
-        return Session(path, record=component, cache_key=cache_key, cuda_graph=cuda_graph)
-    raise InputError(f"this runtime cannot run {backend!r} engines; rebuild the artifact with the 'cpu' profile")
-
-
-def opt_shapes(component: dict[str, Any], dims: dict[str, int] | None = None) -> list[tuple[int, ...]] | None:
-    """Each input's shape at the profile's opt point (the manifest's ``shape_ranges``: the default image size and
-    batch), named dimensions in ``dims`` (e.g. the latent ``height`` / ``width``) replaced; None when the
-    ranges do not give every input a shape."""
-    ranges = dict(component.get("shape_ranges") or {})
-    for name, value in (dims or {}).items():
-        if name in ranges:
-            ranges[name] = [ranges[name][0], value, ranges[name][2]]
+def _open_session(name: str, component: dict[str, Any], path: Path, options: SessionOptions):
+    """Open one component through its backend's :meth:`~diffc.engines.Backend.open_session`."""
     try:
-        return [p.opt for p in input_profiles(component["inputs"], ranges).values()]
-    except ProfileError:
-        return None
+        backend = get_backend(component["backend"])
+    except BackendUnavailableError:
+        raise InputError(f"this runtime cannot run {component['backend']!r} engines; rebuild the artifact with the "
+                         "'cpu' profile") from None
+    return backend.open_session(name, component, path, options)
+
+
+def _parallel_open(backend: str) -> bool:
+    try:
+        return get_backend(backend).parallel_open
+    except BackendUnavailableError:
+        return False  # _open_session says why it cannot open it
 
 
 def open_sessions(root: Path, manifest: dict[str, Any], *, threads: int = 0, verify: bool = True,
                   cache: bool = True, memory_arena: str | None = None,
-                  dims: dict[str, int] | None = None) -> dict[str, Any]:
+                  dims: dict[str, int] | None = None, vouched: bool = True) -> dict[str, Any]:
     """Open every component's engine while its files are hashed on another thread.
 
     Paths and presence are checked first (cheap); the sha256 of multi-GB weights (~1 GB/s) then overlaps
@@ -81,6 +58,11 @@ def open_sessions(root: Path, manifest: dict[str, Any], *, threads: int = 0, ver
     onnxruntime sessions take the profile's ``[onnxruntime]`` table (threads, ``memory_arena``); ``threads``
     and ``memory_arena``, when given, override it. OpenVINO sessions compile for the opt shapes of
     ``shape_ranges``, with the named dimensions in ``dims`` (latent ``height`` / ``width``) instead.
+
+    Host cache entries (:mod:`diffc.engines.host_cache`) are kept under the manifest's digests only once those
+    have matched the files. ``verify=False`` skips the check: with ``vouched`` the caller answers for the files
+    (the builder, which just wrote them) and new entries are kept; without it (a user who skips the check)
+    existing entries are still used, and none is written.
     """
     verify_files(root, manifest, hashes=False)
     profile = manifest.get("profile", {})
@@ -93,19 +75,31 @@ def open_sessions(root: Path, manifest: dict[str, Any], *, threads: int = 0, ver
         source = "asked for" if memory_arena is not None else "in the manifest's profile (a newer diffc built it?)"
         raise InputError(f"unknown memory arena policy {policy!r} {source}; this runtime knows {list(MEMORY_ARENAS)}: "
                          "pass memory_arena= (diffc run --memory-arena) or update diffc")
-    with ThreadPoolExecutor(max_workers=1) as pool, ThreadPoolExecutor(max_workers=2) as compiling:
-        hashing = pool.submit(verify_files, root, manifest, hashes=True) if verify else None
-        sessions = {}
-        for name, c in manifest["components"].items():
-            key = "|".join(c["files"][f] for f in sorted(c["files"])) if cache else None
-            args = (name, c, artifact_path(root, c["file"]), threads, key, cuda_graph, ort_options, dims)
-            # OpenVINO compiles without the GIL and largely on one core: two components at a time (SD-1.5 int8 +
-            # cache reuse on 2 cores: 8.8 s for the four instead of 11.6 one after another)
-            sessions[name] = compiling.submit(_open_session, *args) if c["backend"] == "openvino" \
-                else _open_session(*args)
-        sessions = {name: s.result() if isinstance(s, Future) else s for name, s in sessions.items()}
-        if hashing is not None:
-            hashing.result()
+    # New host cache entries wait for the hash check: an artifact whose files do not match the digests it
+    # claims (its sessions are built from those files) must leave nothing under them.
+    gate = PublishGate(verified=not verify and vouched)
+    if not (verify or vouched):
+        gate.close()  # unchecked files: nothing is written under their claimed digests
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool, ThreadPoolExecutor(max_workers=2) as compiling:
+            hashing = pool.submit(verify_files, root, manifest, hashes=True) if verify else None
+            sessions = {}
+            for name, c in manifest["components"].items():
+                key = "|".join(c["files"][f] for f in sorted(c["files"])) if cache else None
+                options = SessionOptions(threads=threads, cache_key=key, gate=gate, cuda_graph=cuda_graph,
+                                         onnxruntime=ort_options, dims=dims)
+                args = (name, c, artifact_path(root, c["file"]), options)
+                # OpenVINO compiles without the GIL and largely on one core: two components at a time (SD-1.5
+                # int8 + cache reuse on 2 cores: 8.8 s for the four instead of 11.6 one after another)
+                parallel = _parallel_open(c["backend"])
+                sessions[name] = compiling.submit(_open_session, *args) if parallel else _open_session(*args)
+            sessions = {name: s.result() if isinstance(s, Future) else s for name, s in sessions.items()}
+            if hashing is not None:
+                hashing.result()
+    except BaseException:
+        gate.close()
+        raise
+    gate.open()
     return sessions
 
 
@@ -118,6 +112,67 @@ def unet_for_timestep(step_variants: dict[str, Any] | None, timestep: float) -> 
     return step_variants["components"][sum(1 for b in step_variants["timestep_bounds"] if timestep < b)]
 
 
+#: the manifest's ``guidance.mode``: ``cfg`` classifier-free guidance (uncond + cond halves in one denoiser batch),
+#: ``embedded`` the scale is a UNet input (LCM), ``none`` the model takes no guidance
+GUIDANCE_MODES = ("cfg", "embedded", "none")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_threads(threads: Any, label: str = "threads") -> int:
+    """``threads`` as a load takes it: 0 (the profile's setting) up to :func:`max_threads` of this machine."""
+    hi = max_threads()
+    if not _is_int(threads) or not 0 <= threads <= hi:
+        raise InputError(f"{label} must be an integer from 0 (the profile's setting) to {hi} (4 per CPU of this "
+                         f"machine), got {threads!r}")
+    return int(threads)
+
+
+def check_seed(seed: Any, label: str = "seed") -> int | None:
+    """Seeds are None (fresh randomness) or integers from 0 to 2**64 - 1 (the C API's ``uint64_t``); a negative
+    seed is refused rather than mapped, so that one seed never names two images."""
+    if seed is not None and (not _is_int(seed) or not 0 <= seed <= SEED_MAX):
+        raise InputError(f"{label} must be an integer from 0 to 2**64 - 1 (or None for a random image), got {seed!r}")
+    return None if seed is None else int(seed)
+
+
+def check_guidance(guidance: Any, label: str = "guidance") -> float | None:
+    """None (the artifact's default) or a finite number from 0 to :data:`GUIDANCE_MAX`."""
+    if guidance is None:
+        return None
+    ok = isinstance(guidance, (int, float, np.integer, np.floating)) and not isinstance(guidance, (bool, np.bool_))
+    if not ok or not math.isfinite(guidance) or not 0 <= guidance <= GUIDANCE_MAX:
+        raise InputError(f"{label} must be a finite number from 0 to {GUIDANCE_MAX:g} (or None: the artifact's "
+                         f"default), got {guidance!r}")
+    return float(guidance)
+
+
+def check_size_arg(label: str, value: Any) -> int | None:
+    """None (the default size) or a positive integer; whether the artifact covers it is :meth:`Pipeline.check_size`."""
+    if value is not None and (not _is_int(value) or value < 1):
+        raise InputError(f"{label} must be a positive number of pixels (or None: the artifact's default), "
+                         f"got {value!r}")
+    return None if value is None else int(value)
+
+
+def check_prompts(label: str, value: Any) -> list[str]:
+    """A prompt or a sequence of prompts, each text that can be written as UTF-8 (a command line given in another
+    encoding reaches Python as lone surrogates, which the tokenizer would turn into garbage)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, Sequence) or isinstance(items, (bytes, bytearray)) or \
+            not all(isinstance(p, str) for p in items):
+        raise InputError(f"{label} must be a string or a list of strings, got {type(value).__name__}")
+    for p in items:
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InputError(f"{label} {p[:40]!r} is not valid text (character {e.start} is not UTF-8: {e.reason}); "
+                             "pass UTF-8 text, e.g. set a UTF-8 locale (LANG=C.UTF-8) for the shell") from None
+    return list(items)
+
+
 class Pipeline:
     """A loaded artifact. Call it with a prompt; get ``float32 (B, H, W, 3)`` images in [0, 1]."""
 
@@ -126,7 +181,10 @@ class Pipeline:
                  width: int | None = None):
         """``height`` / ``width``: the image size the caller will ask for, when it is not the artifact's default:
         engines specialized by shape at load (OpenVINO) are compiled for it instead of the default, and calls
-        that give no size produce it (:attr:`default_size`)."""
+        that give no size produce it (:attr:`default_size`). ``threads``: 0 (the profile's) up to
+        :func:`~diffc.profiles.schema.max_threads`; anything else is an :class:`InputError`."""
+        check_threads(threads)
+        height, width = check_size_arg("height", height), check_size_arg("width", width)
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
         m = self.manifest
@@ -142,7 +200,7 @@ class Pipeline:
             self.check_size(h, w)
             dims = {"height": h // self.latent["vae_scale_factor"], "width": w // self.latent["vae_scale_factor"]}
         self.sessions = open_sessions(self.root, m, threads=threads, verify=verify, cache=cache,
-                                      memory_arena=memory_arena, dims=dims)
+                                      memory_arena=memory_arena, dims=dims, vouched=False)
         self.tokenizers = [PromptTokenizer(artifact_path(self.root, e["tokenizer"]), max_length=e["max_length"],
                                            pad_id=e["pad_id"]) for e in m["text_encoders"]]
         self.guidance = m["guidance"]
@@ -154,6 +212,9 @@ class Pipeline:
         """Change which steps run the full UNet: a schedule as in the manifest's ``cache.schedule``
         (``{"kind": "interval", "interval": 3}``, ...), or None to run the full UNet on every step."""
         if schedule is not None:
+            if not isinstance(schedule, dict):
+                raise InputError(f"a cache schedule is a dict such as {{'kind': 'interval', 'interval': 2}}, or None; "
+                                 f"got {type(schedule).__name__}")
             if self.cache is None:
                 raise InputError("this artifact was built without cache reuse; rebuild it with a profile whose "
                                  "[cache].enabled = true (e.g. cpu-cache)")
@@ -216,21 +277,50 @@ class Pipeline:
                  noise: Sequence[np.ndarray] | None = None) -> np.ndarray:
         """Generate images.
 
+        Every argument is checked before any engine runs (an :class:`InputError` names it): ``prompt`` a string or
+        a list of strings (one image each, within the artifact's batch range), ``negative_prompt`` one for all or
+        one per prompt, ``seed`` None (random) or an integer from 0 to 2**64 - 1, ``height`` / ``width`` None (the
+        default size) or a size the artifact covers.
+
+        ``guidance``: None (the artifact's default) or a finite number from 0 to 100. With ``cfg`` artifacts a
+        scale <= 1 runs the conditional prediction alone, as diffusers does, so every scale in [0, 1] gives the
+        same image as 1; ``embedded`` artifacts (LCM) feed ``guidance - 1`` to the UNet; ``none`` ignores it.
+
         ``latents``: the initial standard-normal latents (B, C, h, w) instead of drawing them from ``seed``;
         ``noise``: per-step noise for samplers that inject it (LCM), instead of drawing it from ``seed``.
         Both exist so a caller can reproduce another implementation's random stream exactly.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = check_prompts("prompt", prompt)
+        negs = None if negative_prompt is None else check_prompts("negative_prompt", negative_prompt)
+        seed = check_seed(seed)
+        guidance = check_guidance(guidance)
+        height, width = check_size_arg("height", height), check_size_arg("width", width)
         batch = len(prompts)
         lo_b, _, hi_b = self.image["batch"]
         if not lo_b <= batch <= hi_b:
             raise InputError(f"{batch} prompts is outside this artifact's batch range [{lo_b}, {hi_b}]; "
                              "split the prompts or rebuild with a larger [shapes].batch")
-        height = height or self.default_size[0]
-        width = width or self.default_size[1]
+        if isinstance(negative_prompt, str):
+            negs = negs * batch
+        if negs is not None and len(negs) != batch:
+            raise InputError(f"{len(negs)} negative prompts for {batch} prompts; give one per prompt or one for all")
+        height = self.default_size[0] if height is None else height
+        width = self.default_size[1] if width is None else width
         self.check_size(height, width)
+        f = self.latent["vae_scale_factor"]
+        shape = (batch, self.latent["channels"], height // f, width // f)
+        if latents is not None and (not isinstance(latents, np.ndarray) or latents.shape != shape
+                                    or not np.isfinite(latents).all()):
+            raise InputError(f"latents must be a finite numpy array of shape {shape} for {batch} prompts at "
+                             f"{height}x{width}, got {getattr(latents, 'shape', type(latents).__name__)}")
+        if noise is not None and (not isinstance(noise, (Sequence, np.ndarray)) or len(noise) < self.tables.num_steps
+                                  or any(np.shape(n) != shape for n in noise[:self.tables.num_steps])):
+            raise InputError(f"noise must hold {self.tables.num_steps} arrays of shape {shape} (one per step)")
         g = float(self.guidance["default_scale"] if guidance is None else guidance)
         mode = self.guidance["mode"]
+        if mode not in GUIDANCE_MODES:  # read_manifest refuses it; a manifest edited in memory may still hold it
+            raise ManifestError(f"guidance mode {mode!r} is unknown to this runtime (it knows {list(GUIDANCE_MODES)}); "
+                                "rebuild the artifact or upgrade diffc")
         # guidance <= 1 skips the uncond half (as diffusers does), unless the UNet engine has a static batch that
         # expects it (TensorRT static shapes): then run it anyway; m_u + g * (m_c - m_u) is still exact.
         unet_min_batch = self.manifest["components"]["unet"].get("shape_ranges", {}).get("batch", [1])[0]
@@ -239,10 +329,7 @@ class Pipeline:
         cond, pooled = self.encode_text(prompts)
         extra: dict[str, np.ndarray] = {}
         if use_cfg:
-            negs = [""] * batch if negative_prompt is None else (
-                [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt))
-            if len(negs) != batch:
-                raise InputError(f"{len(negs)} negative prompts for {batch} prompts; give one per prompt or one for all")
+            negs = [""] * batch if negs is None else negs
             if negative_prompt is None and self.guidance.get("zero_uncond_for_empty_negative"):
                 uncond, upooled = np.zeros_like(cond), (None if pooled is None else np.zeros_like(pooled))
             else:
@@ -261,7 +348,12 @@ class Pipeline:
         if latents is None:
             latents = self.initial_noise(seed, batch, height, width)
         x = self.denoise(latents, cond, extra, guidance=g if use_cfg else None, seed=seed, noise=noise)
-        return self.decode(x)
+        images = self.decode(x)
+        if not np.isfinite(images).all():
+            # NaN would pass np.clip and become black pixels: say so instead of writing a black image
+            raise InputError(f"the denoiser diverged (non-finite values at guidance {g:g}); try a smaller guidance "
+                             "scale, and if that does not help, rebuild the artifact")
+        return images
 
     def denoise(self, latents: np.ndarray, cond: np.ndarray, extra: dict[str, np.ndarray] | None = None, *,
                 guidance: float | None = None, seed: int | None = 0,
@@ -314,11 +406,3 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     """[0, 1] float images -> uint8, rounding like diffusers' ``numpy_to_pil``."""
     return (images * 255).round().astype(np.uint8)
 
-
-def save_png(image: np.ndarray, path: str | Path) -> Path:
-    from PIL import Image
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(to_uint8(image)).save(path)
-    return path

@@ -147,3 +147,168 @@ class PromptTokenizer:
                     i,
                 )
         return out
+
+
+# --------------------------------------------------------------------------------- T5 / Gemma-2 (DiT families)
+
+#: Sana's default ``complex_human_instruction`` (diffusers ``SanaPipeline.__call__``), joined with newlines
+#: and put before the prompt; the negative prompt is tokenized without it.
+SANA_COMPLEX_HUMAN_INSTRUCTION = (
+    "Given a user prompt, generate an 'Enhanced prompt' that provides detailed visual descriptions suitable for "
+    "image generation. Evaluate the level of detail in the user prompt:",
+    "- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial "
+    "relationships to create vivid and concrete scenes.",
+    "- If the prompt is already detailed, refine and enhance the existing details slightly without "
+    "overcomplicating.",
+    "Here are examples of how to transform or refine prompts:",
+    "- User Prompt: A cat sleeping -> Enhanced: A small, fluffy white cat curled up in a round shape, sleeping "
+    "peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers.",
+    "- User Prompt: A busy city street -> Enhanced: A bustling city street scene at dusk, featuring glowing "
+    "street lamps, a diverse crowd of people in colorful clothing, and a double-decker bus passing by towering "
+    "glass skyscrapers.",
+    "Please generate only the enhanced description for the prompt below and avoid including any additional "
+    "commentary or evaluations:",
+    "User Prompt: ",
+)
+
+
+def _load_tokenizer(path: Path) -> Tokenizer:
+    if not path.is_file():
+        raise ArtifactError(f"tokenizer file {path} is missing; {_REBUILD}")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the Rust side raises a plain Exception on malformed JSON / unknown fields
+        raise ArtifactError(f"tokenizer file {path} is corrupt ({e}); {_REBUILD}") from e
+
+
+class PaddedPromptTokenizer:
+    """Prompts -> ``(input_ids, attention_mask)``, both ``int64 (B, max_length)``, for the sentencepiece-derived
+    tokenizers of the transformer pipelines (T5: unigram; Gemma-2: byte-fallback BPE), read from the
+    ``tokenizer.json`` a checkpoint ships (no transformers, no sentencepiece).
+
+    What diffusers does with its transformers tokenizer, i.e. ``tokenizer(prompts, padding="max_length",
+    max_length=max_length, truncation=True)``: the ``tokenizer.json`` post-processor adds the special tokens
+    (T5: ``</s>`` at the end; Gemma: ``<bos>`` at the start), truncation keeps room for them, padding is on the
+    right with the pad token ``tokenizer_config.json`` names, and the mask is 1 on real tokens.
+
+    ``lowercase``: PixArt-Sigma and Sana lowercase and strip each prompt first (their ``_text_preprocessing``
+    with ``clean_caption=False``; see :class:`T5PromptTokenizer` for ``clean_caption=True``).
+    """
+
+    #: the model's name in the truncation warning
+    family = "the text encoder"
+
+    def __init__(self, tokenizer_json_path, max_length: int, *, lowercase: bool = False):
+        path = Path(tokenizer_json_path)
+        raw = _load_tokenizer(path)
+        if int(max_length) < 2:
+            raise ValueError(f"max_length must be >= 2 (room for a special token and one word), got {max_length}")
+        pad_token = _configured_pad_token(path.parent)
+        if pad_token is None:
+            raise ArtifactError(f"{path.parent} has no tokenizer_config.json naming the pad token; {_REBUILD}")
+        pad_id = raw.token_to_id(pad_token)
+        if pad_id is None:
+            raise ArtifactError(f"tokenizer {path} has no pad token {pad_token!r} in its vocabulary; {_REBUILD}")
+        self.path = path
+        self.max_length = int(max_length)
+        self.lowercase = bool(lowercase)
+        self.pad_id = int(pad_id)
+        self.pad_token = pad_token
+        self.vocab_size = raw.get_vocab_size(with_added_tokens=True)
+        self._tok = raw
+        self._tok.enable_truncation(max_length=self.max_length)
+        self._tok.enable_padding(length=self.max_length, pad_id=self.pad_id, pad_token=pad_token,
+                                 direction="right")
+        self._raw: Tokenizer | None = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r}, max_length={self.max_length})"
+
+    def _untruncated(self) -> Tokenizer:
+        if self._raw is None:
+            self._raw = Tokenizer.from_str(self._tok.to_str())
+            self._raw.no_truncation()
+            self._raw.no_padding()
+        return self._raw
+
+    def count(self, text: str) -> int:
+        """Token count of ``text`` with its special tokens, untruncated (``len(tokenizer.encode(text))``)."""
+        return len(self._untruncated().encode(text).ids)
+
+    def preprocess(self, prompts: list[str]) -> list[str]:
+        return [p.lower().strip() for p in prompts] if self.lowercase else prompts
+
+    def __call__(self, prompts) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not all(isinstance(p, str) for p in prompts):
+            raise TypeError("prompts must be strings")
+        if not prompts:
+            empty = np.zeros((0, self.max_length), dtype=np.int64)
+            return empty, empty.copy()
+        texts = self.preprocess(prompts)
+        encodings = self._tok.encode_batch(texts)
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        for i, enc in enumerate(encodings):
+            if enc.overflowing:
+                full = self._untruncated().encode(texts[i])
+                kept = sum(1 for m, s in zip(enc.attention_mask, enc.special_tokens_mask) if m and not s)
+                words = [t for t, special in zip(full.ids, full.special_tokens_mask) if not special]
+                removed = self._untruncated().decode(words[kept:], skip_special_tokens=True)
+                logger.warning(
+                    "The following part of your input was truncated because %s can only handle sequences up to "
+                    "%d tokens: %r (prompt %d)", self.family, self.max_length, removed, i)
+        return ids, mask
+
+
+class T5PromptTokenizer(PaddedPromptTokenizer):
+    """T5 (unigram) as FLUX.1 (``max_sequence_length`` 512 for dev, 256 for schnell), SD3 (256) and PixArt-Sigma
+    (300, ``lowercase=True``) tokenize their prompts.
+
+    FLUX and SD3 feed T5 no attention mask (equal to a mask of ones: the runtime passes ones); PixArt-Sigma
+    passes this mask to T5 and to its transformer. Not reproduced: PixArt-Sigma's ``clean_caption=True`` (its
+    ``__call__`` default, which needs ``bs4`` and ``ftfy`` installed next to diffusers and otherwise falls back
+    to lowercase + strip, the path here).
+    """
+
+    family = "T5"
+
+
+class GemmaPromptTokenizer(PaddedPromptTokenizer):
+    """Gemma-2 (byte-fallback BPE, ``<bos>`` first) as ``SanaPipeline._get_gemma_prompt_embeds`` tokenizes.
+
+    Sana lowercases and strips the prompt, then, with a ``complex_human_instruction`` (a list of lines; Sana's
+    default is :data:`SANA_COMPLEX_HUMAN_INSTRUCTION`), prepends the lines joined by newlines and raises the
+    length to ``count(instruction) + max_sequence_length - 2``. After the text encoder, Sana keeps the states
+    (and mask entries) at :attr:`select_index`: the first token and the last ``max_sequence_length - 1``.
+    Without an instruction (Sana's negative prompt) the length is ``max_sequence_length`` and every state is
+    kept. Not reproduced: ``clean_caption=True`` (Sana's default is False).
+    """
+
+    family = "Gemma-2"
+
+    def __init__(self, tokenizer_json_path, max_sequence_length: int = 300,
+                 complex_human_instruction: list[str] | tuple[str, ...] | None = None):
+        if int(max_sequence_length) < 2:
+            raise ValueError(f"max_sequence_length must be >= 2, got {max_sequence_length}")
+        self.max_sequence_length = int(max_sequence_length)
+        self.instruction = "\n".join(complex_human_instruction) if complex_human_instruction else ""
+        super().__init__(tokenizer_json_path, max_sequence_length, lowercase=True)
+        if self.instruction:
+            length = self.count(self.instruction) + self.max_sequence_length - 2
+            self.max_length = length
+            self._tok.enable_truncation(max_length=length)
+            self._tok.enable_padding(length=length, pad_id=self.pad_id, pad_token=self.pad_token,
+                                     direction="right")
+
+    @property
+    def select_index(self) -> list[int]:
+        """Positions of the encoder output Sana keeps (all of them without an instruction)."""
+        if not self.instruction:
+            return list(range(self.max_length))
+        return [0] + [self.max_length + i for i in range(-self.max_sequence_length + 1, 0)]
+
+    def preprocess(self, prompts: list[str]) -> list[str]:
+        return [self.instruction + p for p in super().preprocess(prompts)]

@@ -19,7 +19,6 @@ if shutil.which("cmake") is None:
 pytest.importorskip("pybind11", reason="pybind11 is not installed (pip install -e '.[test]')")
 pytest.importorskip("torch")  # building the demo artifact needs the export extra
 
-import diffc  # noqa: E402
 from diffc.runtime import load  # noqa: E402
 
 
@@ -33,8 +32,8 @@ def binaries(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    return diffc.build("demo", "cpu", tmp_path_factory.mktemp("capi") / "demo.diffc", progress=False)
+def artifact(demo_cpu_artifact):
+    return demo_cpu_artifact  # shared by the run (tests/conftest.py): read only
 
 
 def _run(args, **kw):

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from diffc.engines import tensorrt as trt_engine
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
-#: per-axis ranges as diffc.builder.shape_ranges makes them for the tiny pipeline (VAE factor 2, 16x16 latents)
+#: per-axis ranges as diffc.build.plan.shape_ranges makes them for the tiny pipeline (VAE factor 2, 16x16 latents)
 #: and the default batch [1, 1, 4]; the UNet's batch is doubled for classifier-free guidance
 TINY_RANGES = {
     "text_encoder": {"batch": [1, 1, 4], "sequence": [77, 77, 77]},

@@ -80,7 +80,7 @@ def test_unet_profile(engines):
 
 
 def test_record_validates_as_manifest_component(engines):
-    """What builder.py writes from the record is a valid manifest component (schema_version 1)."""
+    """What the build writes from the record is a valid manifest component (schema_version 1)."""
     jsonschema = pytest.importorskip("jsonschema")
     schema = json.loads((Path(diffc.__file__).parent / "runtime" / "manifest.schema.json").read_text())
     path, rec = engines["unet", "fp16"]

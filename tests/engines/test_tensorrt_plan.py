@@ -71,7 +71,7 @@ UNET_INPUTS = [{"name": "sample", "shape": ["batch", 4, "height", "width"]},
 
 
 def _builder_ranges(profile, component, cfg=True):
-    from diffc.builder import shape_ranges
+    from diffc.build.plan import shape_ranges
 
     geometry = {"vae_scale_factor": 8, "height": (profile.height or Range(256, 512, 1024)).to_list(),
                 "width": (profile.width or Range(256, 512, 1024)).to_list()}

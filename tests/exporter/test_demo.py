@@ -19,7 +19,6 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("safetensors")
 
-import diffc  # noqa: E402
 from diffc.errors import DiffcError, ModelError  # noqa: E402
 from diffc.exporter import demo  # noqa: E402
 
@@ -91,8 +90,8 @@ def test_written_folder_loads_in_diffusers(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    return diffc.build("demo", "cpu", tmp_path_factory.mktemp("demo") / "demo.diffc", progress=False)
+def artifact(demo_cpu_artifact):
+    return demo_cpu_artifact  # shared by the run (tests/conftest.py): read only
 
 
 # Measured by benchmarks/quality.py (docs/demo.md): 4-step DDIM through the runtime draws the prompted digit

@@ -15,7 +15,7 @@ import pytest
 
 from diffc.passes import PassError
 from diffc.passes.cache_reuse import CacheFullPass, CacheShallowPass, split
-from diffc.runtime.cache import feature_dims, unet_branches
+from diffc.exporter.unet_blocks import feature_dims, unet_branches
 
 MARKED = """
 agraph (float[2,3] x, float[2,3] unused) => (float[2,3] out_sample, float[2,3] cache_feature_0,

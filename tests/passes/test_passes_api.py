@@ -85,3 +85,54 @@ def test_run_passes_report_and_purity(kit):
 def test_run_passes_rejects_bad_component(kit):
     with pytest.raises(PassOptionError, match="component"):
         run_passes(kit.parse(GRAPH), "", "onnxruntime")
+
+
+def test_profile_pass_list_holds_the_stage_passes():
+    """The cache split and quantization are entries of the one ordered list (with their options), after the
+    graph passes; a plain profile has neither, and the stage passes cannot be run by run_passes."""
+    from diffc.passes import STAGE_PASSES, profile_pass_list
+    from diffc.profiles import load_profile
+
+    assert names(profile_pass_list(load_profile("cpu"))) == names(pass_list("onnxruntime"))
+    cache = profile_pass_list(load_profile("cpu-cache"))
+    assert names(cache)[-1] == "cache_split" and cache[-1].options == {"branch": 0}
+    int8 = profile_pass_list(load_profile("cpu-int8"))
+    assert names(int8)[-1] == "quantize"
+    assert int8[-1].options["activations"] == {"unet": "uint8", "vae_decoder": "uint8"}
+    assert int8[-1].to_dict()["options"]["keep_float"] == ["conv_in", "conv_out", "time_embedding", "skip_concat"]
+    fp8 = profile_pass_list(load_profile("rtx-fp8"))
+    assert fp8[-1].options["activations"] == {"unet": "fp8"} and not fp8[-1].options["output_qdq"]
+    assert set(STAGE_PASSES) == {"cache_split", "quantize"}
+    with pytest.raises(PassOptionError, match="runs in its build stage"):
+        int8[-1].create()
+
+
+def test_cli_prints_the_stage_passes():
+    from click.testing import CliRunner
+
+    from diffc.cli import main
+
+    r = CliRunner().invoke(main, ["passes", "--profile", "cpu-int8"])
+    assert r.exit_code == 0, r.output
+    assert [line.split()[1] for line in r.output.strip().splitlines()][-1] == "quantize"
+    assert "activations={'unet': 'uint8', 'vae_decoder': 'uint8'}" in r.output
+
+
+def test_errors_inside_the_pass_manager_stay_typed(kit, monkeypatch):
+    """A pass or a verification step that refuses the graph raises diffc's PassError naming it, not the pass
+    manager's wrapper."""
+    from diffc.passes import PassError, _base
+
+    cuda_only = kit.parse("""
+    agraph (float[1, 8, 4, 4] x, float[8] g, float[8] b) => (float[1, 8, 4, 4] y) {
+        y = com.microsoft.GroupNorm<groups = 2, epsilon = 0.00001, activation = 0>(x, g, b)
+    }""")
+    with pytest.raises(PassError, match="onnxruntime target cannot run: com.microsoft::GroupNorm"):
+        run_passes(cuda_only, "unet", "onnxruntime")
+
+    def broken(model, *, after):
+        raise PassError(f"the graph is invalid after pass {after!r}: test")
+
+    monkeypatch.setattr(_base, "verify", broken)
+    with pytest.raises(PassError, match="after pass 'input'"):
+        run_passes(kit.parse(GRAPH), "unet", "onnxruntime", verify=True)

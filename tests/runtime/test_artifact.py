@@ -31,8 +31,8 @@ SCHEMA = Path(diffc.__file__).parent / "runtime" / "manifest.schema.json"
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    return diffc.build("demo", "cpu", tmp_path_factory.mktemp("a") / "demo.diffc", progress=False)
+def artifact(demo_cpu_artifact):
+    return demo_cpu_artifact  # shared by the run (tests/conftest.py): tests that change it use `copy`
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ pytest.importorskip("torch")
 jsonschema = pytest.importorskip("jsonschema")
 
 import diffc  # noqa: E402
-from diffc.builder import plan  # noqa: E402
+from diffc.build.plan import plan  # noqa: E402
 from diffc.errors import InputError, ProfileError  # noqa: E402
 from diffc.runtime import load, read_manifest  # noqa: E402
 
@@ -23,9 +23,8 @@ PROMPT = "a handwritten digit seven"
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cache")
-    return {name: diffc.build("demo", name, root / f"{name}.diffc", progress=False) for name in ("cpu", "cpu-cache")}
+def artifacts(demo_cpu_artifact, demo_cpu_cache_artifact):
+    return {"cpu": demo_cpu_artifact, "cpu-cache": demo_cpu_cache_artifact}  # shared by the run: read only
 
 
 def test_layout_manifest_and_shared_weights(artifacts):

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from diffc.errors import ProfileError
-from diffc.runtime.cache import branch_info, full_steps, schedule_summary, unet_branches
+from diffc.exporter.unet_blocks import branch_info, unet_branches
+from diffc.runtime.cache import full_steps, schedule_summary
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from _sd15 import SD15_UNET  # noqa: E402

@@ -84,15 +84,15 @@ def doc_loop(root: Path, prompt: str, negative: str | None, g: float, latents: n
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    return diffc.build("demo", "cpu", tmp_path_factory.mktemp("doc") / "a", progress=False)
+def artifact(demo_cpu_artifact):
+    return demo_cpu_artifact  # shared by the run (tests/conftest.py); the test copies it before editing
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "euler"])
 def test_doc_loop_matches_runtime(artifact, tmp_path, sampler):
     import shutil
 
-    from diffc.runtime.sampler import compile_sampler
+    from diffc.exporter.sampler import compile_sampler
 
     root = tmp_path / "a"
     shutil.copytree(artifact, root)

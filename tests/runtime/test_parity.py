@@ -12,10 +12,10 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from diffc.builder import build  # noqa: E402
+from diffc.build import build  # noqa: E402
 from diffc.exporter.tiny import write_tiny_pipeline  # noqa: E402
 from diffc.runtime import load  # noqa: E402
-from diffc.runtime.sampler import compile_sampler  # noqa: E402
+from diffc.exporter.sampler import compile_sampler  # noqa: E402
 
 TOL = 1e-3
 SCHEDULERS = {
@@ -46,7 +46,7 @@ def _diffusers_pipe(folder, scheduler_class=None, **scheduler_overrides):
     pipe.set_progress_bar_config(disable=True)
     if scheduler_class:
         cfg = dict(pipe.scheduler.config)
-        cfg.setdefault("clip_sample", False)  # PNDM never clips; see diffc.builder
+        cfg.setdefault("clip_sample", False)  # PNDM never clips; see diffc.build.export
         cfg.update(scheduler_overrides)
         pipe.scheduler = getattr(diffusers, scheduler_class).from_config(cfg)
     return pipe

@@ -1,21 +1,23 @@
-"""diffc.runtime.sampler against the diffusers schedulers it reproduces (diffusers 0.42, torch CPU, float64).
+"""diffc's samplers against the diffusers schedulers they reproduce (diffusers 0.42, torch CPU, float64).
+
+The tables are compiled by diffc.exporter.sampler (from the diffusers scheduler object) and run by
+diffc.runtime.sampler (numpy only).
 
 Every trajectory test runs the same deterministic fake denoiser through a diffusers scheduler (``from_config``,
 ``set_timesteps``, ``scale_model_input``, ``step``) and, independently, through diffc's tables + ``step`` in
 numpy, then compares timesteps, the model input at every step and the final latent.
 
-Tolerances: diffc computes its coefficients in float64 from the same float32 noise schedule diffusers builds
-(bit-exact, see ``test_noise_schedule_is_bit_exact``). diffusers itself computes its per-step scalars in float32
-and - for Euler, DPM-Solver and flow matching - casts the sample to float32 inside ``step``, so the two
-trajectories differ by float32 rounding (~6e-8 relative) accumulated over at most 20 steps. Hence rtol=atol=1e-6
-on latents of order 1, scaled by the noise level for the Euler inputs (latents start at sigma_max, ~15, up to
-4096 with zero terminal SNR).
+Tolerances: diffc computes its coefficients in float64 from the float32 noise schedule the diffusers scheduler
+object builds (read from it, see ``test_tables_use_the_schedulers_own_schedule``). diffusers itself computes
+its per-step scalars in float32 and - for Euler, DPM-Solver and flow matching - casts the sample to float32
+inside ``step``, so the two trajectories differ by float32 rounding (~6e-8 relative) accumulated over at most
+20 steps. Hence rtol=atol=1e-6 on latents of order 1, scaled by the noise level for the Euler inputs (latents
+start at sigma_max, ~15, up to 4096 with zero terminal SNR).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import json
 import logging
 import subprocess
@@ -37,6 +39,7 @@ from diffusers import (  # noqa: E402
 )
 
 from diffc.errors import InputError, ManifestError, ProfileError  # noqa: E402
+from diffc.exporter import sampler as C  # noqa: E402  (the compiler: build time, needs diffusers)
 
 # diffusers' own set_timesteps calls np.array(tensor ** 0.5), which numpy 2 flags; not ours
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -189,7 +192,7 @@ def run_both(kind: str, cfg: dict, n: int, monkeypatch, seed: int = 0) -> dict:
         # ulp of 5e-4: its own rounding, not a sampler difference, would then dominate (~1e-5 relative).
         # Same values, float64 arithmetic.
         sched.sigmas = sched.sigmas.double()
-    tables = S.compile_sampler(kind, cfg, n)
+    tables = C.compile_sampler(kind, cfg, n)
     rng = np.random.default_rng(seed)
     z = rng.standard_normal(SHAPE)
 
@@ -239,7 +242,7 @@ def test_trajectory_matches_diffusers(kind, name, cfg, monkeypatch):
     steps = list(STEPS)
     if name == "terminal":  # diffusers' shift_terminal stretch divides 0 by 0 for one step (NaN sigmas)
         with pytest.raises(ProfileError, match="num_steps >= 2"):
-            S.compile_sampler(kind, cfg, 1)
+            C.compile_sampler(kind, cfg, 1)
         steps.remove(1)
     worst = {"input": 0.0, "final": 0.0}
     for n in steps:
@@ -254,7 +257,7 @@ def test_float32_runtime_tracks_float64():
     """The runtime runs in float32: step() must keep the dtype and stay close to the float64 result."""
     cfg = SD15_PNDM
     for kind in ("ddim", "euler", "dpmpp_2m"):
-        tables = S.compile_sampler(kind, cfg, 8)
+        tables = C.compile_sampler(kind, cfg, 8)
         z = np.random.default_rng(1).standard_normal(SHAPE)
         x64 = z * tables.init_noise_sigma
         x32 = x64.astype(np.float32)
@@ -274,29 +277,44 @@ def test_float32_runtime_tracks_float64():
 @pytest.mark.parametrize(
     "cfg",
     [SD15_PNDM, LINEAR_LINSPACE, COSINE, V_ZERO_SNR,
-     {"beta_start": 0.001, "beta_end": 0.03, "num_train_timesteps": 999}],
+     {**SD21_V, "trained_betas": np.linspace(1e-4, 0.02, 1000).tolist()},
+     {"beta_start": 0.001, "beta_end": 0.03, "num_train_timesteps": 999, "clip_sample": False}],
 )
-def test_noise_schedule_is_bit_exact(cfg):
-    for cls, patch in ((DDIMScheduler, False), (EulerDiscreteScheduler, True)):
-        ref = cls.from_config(cfg).alphas_cumprod.numpy()
-        full = {**S._CLASS_DEFAULTS[cls.__name__], **{k: v for k, v in cfg.items() if not k.startswith("_")}}
-        ours = S._alphas_cumprod(full, patch_zero_snr_terminal=patch)
-        assert ours.dtype == np.float32
-        if cfg.get("rescale_betas_zero_snr"):
-            # the rescale takes torch.sqrt of a float32 tensor, whose vectorised CPU kernel is not correctly
-            # rounded (1 ulp off for ~15% of inputs; numpy's is), and subtracting sqrt(alpha_bar_T) amplifies that
-            # near the tail (up to ~4e-6 relative)
-            np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=0)
-            assert ours[-1] == ref[-1]
-        else:
-            np.testing.assert_array_equal(ours, ref)
+def test_tables_use_the_schedulers_own_schedule(cfg):
+    """The coefficients come from the scheduler object's float32 schedule, not from a re-derivation of it."""
+    pt = cfg.get("prediction_type", "epsilon")
+    for n in (3, 8):
+        ref = DDIMScheduler.from_config(cfg)
+        ref.set_timesteps(n)
+        ac = ref.alphas_cumprod.double().numpy()[ref.timesteps.numpy()]
+        tables = C.compile_sampler("ddim", cfg, n)
+        np.testing.assert_array_equal(tables.timesteps, ref.timesteps.double().numpy())
+        # x0 = sqrt(a) x - sqrt(1 - a) v  /  (x - sqrt(1 - a) eps) / sqrt(a): exact in float64 from the same a
+        expected = np.sqrt(ac) if pt == "v_prediction" else 1.0 / np.sqrt(ac)
+        np.testing.assert_array_equal(tables.x0_from_x, expected)
+        if pt == "epsilon":
+            ref = EulerDiscreteScheduler.from_config(cfg)
+            ref.set_timesteps(n)
+            tables = C.compile_sampler("euler", cfg, n)
+            np.testing.assert_array_equal(-tables.x0_from_m, ref.sigmas.double().numpy()[:-1])  # x0 = x - sigma eps
 
 
-def test_class_defaults_match_diffusers():
-    for kind, cls in DIFFUSERS_CLASS.items():
-        params = inspect.signature(cls.__init__).parameters
-        ref = {k: p.default for k, p in params.items() if k != "self"}
-        assert S._CLASS_DEFAULTS[S._KIND_CLASS[kind]] == ref, kind
+def test_configs_diffusers_refuses_are_profile_errors():
+    """What diffusers' own __init__ / set_timesteps reject surfaces as a typed ProfileError, not a ValueError."""
+    with pytest.raises(ProfileError, match="not usable for the 'dpmpp_2m' sampler.*final_sigmas_type"):
+        C.compile_sampler("dpmpp_2m", {**SD15_PNDM, "algorithm_type": "deis"}, 4)  # deis needs sigma_min
+    with pytest.raises(ProfileError, match="solver_type 'foo'"):
+        C.compile_sampler("dpmpp_2m", {**SD15_PNDM, "solver_type": "foo"}, 4)
+    with pytest.raises(ProfileError, match="shift must be a positive number"):
+        C.compile_sampler("flow_euler", {**FLOW_SHIFT3, "shift": "3"}, 4)
+    with pytest.raises(ProfileError, match="trained_betas"):
+        C.compile_sampler("ddim", {**SD21_V, "trained_betas": [0.01] * 10}, 4)
+    with pytest.raises(ProfileError, match="fall outside"):  # leading + steps_offset pushes t past 999
+        C.compile_sampler("euler", {**SD21_V, "timestep_type": "continuous", "timestep_spacing": "leading",
+                                    "steps_offset": 500}, 4)
+    # a valid config still compiles after those (no state kept between calls)
+    assert C.compile_sampler("dpmpp_2m", {**SD15_PNDM, "algorithm_type": "deis",
+                                          "final_sigmas_type": "sigma_min"}, 4).num_steps == 4
 
 
 def test_use_default_values_are_dropped():
@@ -306,7 +324,7 @@ def test_use_default_values_are_dropped():
     assert "timestep_spacing" in cfg.get("_use_default_values", [])
     ref = EulerDiscreteScheduler.from_config(cfg)
     ref.set_timesteps(4)
-    tables = S.compile_sampler("euler", cfg, 4)
+    tables = C.compile_sampler("euler", cfg, 4)
     np.testing.assert_allclose(tables.timesteps, ref.timesteps.double().numpy(), rtol=1e-6)
 
 
@@ -338,7 +356,7 @@ def test_guidance_embedding_bad_input():
 def test_tables_round_trip_json():
     for kind, cfg in [("ddim", SD15_PNDM), ("dpmpp_2m", SD21_V), ("lcm", LCM_CFG), ("flow_euler", FLOW_SHIFT3),
                       ("euler", TRAILING)]:
-        tables = S.compile_sampler(kind, cfg, 4)
+        tables = C.compile_sampler(kind, cfg, 4)
         d = json.loads(json.dumps(tables.to_dict()))
         back = S.SamplerTables.from_dict(d)
         assert back == tables
@@ -352,7 +370,7 @@ def test_tables_round_trip_json():
 
 
 def test_from_dict_rejects_bad_data():
-    good = S.compile_sampler("dpmpp_2m", SD15_PNDM, 4).to_dict()
+    good = C.compile_sampler("dpmpp_2m", SD15_PNDM, 4).to_dict()
     bad_cases = {
         "lacks next_from_x0": {k: v for k, v in good.items() if k != "next_from_x0"},
         "has 3 entries": {**good, "c_in": good["c_in"][:3]},
@@ -375,42 +393,42 @@ def test_from_dict_rejects_bad_data():
 
 def test_compile_rejects_bad_input():
     with pytest.raises(ProfileError, match="ddim, euler, dpmpp_2m, lcm, flow_euler"):
-        S.compile_sampler("heun", SD15_PNDM, 4)
+        C.compile_sampler("heun", SD15_PNDM, 4)
     for n in (0, -1, 2.5, True):
         with pytest.raises(ProfileError, match="num_steps"):
-            S.compile_sampler("ddim", SD15_PNDM, n)
+            C.compile_sampler("ddim", SD15_PNDM, n)
     with pytest.raises(ProfileError, match="clip_sample"):
-        S.compile_sampler("ddim", {"beta_schedule": "scaled_linear"}, 4)  # DDIM clips by default
+        C.compile_sampler("ddim", {"beta_schedule": "scaled_linear"}, 4)  # DDIM clips by default
     with pytest.raises(ProfileError, match="thresholding"):
-        S.compile_sampler("dpmpp_2m", {**SD15_PNDM, "thresholding": True}, 4)
+        C.compile_sampler("dpmpp_2m", {**SD15_PNDM, "thresholding": True}, 4)
     with pytest.raises(ProfileError, match="use_karras_sigmas"):
-        S.compile_sampler("euler", {**SD15_PNDM, "use_karras_sigmas": True}, 4)
+        C.compile_sampler("euler", {**SD15_PNDM, "use_karras_sigmas": True}, 4)
     with pytest.raises(ProfileError, match="use_dynamic_shifting"):
-        S.compile_sampler("flow_euler", {**FLOW_SHIFT3, "use_dynamic_shifting": True}, 4)
+        C.compile_sampler("flow_euler", {**FLOW_SHIFT3, "use_dynamic_shifting": True}, 4)
     with pytest.raises(ProfileError, match="flow_euler"):
-        S.compile_sampler("euler", FLOW_SHIFT3, 4)
+        C.compile_sampler("euler", FLOW_SHIFT3, 4)
     with pytest.raises(ProfileError, match="flow-matching"):
-        S.compile_sampler("flow_euler", SD15_PNDM, 4)
+        C.compile_sampler("flow_euler", SD15_PNDM, 4)
     with pytest.raises(ProfileError, match="original_inference_steps"):
-        S.compile_sampler("lcm", LCM_CFG, 51)
+        C.compile_sampler("lcm", LCM_CFG, 51)
     with pytest.raises(ProfileError, match="algorithm_type"):
-        S.compile_sampler("dpmpp_2m", {**SD15_PNDM, "algorithm_type": "sde-dpmsolver++"}, 4)
+        C.compile_sampler("dpmpp_2m", {**SD15_PNDM, "algorithm_type": "sde-dpmsolver++"}, 4)
     with pytest.raises(ProfileError, match="prediction_type"):
-        S.compile_sampler("euler", {**SD15_PNDM, "prediction_type": "flow_prediction"}, 4)
+        C.compile_sampler("euler", {**SD15_PNDM, "prediction_type": "flow_prediction"}, 4)
     with pytest.raises(ProfileError, match="beta_schedule"):
-        S.compile_sampler("ddim", {**SD15_PNDM, "beta_schedule": "sigmoid"}, 4)
+        C.compile_sampler("ddim", {**SD15_PNDM, "beta_schedule": "sigmoid"}, 4)
     with pytest.raises(ProfileError, match="non-finite"):  # x0 undefined at zero SNR for epsilon models
-        S.compile_sampler("ddim", {**V_ZERO_SNR, "prediction_type": "epsilon"}, 4)
+        C.compile_sampler("ddim", {**V_ZERO_SNR, "prediction_type": "epsilon"}, 4)
     with pytest.raises(ProfileError, match="choose another num_steps"):  # np.arange(1000, 0, -1000/61) has 62
-        S.compile_sampler("ddim", TRAILING, 61)
+        C.compile_sampler("ddim", TRAILING, 61)
     with pytest.raises(ProfileError, match="num_train_timesteps"):
-        S.compile_sampler("ddim", SD15_PNDM, 1001)
+        C.compile_sampler("ddim", SD15_PNDM, 1001)
     with pytest.raises(ProfileError, match="dict"):
-        S.compile_sampler("ddim", "scaled_linear", 4)
+        C.compile_sampler("ddim", "scaled_linear", 4)
 
 
 def test_step_rejects_bad_input():
-    lcm = S.compile_sampler("lcm", LCM_CFG, 4)
+    lcm = C.compile_sampler("lcm", LCM_CFG, 4)
     x = np.zeros(SHAPE, np.float32)
     with pytest.raises(InputError, match="noise"):
         S.step(lcm, 0, x, x, x)
@@ -423,15 +441,15 @@ def test_step_rejects_bad_input():
 
 
 def test_default_kind_for():
-    assert S.default_kind_for("PNDMScheduler") == "ddim"
-    assert S.default_kind_for("DDIMScheduler") == "ddim"
-    assert S.default_kind_for("EulerDiscreteScheduler") == "euler"
-    assert S.default_kind_for("EulerAncestralDiscreteScheduler") == "euler"
-    assert S.default_kind_for("DPMSolverMultistepScheduler") == "dpmpp_2m"
-    assert S.default_kind_for("LCMScheduler") == "lcm"
-    assert S.default_kind_for("FlowMatchEulerDiscreteScheduler") == "flow_euler"
+    assert C.default_kind_for("PNDMScheduler") == "ddim"
+    assert C.default_kind_for("DDIMScheduler") == "ddim"
+    assert C.default_kind_for("EulerDiscreteScheduler") == "euler"
+    assert C.default_kind_for("EulerAncestralDiscreteScheduler") == "euler"
+    assert C.default_kind_for("DPMSolverMultistepScheduler") == "dpmpp_2m"
+    assert C.default_kind_for("LCMScheduler") == "lcm"
+    assert C.default_kind_for("FlowMatchEulerDiscreteScheduler") == "flow_euler"
     with pytest.raises(ProfileError, match="PNDMScheduler"):
-        S.default_kind_for("KDPM2DiscreteScheduler")
+        C.default_kind_for("KDPM2DiscreteScheduler")
 
 
 def test_runtime_module_does_not_import_torch():

@@ -1,0 +1,92 @@
+"""``diffc build``: a diffusers pipeline folder -> an artifact (manifest + engines + tokenizers), in stages.
+
+==============  ============================================================================================
+``plan``        profile checks, image geometry, shape ranges, cache plan (torch-free: ``--dry-run``)
+``export``      the loop's components to ONNX, checked against PyTorch (:mod:`diffc.exporter` does the work)
+``passes``      the profile's ordered graph passes, parity against PyTorch again, the cache-reuse split
+``twin``        quantized profiles: the fp32 onnxruntime twin, for calibration and the quality gate
+``quantize``    calibration in the twin's loop, Q/DQ insertion, and (after assembly) the quality gate
+``engines``     each graph -> the target backend's engine; this host's engine cache filled
+``tokenizers``  the text encoders' tokenizers and conditioning
+``manifest``    ``manifest.json``: everything the sampling loop needs, precomputed (docs/manifest.md)
+==============  ============================================================================================
+
+The artifact is assembled in a temporary folder next to ``out`` and renamed into place at the end, so an
+interrupted build leaves nothing half-written; work files live in a temporary folder in ``TMPDIR``.
+
+This ``__init__`` imports only light modules: ``import diffc`` binds :func:`build` from here. ``diffc.build``
+is therefore the function, not this package: import the stages as ``from diffc.build import plan`` or
+``from diffc.build.plan import shape_ranges``, not ``import diffc.build.plan``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from diffc.errors import ProfileError
+
+__all__ = ["build"]
+
+log = logging.getLogger("diffc.build")
+
+
+def build(model: str | Path, profile: Any = "cpu", out: str | Path | None = None, *, force: bool = False,
+          steps: int | None = None, sampler: str | None = None, exporter: str = "torchscript", progress: bool = True,
+          no_cache: bool = False, verify_passes: bool = False) -> Path:
+    """Build an artifact from ``model`` (a diffusers folder, or ``"demo"``) for ``profile`` (a name, a .toml
+    path or a :class:`~diffc.profiles.Profile`) at ``out``; returns its path. ``no_cache``: rebuild TensorRT
+    engines the build cache holds; ``verify_passes``: run the onnx checker and shape inference after every pass.
+
+    A profile with int8 / fp8 components also builds its fp32 onnxruntime twin (in the work folder), runs its
+    sampling loop to calibrate, inserts Q/DQ, and gates the result against it (:mod:`diffc.build.quantize`).
+    """
+    from diffc._fs import atomic_output_dir, work_dir
+    from diffc.build import engines, export, manifest, passes, plan, quantize, tokenizers, twin
+    from diffc.build.report import write_json
+
+    prof = plan.resolve_profile(profile, steps=steps, sampler=sampler)
+    plan.check_profile(prof)
+    if out is None:
+        raise ProfileError("no output folder given; pass --out ARTIFACT")
+    out = Path(out)
+    t_start = time.perf_counter()
+    report: dict[str, Any] = {"profile": prof.name, "components": {}, "timings": {}}
+    protect = () if str(model) == "demo" else (model,)  # --force never replaces the model folder itself
+
+    with work_dir("diffc-build") as work, \
+            atomic_output_dir(out, force=force, what="artifact", protect=protect) as tmp:
+        exported = export.export(model, prof, work, tmp, exporter=exporter, progress=progress, report=report)
+        quantized = prof.quantized_components(tuple(exported.components))
+
+        report["pass_order"] = passes.pass_order(prof)
+        report["passes_reused"] = False
+        graphs = passes.run(exported, prof, work / "passed", report, verify=verify_passes, progress=progress)
+        names = plan.build_components(exported.components, exported.cache)
+
+        reference = None
+        if quantized:
+            reference = twin.build(exported, prof, graphs, report, work, exporter=exporter,
+                                   verify_passes=verify_passes, progress=progress)
+            quantize.quantize(prof, quantized, reference, graphs, work, report, progress=progress)
+            at = names.index("unet") + 1  # the step-group variants unet_g1, ...: right after the UNet
+            names[at:at] = [n for n in graphs if n not in names]
+
+        components = engines.build(exported, prof, graphs, names, tmp, report, no_cache=no_cache, progress=progress)
+        engines.warm_host_cache(prof, tmp, components, report)
+        encoders = tokenizers.write(exported, tmp)
+        written = manifest.compose(exported, prof, components, encoders, report, exporter=exporter)
+        written.write(tmp)
+
+        if reference is not None:
+            t0 = time.perf_counter()
+            report["quality_gate"] = quantize.gate(prof, quantized, reference, tmp, graphs,
+                                                   step_variants=written.step_variants, progress=progress)
+            report["timings"]["quality_gate_s"] = round(time.perf_counter() - t0, 3)
+        report["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
+        write_json(tmp / "build_report.json", report, infinities=True)
+        write_json(tmp / "export_report.json", exported.report, infinities=True)
+    log.info("built %s in %.1f s", out, time.perf_counter() - t_start)
+    return out

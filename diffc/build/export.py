@@ -1,0 +1,127 @@
+"""Stage 2, export: the model folder -> one ONNX graph per component, checked against PyTorch.
+
+The torch work happens in :mod:`diffc.exporter` (imported when the stage runs, so ``diffc build --dry-run``
+and ``import diffc`` stay torch-free); this stage decides what to export, checks the disk first, and collects
+what the later stages read: the export report (with the source folder's content hash, which the manifest
+records too), the components' configs, the image geometry, the cache plan and the compiled sampler tables.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from diffc._fs import folder_hash
+from diffc.build.plan import TXT2IMG_COMPONENTS, cache_plan, geometry_from_configs, uses_cfg
+from diffc.errors import DiskSpaceError
+from diffc.profiles import Profile
+
+log = logging.getLogger("diffc.build")
+
+#: disk a build needs, in multiples of the exported components' fp32 weight bytes: the export, the passed graphs,
+#: onnxruntime's optimizer output, the artifact (and a quantized build's fp32 twin). Measured peaks of the work
+#: folder + the artifact for SD 1.5 (4.26 GB fp32): cpu-cache 14.5 GB (3.4x), cpu-int8 + cache 15.1 GB (3.55x).
+#: The host engine cache (DIFFC_CACHE_DIR) comes on top.
+DISK_FACTOR = 4.0
+
+
+@dataclass
+class Exported:
+    """What the export stage hands on. ``pipe`` is the loaded diffusers pipeline: the later stages pass it back
+    to :mod:`diffc.exporter` functions (parity checks, sample feeds, tokenizers) and never touch it themselves."""
+
+    model: str
+    source: Any  # diffc.exporter.source.ModelSource
+    pipe: Any
+    components: list[str]
+    onnx_dir: Path
+    report: dict[str, Any]
+    unet_config: dict[str, Any]
+    vae_config: dict[str, Any]
+    scheduler_config: dict[str, Any]
+    geometry: dict[str, Any]
+    cache: dict[str, Any] | None
+    tables: Any  # diffc.runtime.sampler.SamplerTables
+
+    @property
+    def cfg(self) -> bool:
+        """Whether the loop runs classifier-free guidance batches."""
+        return uses_cfg(self.unet_config)
+
+    @property
+    def source_sha256(self) -> str:
+        return self.report["source"]["sha256"]
+
+
+def check_disk(fp32_bytes: int, work: Path, artifact: Path) -> dict[str, Any]:
+    """Refuse before exporting when the work folder's disk (TMPDIR) and the artifact's cannot hold the build
+    (onnxruntime would otherwise fail minutes later, writing external data). Returns what was checked."""
+
+    def size(n: int) -> str:
+        return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+    need = int(DISK_FACTOR * fp32_bytes)
+    out_need = fp32_bytes  # the artifact's share of ``need``
+    free = shutil.disk_usage(work).free
+    same_disk = os.stat(work).st_dev == os.stat(artifact).st_dev
+    if free < (need if same_disk else need - out_need):
+        raise DiskSpaceError(
+            f"this build needs about {size(need)} of disk ({DISK_FACTOR:g}x the {size(fp32_bytes)} of fp32 weights: "
+            f"the ONNX export, the passed graphs, the engines) but {work.parent} has {size(free)} free; free some "
+            "space or point TMPDIR at a larger disk")
+    out_free = free if same_disk else shutil.disk_usage(artifact).free
+    if not same_disk and out_free < out_need:
+        raise DiskSpaceError(
+            f"the artifact needs up to {size(out_need)} but {artifact.parent} has {size(out_free)} free; free some "
+            "space or choose another --out")
+    return {"fp32_weight_bytes": fp32_bytes, "need_bytes": need, "free_bytes": free}
+
+
+def scheduler_config(source) -> dict[str, Any]:
+    """The pipeline's scheduler config as the sampler tables are compiled from it (and the manifest records)."""
+    cfg = dict(source.scheduler_config)
+    if cfg.get("_class_name") == "PNDMScheduler":
+        # PNDM never clips x0; DDIMScheduler.from_config would (its default), which is not what the model
+        # was tuned with. SD 1.5's own config spells this out; tiny and older copies may not.
+        cfg.setdefault("clip_sample", False)
+    return cfg
+
+
+def export(model: str | Path, profile: Profile, work: Path, artifact: Path, *, exporter: str, progress: bool,
+           report: dict[str, Any]) -> Exported:
+    """Load ``model`` (a diffusers folder, or ``"demo"`` written into ``work``), check the disk against
+    ``artifact``'s, and export the loop's components into ``work/onnx`` (with the UNet's cache-branch features
+    as extra outputs when the profile reuses the cache). Records ``disk`` and ``timings.export_s`` in ``report``.
+    """
+    from diffc.exporter import pipeline_data
+    from diffc.exporter.export import export_pipeline_to, load_pipeline, resolve_model
+    from diffc.exporter.sampler import compile_sampler, default_kind_for
+    from diffc.exporter.source import inspect_model
+
+    folder = resolve_model(model, work)
+    source = inspect_model(folder)
+    pipe = load_pipeline(source)
+    components = [c for c in TXT2IMG_COMPONENTS if c in source.components]
+    report["disk"] = check_disk(pipeline_data.fp32_weight_bytes(pipe, components), work, artifact)
+
+    sched_cfg = scheduler_config(source)
+    kind = profile.sampler if profile.sampler != "auto" else default_kind_for(sched_cfg.get("_class_name") or "")
+    tables = compile_sampler(kind, sched_cfg, profile.steps)
+    cfgs = pipeline_data.configs(pipe)
+    geometry = geometry_from_configs(cfgs["unet"], cfgs["vae"], profile)
+    cache = cache_plan(cfgs["unet"], profile)
+
+    t0 = time.perf_counter()
+    onnx_dir = work / "onnx"
+    export_report = export_pipeline_to(pipe, source, onnx_dir, components=components, exporter=exporter,
+                                       progress=progress, cache_marks=cache is not None)
+    export_report["source"] = {"model": str(model), "sha256": folder_hash(folder)}
+    report["timings"]["export_s"] = round(time.perf_counter() - t0, 3)
+    return Exported(model=str(model), source=source, pipe=pipe, components=components, onnx_dir=onnx_dir,
+                    report=export_report, unet_config=cfgs["unet"], vae_config=cfgs["vae"],
+                    scheduler_config=sched_cfg, geometry=geometry, cache=cache, tables=tables)

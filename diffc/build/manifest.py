@@ -1,0 +1,144 @@
+"""Stage 8, manifest: the typed writer of ``manifest.json``, the counterpart of :mod:`diffc.runtime.manifest`.
+
+Every field the runtime reads is a field of :class:`Manifest`, filled from the other stages' results
+(:func:`compose`). :meth:`Manifest.write` writes strict JSON (no bare ``NaN``, ever) and reads the file back
+with the runtime's own reader (its JSON schema and consistency checks): a build cannot produce an artifact
+its runtime would refuse. docs/manifest.md describes the fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import importlib.metadata as md
+from pathlib import Path
+from typing import Any
+
+from diffc import __version__
+from diffc.build.export import Exported
+from diffc.build.report import write_json
+from diffc.engines import get_backend
+from diffc.errors import ManifestError
+from diffc.profiles import Profile
+from diffc.names import step_group_components
+from diffc.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, read_manifest
+
+#: packages whose versions a manifest records (what a rebuild needs to reproduce the build)
+VERSIONED = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxscript", "numpy")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclasses.dataclass
+class Manifest:
+    """``manifest.json`` as data; the field order is the file's."""
+
+    source: dict[str, Any]
+    profile: dict[str, Any]
+    build: dict[str, Any]
+    components: dict[str, Any]
+    text_encoders: list[dict[str, Any]]
+    added_conditions: dict[str, Any]
+    latent: dict[str, Any]
+    image: dict[str, Any]
+    guidance: dict[str, Any]
+    sampler: dict[str, Any]
+    step_variants: dict[str, Any] | None = None
+    cache: dict[str, Any] | None = None
+    schema_version: int = SCHEMA_VERSION
+    diffc_version: str = __version__
+    created: str = dataclasses.field(default_factory=_now)
+
+    def to_dict(self) -> dict[str, Any]:
+        head = {"schema_version": self.schema_version, "diffc_version": self.diffc_version, "created": self.created}
+        body = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in head}
+        return {**head, **{k: v for k, v in body.items() if v is not None or k not in ("step_variants", "cache")}}
+
+    def write(self, artifact: Path) -> Path:
+        """Write ``artifact/manifest.json`` and check it with the runtime's reader."""
+        path = write_json(artifact / MANIFEST_NAME, self.to_dict())
+        try:
+            read_manifest(artifact)
+        except ManifestError as e:
+            raise ManifestError(f"diffc wrote a manifest its own runtime refuses ({e}); this is a bug in diffc, "
+                                "please report it with the profile") from e
+        return path
+
+
+def versions(profile: Profile | None = None) -> dict[str, str]:
+    """Installed versions of the packages the build ran with, and of the target backend."""
+    out = {}
+    for pkg in VERSIONED:
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    if profile is not None:
+        backend = get_backend(profile.backend)
+        out.setdefault(backend.name, backend.version())
+    return out
+
+
+def guidance(exported: Exported, profile: Profile) -> dict[str, Any]:
+    """The guidance policy: embedded in the UNet (LCM-style ``timestep_cond``), none, or classifier-free."""
+    unet_cfg = exported.unet_config
+    if unet_cfg.get("time_cond_proj_dim") is not None:
+        return {"mode": "embedded", "default_scale": profile.guidance if profile.guidance is not None else 8.5,
+                "embedding_dim": int(unet_cfg["time_cond_proj_dim"]), "input": "timestep_cond"}
+    if profile.guidance is None:
+        return {"mode": "none", "default_scale": 1.0}
+    is_sdxl = "text_encoder_2" in exported.source.components
+    return {"mode": "cfg", "default_scale": profile.guidance, "batch_order": ["uncond", "cond"],
+            "zero_uncond_for_empty_negative": bool(
+                is_sdxl and exported.source.model_index.get("force_zeros_for_empty_prompt", True))}
+
+
+def added_conditions(unet_cfg: dict[str, Any]) -> dict[str, Any]:
+    """SDXL's extra UNet inputs: the pooled text embedding and the size/crop time ids."""
+    if unet_cfg.get("addition_embed_type") != "text_time":
+        return {}
+    return {"text_embeds": {"from": "text_encoder_2", "output": "pooled_output"},
+            "time_ids": {"layout": ["height", "width", "crop_top", "crop_left", "height", "width"]}}
+
+
+def step_variants(exported: Exported, report: dict[str, Any]) -> dict[str, Any] | None:
+    """Per-step-group UNets (``[quantize].step_groups`` > 1): which variant each step runs, by timestep."""
+    from diffc.build.calibrate import timestep_bounds
+
+    groups = report["components"]["unet"].get("quantization", {}).get("calibration", {}).get("step_groups")
+    if not groups:
+        return None
+    return {"components": step_group_components(len(groups)),
+            "timestep_bounds": timestep_bounds(exported.tables.timesteps, [g["steps"] for g in groups]),
+            "steps": [g for g, grp in enumerate(groups) for _ in grp["steps"]]}
+
+
+def compose(exported: Exported, profile: Profile, components: dict[str, Any], text_encoders: list[dict[str, Any]],
+            report: dict[str, Any], *, exporter: str) -> Manifest:
+    """The manifest of an artifact from the stages' results."""
+    unet_cfg, vae_cfg, geometry = exported.unet_config, exported.vae_config, exported.geometry
+    cache = None
+    if exported.cache is not None:
+        split = report["components"]["unet"]["cache_split"]
+        cache = {**exported.cache, "nodes": split["nodes"], "shallow_fraction": split["shallow_fraction"]}
+    return Manifest(
+        source={"model": exported.model, "pipeline_class": exported.source.pipeline_class,
+                "sha256": exported.source_sha256},
+        profile=profile.to_dict(),
+        build={"exporter": exporter, "opset": exported.report["opset"], "versions": versions(profile),
+               "passes": report["pass_order"], "scheduler_config": dict(exported.scheduler_config)},
+        components=components,
+        text_encoders=text_encoders,
+        added_conditions=added_conditions(unet_cfg),
+        latent={"channels": int(unet_cfg["in_channels"]), "scaling_factor": float(vae_cfg["scaling_factor"]),
+                "shift_factor": float(vae_cfg.get("shift_factor") or 0.0),
+                "vae_scale_factor": geometry["vae_scale_factor"]},
+        image={"height": geometry["height"], "width": geometry["width"], "multiple_of": geometry["multiple_of"],
+               "batch": profile.batch.to_list()},
+        guidance=guidance(exported, profile),
+        sampler=exported.tables.to_dict(),
+        step_variants=step_variants(exported, report),
+        cache=cache,
+    )

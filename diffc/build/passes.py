@@ -1,0 +1,107 @@
+"""Stage 3, passes: the profile's ordered graph passes over each exported component, then parity again.
+
+The passed graph is what ships, so it is checked against PyTorch once more, at the export's two sample shapes:
+a pass that changes the numbers fails the build naming the passes that fired. With cache reuse, the UNet
+(exported with its cache-branch features as outputs) is then cut into the full and the shallow graph, and
+the cut is checked: the shallow graph fed the full graph's feature must give the full graph's output.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from diffc.build.export import Exported
+from diffc.errors import ParityError
+from diffc.onnx_io import load_model, save_model
+from diffc.passes import pass_list, profile_pass_list, run_passes
+from diffc.profiles import Profile
+from diffc.exporter.unet_blocks import feature_dims
+
+log = logging.getLogger("diffc.build")
+
+
+def pass_order(profile: Profile) -> list[dict[str, Any]]:
+    """Every pass the profile's build runs, in order, as the build report and the manifest record it (the
+    graph passes, then the stage passes ``cache_split`` and ``quantize`` when the profile asks for them)."""
+    return [spec.to_dict() for spec in profile_pass_list(profile)]
+
+
+def graph_pass_order(profile: Profile) -> list[dict[str, Any]]:
+    """The graph passes alone (what :func:`run` runs on every component)."""
+    return [spec.to_dict() for spec in pass_list(profile.backend.value, **profile.passes)]
+
+
+def run(exported: Exported, profile: Profile, dest: Path, report: dict[str, Any], *, verify: bool,
+        progress: bool) -> dict[str, Path]:
+    """Run the profile's passes over every exported component into ``dest/<component>/model.onnx``, check each
+    against PyTorch, split the UNet when the profile reuses the cache. Fills ``report["components"]`` and
+    ``timings.passes_s``; returns the passed graph of every component to build (``unet_shallow`` included)."""
+    from diffc.exporter.contracts import get_contract
+    from diffc.exporter.export import check_parity, component_module, sample_shapes, worst_parity
+
+    t0 = time.perf_counter()
+    pipe, cache = exported.pipe, exported.cache
+    graphs: dict[str, Path] = {}
+    for name in tqdm(exported.components, desc="passes", unit="component", disable=not progress):
+        graph, pass_report = run_passes(load_model(exported.onnx_dir / name / "model.onnx"), name,
+                                        profile.backend.value, verify=verify, **profile.passes)
+        passed = save_model(graph, dest / name / "model.onnx")
+        del graph
+        module = component_module(pipe, name)
+        marked = cache is not None and name == "unet"
+        contract = get_contract(name, module, **({"cache_marks": True} if marked else {}))
+        after = worst_parity(check_parity(module, contract, passed, sample_shapes(pipe, name)))
+        report["components"][name] = {"passes": pass_report, "parity_after_passes": after}
+        if not after["passed"]:
+            fired = [p["name"] for p in pass_report["passes"] if p["modified"]]
+            raise ParityError(
+                f"{name} differs from PyTorch after the graph passes (max_abs_err={after['max_abs_err']:.3g}, "
+                f"rel_l2={after['rel_l2']:.3g}); passes that changed it: {fired}. Leave them out with "
+                "[passes].disable in the profile, and report the model config")
+        graphs[name] = passed
+        if marked:
+            t_split = time.perf_counter()
+            split = split_cache(exported, passed, dest)
+            report["components"][name]["cache_split"] = split
+            pass_report["passes"].append({"name": "cache_split", "fired": {"cut": 1}, "modified": True,
+                                          "seconds": round(time.perf_counter() - t_split, 4)})
+            graphs["unet_shallow"] = dest / "unet_shallow" / "model.onnx"
+    report["timings"]["passes_s"] = round(time.perf_counter() - t0, 3)
+    return graphs
+
+
+def split_cache(exported: Exported, marked: Path, dest: Path) -> dict[str, Any]:
+    """Split the passed, cache-marked UNet at ``marked`` into ``dest/unet`` (full) and ``dest/unet_shallow``,
+    and check the cut on the export's sample inputs. Returns the split's report entry."""
+    import onnxruntime as ort
+
+    from diffc.exporter import pipeline_data
+    from diffc.passes.cache_reuse import split
+
+    cache = exported.cache
+    full, shallow, rep = split(load_model(marked), cache["branch"],
+                               dims=("batch", None, *feature_dims(cache["level"])))
+    paths = {"full": save_model(full, dest / "unet" / "model.onnx"),
+             "shallow": save_model(shallow, dest / "unet_shallow" / "model.onnx")}
+    del full, shallow
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
+    atol = pipeline_data.contract_atol(exported.pipe, "unet", cache_marks=True)
+    worst = 0.0
+    for feeds in pipeline_data.sample_feeds(exported.pipe, "unet", cache_marks=True):
+        out_full, feature = sess["full"].run(["out_sample", cache["feature"]], feeds)
+        out_shallow = sess["shallow"].run(["out_sample"], {**feeds, cache["feature"]: feature})[0]
+        worst = max(worst, float(np.abs(out_full.astype(np.float64) - out_shallow).max()))
+    rep["shallow_check"] = {"max_abs_err": worst, "passed": worst <= atol}
+    if worst > atol:
+        raise ParityError(f"the shallow UNet (cache branch {cache['branch']}) differs from the full UNet by "
+                          f"{worst:.3g} on the same feature; the cut is wrong. Build without [cache] and report "
+                          "the model config")
+    return rep

@@ -1,0 +1,222 @@
+"""Stage 1, plan: what a build will make, decided from the profile and the components' config.json alone.
+
+Everything here is torch-free and backend-free, so ``diffc build --dry-run`` (:func:`plan`) runs in the
+runtime install, and a build refuses a profile it cannot satisfy (:func:`check_profile`) before the minutes
+of export: pixel-size ranges checked against what the UNet and VAE can tile, per-component shape ranges as
+the sampling loop will feed them, the cache-reuse plan, the components in build order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from diffc.engines import get_backend
+from diffc.errors import BackendUnavailableError, ProfileError
+from diffc.passes import activation_type
+from diffc.profiles import Profile, list_profiles, load_profile
+from diffc.names import base_component, step_group_components
+from diffc.profiles.schema import Backend, Precision, Range
+from diffc.exporter.unet_blocks import branch_info, feature_dims, unet_branches
+from diffc.runtime.cache import full_steps
+
+#: components the text-to-image loop runs, in build order
+TXT2IMG_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+TENSORRT_BACKENDS = (Backend.TENSORRT, Backend.TENSORRT_RTX)
+#: the token length every CLIP text encoder of a supported pipeline is fed
+SEQUENCE = 77
+#: components diffc can quantize: the denoiser, where most of the time goes, and the VAE decoder, which takes
+#: a large share of a few-step generation (SD 1.5 at 256x256: ~0.6 TFLOP per image, as much as ~1.7 UNet steps
+#: with CFG); the text encoder runs once per prompt on 77 tokens and is not worth its error
+QUANTIZABLE = ("unet", "vae_decoder")
+
+
+def resolve_profile(profile: str | Path | Profile, *, steps: int | None = None,
+                    sampler: str | None = None) -> Profile:
+    """The profile a build runs with: loaded (typed errors), with the command line's overrides applied."""
+    prof = load_profile(profile)
+    if steps is not None or sampler is not None:
+        prof = prof.with_overrides(steps=steps or prof.steps, sampler=sampler or prof.sampler)
+    return prof
+
+
+def check_profile(profile: Profile, graphs: dict[str, Path] | None = None) -> dict[str, Precision]:
+    """Refuse what the profile's target cannot build before any work (a backend that is not installed, a
+    precision it lacks, a component diffc does not quantize); with ``graphs`` (after the passes) also what needs
+    the graphs themselves (TensorRT int8 / fp8 without Q/DQ). Returns ``{component: precision}`` to quantize."""
+    quantized = check_quantization(profile)
+    get_backend(profile.backend).check_profile(profile, graphs)
+    return quantized
+
+
+def fp8_profiles() -> list[str]:
+    """Shipped profiles that build fp8 (for error messages)."""
+    out = []
+    for name in list_profiles():
+        prof = load_profile(name)
+        if any(p is Precision.FP8 for p in prof.precision.values()):
+            out.append(name)
+    return out
+
+
+def check_quantization(profile: Profile) -> dict[str, Precision]:
+    """Refuse what cannot be quantized before any work; return ``{component: precision}`` to quantize."""
+    wanted = profile.quantized_components()
+    for comp, prec in wanted.items():
+        if prec is Precision.FP8 and profile.backend is Backend.ONNXRUNTIME:
+            raise BackendUnavailableError(
+                f"profile {profile.name!r} asks for fp8 ({comp}), but onnxruntime's CPU provider has no FP8 kernels "
+                f"(FP8 Q/DQ does not run there); use a TensorRT profile for fp8 ({', '.join(fp8_profiles())}), or "
+                "int8 (cpu-int8) on the CPU")
+        if comp not in QUANTIZABLE:
+            raise ProfileError(
+                f"profile {profile.name!r}: [precision].{comp} = {prec.value!r}, but diffc quantizes only "
+                f"{list(QUANTIZABLE)} (the denoiser, where the sampling time goes); set {comp} to fp32 or fp16")
+    groups = profile.quantize.step_groups
+    if wanted and groups > 1:
+        if groups > profile.steps:
+            raise ProfileError(f"profile {profile.name!r}: [quantize].step_groups = {groups} is more than the "
+                               f"{profile.steps} sampling steps; use at most {profile.steps} groups")
+        if profile.cache.enabled:
+            raise ProfileError(f"profile {profile.name!r}: [quantize].step_groups > 1 does not combine with cache "
+                               "reuse ([cache].enabled) yet; use one of them, or step_groups = 1 with the cache")
+    return wanted
+
+
+def describe_quantization(profile: Profile, precision: Precision, component: str = "unet") -> dict[str, Any]:
+    """What a build will do to quantize a component (for ``diffc build --dry-run``)."""
+    q = profile.quantize
+    groups = q.step_groups if component == "unet" else 1
+    calls = f"{profile.steps} steps" if component == "unet" else "the final latents of each image"
+    return {"activations": activation_type(profile, precision), "keep_float": list(q.keep_float),
+            "step_groups": groups,
+            **({"step_group_engines": step_group_components(groups)} if groups > 1 else {}),
+            "calibration": {"method": q.method, "percentile": q.percentile,
+                            "images": len(q.calibration_prompts) * len(q.calibration_seeds), "records": calls,
+                            "runs": "the fp32 onnxruntime twin of this artifact, built in the work folder"},
+            "quality_gate": {"images": len(q.gate_prompts) * len(q.gate_seeds), "min_psnr_db": q.min_psnr_db,
+                             "max_abs_error": q.max_abs_error}}
+
+
+def _round_to(v: int, m: int) -> int:
+    return max(m, (v // m) * m)
+
+
+def geometry_from_configs(unet_cfg: dict[str, Any], vae_cfg: dict[str, Any], profile: Profile) -> dict[str, Any]:
+    """Pixel size ranges from the UNet's and VAE's config.json, checked against what they can tile: every size a
+    multiple of the VAE factor x the UNet's downsampling. Without ``[shapes]`` in the profile: half, one and
+    two times the model's native size."""
+    vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    unet_mult = 2 ** (len(unet_cfg["block_out_channels"]) - 1)
+    multiple = vae_factor * unet_mult
+    sample = unet_cfg["sample_size"]
+    native = int(sample[0] if isinstance(sample, (list, tuple)) else sample) * vae_factor
+    native = _round_to(native, multiple)
+    derived = Range(_round_to(native // 2, multiple), native, native * 2)
+    out = {"vae_scale_factor": vae_factor, "multiple_of": multiple}
+    for key in ("height", "width"):
+        rng = getattr(profile, key) or derived
+        bad = [v for v in rng.to_list() if v % multiple]
+        if bad:
+            raise ProfileError(f"profile {profile.source or profile.name}: [shapes].{key} values {bad} are not "
+                               f"multiples of {multiple} (VAE factor {vae_factor} x UNet downsampling {unet_mult})")
+        out[key] = rng.to_list()
+    return out
+
+
+def shape_ranges(component: str, profile: Profile, geometry: dict[str, Any], *, cfg: bool,
+                 feature_level: int | None = None) -> dict[str, list[int]]:
+    """[min, opt, max] per dynamic axis of one component, as the loop will feed it.
+
+    Classifier-free guidance runs uncond and cond in one denoiser batch, so the UNet's batch range doubles
+    (its minimum stays 1: guidance <= 1 skips the uncond half). ``unet_shallow`` (cache reuse) takes the UNet's
+    inputs plus the cached feature, ``latent / 2**feature_level`` in height and width.
+    """
+    f = geometry["vae_scale_factor"]
+    b = profile.batch
+    unet = base_component(component) == "unet"  # also unet_shallow and the step-group variants unet_g1...
+    batch = [b.min, 2 * b.opt, 2 * b.max] if (cfg and unet and profile.guidance) else b.to_list()
+    ranges: dict[str, list[int]] = {"batch": batch}
+    if component.startswith("text_encoder") or unet:
+        ranges["sequence"] = [SEQUENCE] * 3
+    if unet or component == "vae_decoder":
+        ranges["height"] = [v // f for v in geometry["height"]]
+        ranges["width"] = [v // f for v in geometry["width"]]
+    if component == "unet_shallow" and feature_level:
+        for axis, name in zip(("height", "width"), feature_dims(feature_level)):
+            ranges[name] = [max(1, v // 2 ** feature_level) for v in ranges[axis]]
+    return ranges
+
+
+def uses_cfg(unet_cfg: dict[str, Any]) -> bool:
+    """Whether the loop runs classifier-free guidance batches (a guidance-embedded UNet does not)."""
+    return unet_cfg.get("time_cond_proj_dim") is None
+
+
+def cache_plan(unet_cfg: dict[str, Any], profile: Profile) -> dict[str, Any] | None:
+    """The manifest's ``cache`` entry (without the split's node counts) when the profile enables cache reuse:
+    the branch checked against the UNet (typed error naming the valid range), its feature, and the per-step
+    full/shallow mask precomputed from the schedule. None when ``[cache].enabled`` is false."""
+    if not profile.cache.enabled:
+        return None
+    info = branch_info(unet_cfg, profile.cache.branch, where=f"profile {profile.source or profile.name}: "
+                                                             "[cache].branch")
+    schedule = profile.cache.schedule_dict()
+    return {"branch": info["branch"], "feature": info["feature"], "level": info["level"],
+            "channels": info["channels"], "branches": len(unet_branches(unet_cfg)),
+            "full_component": "unet", "shallow_component": "unet_shallow",
+            "schedule": schedule, "full_steps": full_steps(schedule, profile.steps)}
+
+
+def build_components(present, cache: dict[str, Any] | None) -> list[str]:
+    """The components to build, in order: the loop's, plus ``unet_shallow`` after ``unet`` with cache reuse."""
+    out = []
+    for name in (c for c in TXT2IMG_COMPONENTS if c in present):
+        out.append(name)
+        if name == "unet" and cache is not None:
+            out.append("unet_shallow")
+    return out
+
+
+def describe_component(profile: Profile, name: str, ranges: dict[str, list[int]]) -> dict[str, Any]:
+    """One component's entry in :func:`plan`: the backend's own build description (TensorRT: its flags and
+    optimization profiles), or backend, precision and shape ranges. (The backend protocol has no ``describe``
+    yet: TensorRT is the one backend with more to say, so it is asked by name.)"""
+    if profile.backend in TENSORRT_BACKENDS:
+        from diffc.engines import tensorrt as trt_engine
+
+        return trt_engine.describe_build(profile, name, ranges)
+    return {"backend": profile.backend.value, "precision": profile.precision_of(name).value, "shape_ranges": ranges}
+
+
+def plan(model: str | Path, profile: str | Path | Profile = "cpu", *, steps: int | None = None,
+         sampler: str | None = None) -> dict[str, Any]:
+    """What :func:`diffc.build` would build (components, precisions, shape ranges, backend flags), without
+    exporting or building anything: no torch, no backend needed (``diffc build --dry-run``). Raises the errors a
+    build would raise before exporting (bad profile field, precision the targets cannot run)."""
+    from diffc.exporter.source import inspect_model
+
+    prof = resolve_profile(profile, steps=steps, sampler=sampler)
+    quantized = check_quantization(prof)
+    if str(model) == "demo":
+        from diffc.exporter.demo import demo_configs
+
+        configs = demo_configs()
+        unet_cfg, vae_cfg, present = configs["unet"], configs["vae"], ("text_encoder", "unet", "vae_decoder")
+    else:
+        source = inspect_model(model)
+        unet_cfg, vae_cfg, present = source.config("unet"), source.config("vae"), source.components
+    geometry = geometry_from_configs(unet_cfg, vae_cfg, prof)
+    out: dict[str, Any] = {"model": str(model), "profile": prof.name, "backend": prof.backend.value,
+                           "image": {k: geometry[k] for k in ("height", "width")}, "batch": prof.batch.to_list(),
+                           "components": {}}
+    cache = cache_plan(unet_cfg, prof)
+    if cache is not None:
+        out["cache"] = cache
+    for name in build_components(present, cache):
+        ranges = shape_ranges(name, prof, geometry, cfg=uses_cfg(unet_cfg),
+                              feature_level=cache["level"] if cache else None)
+        out["components"][name] = describe_component(prof, name, ranges)
+        if name in quantized:
+            out["components"][name]["quantization"] = describe_quantization(prof, quantized[name], name)
+    return out

@@ -1,0 +1,158 @@
+"""Stage 5, quantize: INT8 / FP8 Q/DQ graphs from ranges calibrated in the artifact's own loop, and the gate.
+
+With int8 / fp8 components in the profile, the build first makes the fp32 onnxruntime twin of the artifact
+(:mod:`diffc.build.twin`), runs its sampling loop to record every quantized tensor's range
+(:mod:`diffc.build.calibrate`), inserts Q/DQ with :class:`diffc.passes.quantize.QuantizePass`, and, once the
+artifact is assembled, gates it: final images of the quantized artifact against the fp32 twin's on fixed
+prompts and seeds (mean PSNR over the images, each on [0, 1]; the worst image's PSNR and the max absolute error
+are reported, the latter gated too when the profile sets ``max_abs_error``). Below the profile's threshold the
+build fails with :class:`~diffc.errors.QualityGateError` and writes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx_ir as ir
+from tqdm.auto import tqdm
+
+from diffc.build.calibrate import calibrate
+from diffc.build.plan import activation_type
+from diffc.engines.onnxruntime import Session
+from diffc.errors import QualityGateError
+from diffc.onnx_io import load_model, save_model
+from diffc.passes._base import op_counts
+from diffc.passes.quantize import QuantizePass, calibration_targets
+from diffc.names import base_component, step_group_components
+from diffc.profiles.schema import Backend, Precision, Profile, QuantizeOptions
+from diffc.runtime.pipeline import Pipeline
+
+log = logging.getLogger("diffc.quantization")
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def quality_gate(reference: Path, candidate: Path | None, options: QuantizeOptions, *,
+                 replace: dict[str, Path] | None = None, step_variants: dict[str, Any] | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """Final images of ``candidate`` (an artifact) -- or of the reference with its quantized graphs swapped in
+    from ``replace`` (component -> graph; ``step_variants`` as the artifact's manifest has it), run with
+    onnxruntime (for engines this machine cannot run) -- against ``reference``.
+    Raises :class:`QualityGateError` when below the thresholds; returns the numbers otherwise."""
+    ref = Pipeline(reference, progress=False, cache=False)
+    if candidate is not None:
+        cand = Pipeline(candidate, progress=False, cache=False)
+    else:
+        cand = Pipeline(reference, progress=False, cache=False)
+        for name, graph in (replace or {}).items():
+            cand.sessions[name] = Session(graph)
+        if step_variants:
+            cand.manifest = {**cand.manifest, "step_variants": step_variants}
+    rows = []
+    jobs = [(p, s) for p in options.gate_prompts for s in options.gate_seeds]
+    for prompt, seed in tqdm(jobs, desc="quality gate", unit="image", disable=not progress):
+        a, b = ref(prompt, seed=seed), cand(prompt, seed=seed)
+        rows.append({"prompt": prompt, "seed": seed, "psnr_db": round(_psnr(a, b), 3),
+                     "max_abs_error": round(float(np.abs(a - b).max()), 5)})
+    worst_psnr = min(r["psnr_db"] for r in rows)
+    mean_psnr = round(float(np.mean([min(r["psnr_db"], 99.0) for r in rows])), 3)
+    worst_err = max(r["max_abs_error"] for r in rows)
+    passed = mean_psnr >= options.min_psnr_db and (options.max_abs_error is None
+                                                   or worst_err <= options.max_abs_error)
+    report = {"images": len(rows), "psnr_db_mean": mean_psnr, "psnr_db_min": worst_psnr,
+              "max_abs_error": worst_err, "min_psnr_db": options.min_psnr_db,
+              "max_abs_error_allowed": options.max_abs_error, "passed": passed, "rows": rows,
+              "evaluated_with": "artifact" if candidate is not None else "onnxruntime (CPU) on the Q/DQ graph"}
+    log.info("quality gate: PSNR mean %.2f dB (threshold %.1f), min %.2f dB, max abs error %.4f -> %s", mean_psnr,
+             options.min_psnr_db, worst_psnr, worst_err, "pass" if passed else "FAIL")
+    if not passed:
+        raise QualityGateError(
+            f"the quantized artifact is below the quality gate: mean PSNR {mean_psnr:.2f} dB vs fp32 (needs >= "
+            f"{options.min_psnr_db:g}), max abs error {worst_err:.4f}"
+            + (f" (allowed {options.max_abs_error:g})" if options.max_abs_error is not None else "")
+            + ". Keep more layers in float ([quantize].keep_float, e.g. add \"output_block\"), "
+              "calibrate on more prompts, or lower [quantize].min_psnr_db if that quality is acceptable")
+    return report
+
+
+def quantize_graph(graph: Path, out: Path, ranges: dict[str, tuple[float, float]], *, qtype: str,
+                   keep_float: Sequence[str], backend: Backend) -> dict[str, Any]:
+    """Insert Q/DQ into the graph at ``graph`` and save it at ``out``; returns the pass report entry."""
+    model = ir.serde.deserialize_model(load_model(graph))
+    ort_form = backend is Backend.ONNXRUNTIME
+    qpass = QuantizePass(qtype=qtype, ranges=ranges, keep_float=keep_float, output_qdq=ort_form,
+                         int32_bias=ort_form)
+    before = op_counts(model)
+    t0 = time.perf_counter()
+    result = qpass(model)
+    seconds = time.perf_counter() - t0
+    proto = ir.serde.serialize_model(result.model)
+    save_model(proto, out)
+    return {"name": "quantize", "fired": dict(qpass.fired), "modified": bool(result.modified),
+            "seconds": round(seconds, 4), "options": {"qtype": qtype, "keep_float": list(keep_float),
+                                                      "output_qdq": ort_form, "int32_bias": ort_form},
+            "op_counts_before": before, "op_counts_after": op_counts(proto)}
+
+
+def quantize(profile: Profile, quantized: dict[str, Precision], reference: Path, graphs: dict[str, Path],
+             work: Path, report: dict[str, Any], *, progress: bool) -> None:
+    """Calibrate on the fp32 ``reference`` artifact's loop and swap Q/DQ graphs into ``graphs`` (written under
+    ``work/quantized``); with ``[quantize].step_groups`` > 1 also add one graph per further step group
+    (``unet_g1``, ...: same weights, scales from that group's steps). Records each component's quantization,
+    the quantize pass's fire counts in its pass report, and ``timings.quantize_s``."""
+    t0 = time.perf_counter()
+    opts = profile.quantize
+    ort_form = profile.backend is Backend.ONNXRUNTIME
+    # With cache reuse the loop also runs unet_shallow; calibration records the full graph (a superset of the
+    # shallow one's tensors, by name), and both graphs are quantized with the same ranges.
+    calibrated = calibrate(reference, {name: (graphs[name], calibration_targets(
+        ir.load(graphs[name]).graph, keep_float=opts.keep_float, output_ranges=ort_form)) for name in quantized},
+        opts, progress=progress)
+    for name, precision in quantized.items():
+        qtype = activation_type(profile, precision)
+        group_ranges, calib = calibrated[name]
+        comp = report["components"][name]
+        comp["quantization"] = {"precision": precision.value, "activations": qtype,
+                                "weights": "fp8 e4m3 per output channel" if qtype == "fp8" else "int8 per output channel",
+                                "keep_float": list(opts.keep_float), "calibration": calib}
+        # (source graph, output name, ranges): the component (and the UNet's shallow half) with the first
+        # group's scales, then one more UNet per further step group
+        jobs = [(n, n, group_ranges[0]) for n in graphs if n == name or n == f"{name}_shallow"]
+        variants = step_group_components(len(group_ranges))[1:] if name == "unet" else []
+        jobs += [(name, variant, r) for variant, r in zip(variants, group_ranges[1:])]
+        source = dict(graphs)
+        for src, graph_name, ranges in jobs:
+            out = work / "quantized" / graph_name / "model.onnx"
+            pass_entry = quantize_graph(source[src], out, ranges, qtype=qtype, keep_float=opts.keep_float,
+                                        backend=profile.backend)
+            graphs[graph_name] = out
+            entry = {k: pass_entry[k] for k in ("name", "fired", "modified", "seconds")}
+            if graph_name == name:
+                comp["passes"]["passes"].append(entry)
+                comp["passes"]["op_counts_after"] = pass_entry["op_counts_after"]
+            else:
+                comp["quantization"][f"{graph_name}_pass"] = entry
+    report["timings"]["quantize_s"] = round(time.perf_counter() - t0, 3)
+
+
+def gate(profile: Profile, quantized: dict[str, Precision], reference: Path, artifact: Path,
+         graphs: dict[str, Path], *, step_variants: dict[str, Any] | None, progress: bool) -> dict[str, Any]:
+    """The quality gate: the artifact itself on onnxruntime or OpenVINO; for TensorRT, the int8 Q/DQ graph on the
+    CPU (the engine needs a GPU); fp8 cannot run here at all, so it is recorded as not evaluated."""
+    if profile.quantize.min_psnr_db == 0 and profile.quantize.max_abs_error is None:
+        return {"skipped": "turned off in the profile ([quantize].min_psnr_db = 0)"}
+    if profile.backend in (Backend.ONNXRUNTIME, Backend.OPENVINO):
+        return quality_gate(reference, artifact, profile.quantize, progress=progress)
+    if any(p is Precision.FP8 for p in quantized.values()):
+        return {"skipped": "not evaluated on this machine: FP8 Q/DQ has no onnxruntime CPU kernels and the TensorRT "
+                           "engine needs a GPU; run benchmarks/quality.py against the artifact on the target GPU"}
+    return quality_gate(reference, None, profile.quantize, progress=progress, step_variants=step_variants,
+                        replace={n: graphs[n] for n in graphs if base_component(n) in quantized})

@@ -1,0 +1,413 @@
+"""Export contracts of the transformer-denoiser (DiT) families and of the text encoders they use.
+
+FLUX.1 (``FluxTransformer2DModel``), SD3 / SD3.5 (``SD3Transformer2DModel``), PixArt-Sigma
+(``PixArtTransformer2DModel``) and Sana (``SanaTransformer2DModel``), plus T5 (``T5EncoderModel``) and
+Gemma-2 (``Gemma2Model``) encoders. CLIP encoders (FLUX's pooled CLIP-L, SD3's CLIP-L / CLIP-G with
+projections), the 16-channel FLUX / SD3 ``AutoencoderKL`` and Sana's ``AutoencoderDC`` decoder use the
+contracts :mod:`diffc.exporter.contracts` already has (their ``decode`` / pooled outputs are the same calls).
+
+What the graphs take, and what the runtime must do around them (the runtime loop is not here yet):
+
+* FLUX: ``hidden_states`` are the 2x2-*packed* latents ``[B, (H/2)(W/2), 4C]``; ``img_ids`` ``[(H/2)(W/2), 3]``
+  (0, row, column) and ``txt_ids`` ``[S, 3]`` (zeros) are graph inputs, so the RoPE tables are computed in the
+  graph from ids the runtime makes in numpy, for any size. ``timestep`` is the scheduler's sigma (the
+  pipeline divides its timestep by 1000); ``guidance`` (dev only: ``guidance_embeds``) is the guidance scale
+  per batch row, *not* a CFG batch. The output is packed like the input.
+* SD3: plain ``[B, C, H, W]`` latents, ``timestep`` in [0, 1000], the CLIP states padded to T5's width and
+  concatenated with T5's along the sequence, pooled = CLIP-L + CLIP-G projections.
+* PixArt-Sigma: ``added_cond_kwargs`` are ``resolution`` / ``aspect_ratio`` = None (Sigma has no
+  micro-conditioning), T5 states with their attention mask. The learned-sigma half of the output is dropped in
+  the graph (what the pipeline does next), so ``out_sample`` is the noise prediction only.
+* Sana: Gemma-2 states with their attention mask; ``guidance`` when the transformer embeds it (Sana-Sprint).
+  Learned-sigma output split as for PixArt.
+
+The text encoders take ``attention_mask`` always: FLUX and SD3 call T5 without one, which equals a mask of ones,
+so the runtime passes ones there and the tokenizer's mask for PixArt / Sana.
+
+Precision: these graphs are traced from the module in fp32 (:func:`export_precision` says per component
+whether a checkpoint stored in bf16 / fp16 can be upcast for export; see :func:`upcast_for_export`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from diffc.errors import ExportError, UnsupportedPipelineError
+from diffc.exporter.contracts import (
+    BATCH,
+    HEIGHT,
+    IMAGE_SEQUENCE,
+    SEQUENCE,
+    WIDTH,
+    Contract,
+    SampleShape,
+    TensorSpec,
+    _randn,
+)
+
+#: transformer class -> pipeline classes whose denoiser it is (for the error message of a wrong folder)
+DENOISERS = ("FluxTransformer2DModel", "SD3Transformer2DModel", "PixArtTransformer2DModel", "SanaTransformer2DModel")
+
+# --------------------------------------------------------------------------------------------- wrappers
+
+
+def _rotary_traceable(x, freqs_cis, use_real=True, use_real_unbind_dim=-1, sequence_dim=2):
+    """``diffusers.models.embeddings.apply_rotary_emb`` for FLUX (real cos/sin, interleaved pairs), written so a
+    TorchScript trace keeps every axis dynamic: the original's ``x.reshape(*x.shape[:-1], -1, 2)`` is traced with
+    the sample's batch and sequence baked in, and the graph then fails at any other size. Same arithmetic."""
+    if not use_real or use_real_unbind_dim != -1 or sequence_dim not in (1, 2):
+        raise ExportError("the traceable rotary embedding covers FLUX's layout only (use_real, unbind_dim=-1)")
+    cos, sin = freqs_cis  # [S, D]
+    index = (None, slice(None), None) if sequence_dim == 1 else (None, None, slice(None))
+    cos, sin = cos[index].to(x.device), sin[index].to(x.device)
+    x_real, x_imag = x[..., 0::2], x[..., 1::2]
+    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(-2)
+    return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
+
+
+@contextlib.contextmanager
+def _traceable_rotary(transformer: torch.nn.Module):
+    """Swap :func:`_rotary_traceable` into the module that defines ``transformer``'s attention (restored after)."""
+    import sys
+
+    module = sys.modules[type(transformer).__module__]
+    original = getattr(module, "apply_rotary_emb", None)
+    if original is None:
+        yield
+        return
+    module.apply_rotary_emb = _rotary_traceable
+    try:
+        yield
+    finally:
+        module.apply_rotary_emb = original
+
+
+class _Flux(torch.nn.Module):
+    def __init__(self, transformer: torch.nn.Module):
+        super().__init__()
+        self.transformer = transformer
+        self.guidance = bool(transformer.config.guidance_embeds)
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
+                *guidance):
+        with _traceable_rotary(self.transformer):
+            return self.transformer(
+                hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                pooled_projections=pooled_projections, timestep=timestep, img_ids=img_ids, txt_ids=txt_ids,
+                guidance=guidance[0] if self.guidance else None, return_dict=False,
+            )[0]
+
+
+class _SD3(torch.nn.Module):
+    def __init__(self, transformer: torch.nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, pooled_projections):
+        return self.transformer(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
+
+
+def _noise_half(out: torch.Tensor, transformer: torch.nn.Module) -> torch.Tensor:
+    """PixArt / Sana with learned sigma output 2C channels; their pipelines keep the first C (the noise)."""
+    cfg = transformer.config
+    if cfg.out_channels is not None and cfg.out_channels == 2 * cfg.in_channels:
+        return out.chunk(2, dim=1)[0]
+    return out
+
+
+@contextlib.contextmanager
+def _size_dependent_pos_embed(transformer: torch.nn.Module):
+    """PixArt's (and Sana 4K's) ``PatchEmbed`` adds a sin-cos table stored for its native size and recomputes it only when the
+    input differs; the comparison is Python, decided once while tracing, so a graph traced at the native size
+    would bake the stored table in and fail at any other size. Pretending the stored size is unknown makes the
+    trace take the recompute path: the table is computed in the graph from the input's height and width (the
+    same formula; :func:`check_parity` and the tests compare it with the stored one)."""
+    pe = getattr(transformer, "pos_embed", None)
+    if pe is None or getattr(pe, "pos_embed_max_size", None) or getattr(pe, "pos_embed", None) is None:
+        yield
+        return
+    saved = pe.height, pe.width
+    pe.height = pe.width = -1
+    try:
+        yield
+    finally:
+        pe.height, pe.width = saved
+
+
+class _PixArt(torch.nn.Module):
+    def __init__(self, transformer: torch.nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask):
+        with _size_dependent_pos_embed(self.transformer):
+            out = self.transformer(hidden_states, encoder_hidden_states=encoder_hidden_states, timestep=timestep,
+                                   added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                                   encoder_attention_mask=encoder_attention_mask, return_dict=False)[0]
+        return _noise_half(out, self.transformer)
+
+
+class _Sana(torch.nn.Module):
+    def __init__(self, transformer: torch.nn.Module):
+        super().__init__()
+        self.transformer = transformer
+        self.guidance = bool(transformer.config.get("guidance_embeds", False))
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, *guidance):
+        # Sana 1.x has no position table (interpolation_scale None); the 4K models add PixArt's sin-cos one
+        with _size_dependent_pos_embed(self.transformer):
+            out = self.transformer(hidden_states, encoder_hidden_states=encoder_hidden_states, timestep=timestep,
+                                   guidance=guidance[0] if self.guidance else None,
+                                   encoder_attention_mask=encoder_attention_mask, return_dict=False)[0]
+        return _noise_half(out, self.transformer)
+
+
+class _MaskedTextEncoder(torch.nn.Module):
+    """T5 / Gemma-2 encoder: ``(input_ids, attention_mask) -> last_hidden_state`` (after the final norm)."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids, attention_mask):
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=False)[0]
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+def _timestep(gen, batch: int, scale: float) -> torch.Tensor:
+    return torch.rand(batch, generator=gen) * scale
+
+
+def _mask(s: SampleShape) -> torch.Tensor:
+    """Ones, except that row ``b`` of a batch > 1 ends with ``b * sequence // 4`` padding zeros (a short prompt)."""
+    mask = torch.ones(s.batch, s.sequence, dtype=torch.int64)
+    for b in range(1, s.batch):
+        mask[b, s.sequence - b * s.sequence // 4:] = 0
+    return mask
+
+
+def flux_image_ids(height: int, width: int) -> torch.Tensor:
+    """``FluxPipeline._prepare_latent_image_ids`` for latents of ``height`` x ``width`` (unpacked)."""
+    ids = torch.zeros(height // 2, width // 2, 3)
+    ids[..., 1] = torch.arange(height // 2)[:, None]
+    ids[..., 2] = torch.arange(width // 2)[None, :]
+    return ids.reshape(-1, 3)
+
+
+def _flux_inputs(module, s: SampleShape, gen):
+    cfg = module.config
+    seq = (s.height // 2) * (s.width // 2)
+    inputs = [
+        _randn(gen, s.batch, seq, cfg.in_channels),
+        _randn(gen, s.batch, s.sequence, cfg.joint_attention_dim),
+        _randn(gen, s.batch, cfg.pooled_projection_dim),
+        _timestep(gen, s.batch, 1.0),
+        flux_image_ids(s.height, s.width),
+        torch.zeros(s.sequence, 3),
+    ]
+    if cfg.guidance_embeds:
+        inputs.append(torch.full((s.batch,), 3.5))
+    return tuple(inputs)
+
+
+def _sd3_inputs(module, s: SampleShape, gen):
+    cfg = module.config
+    return (_randn(gen, s.batch, cfg.in_channels, s.height, s.width), _timestep(gen, s.batch, 1000.0),
+            _randn(gen, s.batch, s.sequence, cfg.joint_attention_dim), _randn(gen, s.batch, cfg.pooled_projection_dim))
+
+
+def _pixart_inputs(module, s: SampleShape, gen):
+    cfg = module.config
+    return (_randn(gen, s.batch, cfg.in_channels, s.height, s.width), _timestep(gen, s.batch, 1000.0),
+            _randn(gen, s.batch, s.sequence, cfg.caption_channels), _mask(s))
+
+
+def _sana_inputs(module, s: SampleShape, gen):
+    cfg = module.config
+    inputs = [_randn(gen, s.batch, cfg.in_channels, s.height, s.width), _timestep(gen, s.batch, 1000.0),
+              _randn(gen, s.batch, s.sequence, cfg.caption_channels), _mask(s)]
+    if cfg.get("guidance_embeds", False):
+        inputs.append(torch.full((s.batch,), 4.5))
+    return tuple(inputs)
+
+
+def _masked_text_inputs(module, s: SampleShape, gen):
+    cfg = module.config
+    # ids above the special tokens (T5: pad 0, eos 1, unk 2; Gemma: pad, eos, bos, unk = 0..3)
+    ids = torch.randint(4, cfg.vocab_size, (s.batch, s.sequence), generator=gen, dtype=torch.int64)
+    mask = _mask(s)
+    ids = torch.where(mask.bool(), ids, torch.zeros_like(ids))  # padding positions hold the pad id, as tokenized
+    if getattr(cfg, "bos_token_id", None) is not None and cfg.model_type.startswith("gemma"):
+        ids[:, 0] = cfg.bos_token_id
+    return ids, mask
+
+
+# --------------------------------------------------------------------------------------------- contracts
+
+_LATENT = (BATCH, "channels", HEIGHT, WIDTH)
+
+
+def transformer_contract(module: torch.nn.Module | None = None) -> Contract:
+    """The contract of a pipeline's ``transformer``: which one depends on the module's class."""
+    if module is None:
+        raise ExportError("the transformer's contract depends on its class and config; pass the module")
+    cls = type(module).__name__
+    cfg = module.config
+    if cls == "FluxTransformer2DModel":
+        inputs = [
+            TensorSpec("hidden_states", "float32", (BATCH, IMAGE_SEQUENCE, cfg.in_channels)),
+            TensorSpec("encoder_hidden_states", "float32", (BATCH, SEQUENCE, cfg.joint_attention_dim)),
+            TensorSpec("pooled_projections", "float32", (BATCH, cfg.pooled_projection_dim)),
+            TensorSpec("timestep", "float32", (BATCH,)),
+            TensorSpec("img_ids", "float32", (IMAGE_SEQUENCE, 3)),
+            TensorSpec("txt_ids", "float32", (SEQUENCE, 3)),
+        ]
+        if cfg.guidance_embeds:
+            inputs.append(TensorSpec("guidance", "float32", (BATCH,)))
+        out = TensorSpec("out_sample", "float32", (BATCH, IMAGE_SEQUENCE, cfg.out_channels or cfg.in_channels))
+        return Contract(name="transformer", attribute="transformer", inputs=tuple(inputs), outputs=(out,),
+                        wrap=_Flux, make_inputs=_flux_inputs, atol=2e-3, rtol_l2=1e-4,
+                        extra={"family": "flux", "packed_latents": True, "patch": 2})
+    if cls == "SD3Transformer2DModel":
+        inputs = (
+            TensorSpec("sample", "float32", _LATENT),
+            TensorSpec("timestep", "float32", (BATCH,)),
+            TensorSpec("encoder_hidden_states", "float32", (BATCH, SEQUENCE, cfg.joint_attention_dim)),
+            TensorSpec("pooled_projections", "float32", (BATCH, cfg.pooled_projection_dim)),
+        )
+        return Contract(name="transformer", attribute="transformer", inputs=inputs,
+                        outputs=(TensorSpec("out_sample", "float32", _LATENT),), wrap=_SD3,
+                        make_inputs=_sd3_inputs, atol=2e-3, rtol_l2=1e-4,
+                        extra={"family": "sd3", "patch": cfg.patch_size})
+    if cls in ("PixArtTransformer2DModel", "SanaTransformer2DModel"):
+        inputs = [
+            TensorSpec("sample", "float32", _LATENT),
+            TensorSpec("timestep", "float32", (BATCH,)),
+            TensorSpec("encoder_hidden_states", "float32", (BATCH, SEQUENCE, cfg.caption_channels)),
+            TensorSpec("encoder_attention_mask", "int64", (BATCH, SEQUENCE)),
+        ]
+        sana = cls == "SanaTransformer2DModel"
+        if sana and cfg.get("guidance_embeds", False):
+            inputs.append(TensorSpec("guidance", "float32", (BATCH,)))
+        return Contract(name="transformer", attribute="transformer", inputs=tuple(inputs),
+                        outputs=(TensorSpec("out_sample", "float32", _LATENT),), wrap=_Sana if sana else _PixArt,
+                        make_inputs=_sana_inputs if sana else _pixart_inputs, atol=2e-3, rtol_l2=1e-4,
+                        extra={"family": "sana" if sana else "pixart", "patch": cfg.patch_size})
+    raise UnsupportedPipelineError(
+        f"transformer class {cls!r} has no export contract; diffc exports {', '.join(DENOISERS)}")
+
+
+#: text encoder classes that take (input_ids, attention_mask) and return their last hidden state
+MASKED_TEXT_ENCODERS = ("T5EncoderModel", "Gemma2Model")
+
+
+def text_encoder_contract(name: str, module: torch.nn.Module | None, clip_contract) -> Contract:
+    """T5 / Gemma-2 get :class:`_MaskedTextEncoder`'s contract; CLIP (and ``module=None``) ``clip_contract(name)``."""
+    if module is None or type(module).__name__ not in MASKED_TEXT_ENCODERS:
+        return clip_contract(name)
+    return Contract(
+        name=name,
+        attribute=name,
+        inputs=(TensorSpec("input_ids", "int64", (BATCH, SEQUENCE)),
+                TensorSpec("attention_mask", "int64", (BATCH, SEQUENCE))),
+        outputs=(TensorSpec("last_hidden_state", "float32", (BATCH, SEQUENCE, "hidden")),),
+        wrap=_MaskedTextEncoder,
+        make_inputs=_masked_text_inputs,
+        atol=1e-3,
+        rtol_l2=1e-4,
+        extra={"encoder": type(module).__name__},
+    )
+
+
+# --------------------------------------------------------------------------------------------- shapes
+
+
+def latent_multiple(pipe) -> int:
+    """The latent-size step of the pipeline's transformer: FLUX packs 2x2, the others patchify by patch_size."""
+    cfg = pipe.transformer.config
+    return 2 if type(pipe.transformer).__name__ == "FluxTransformer2DModel" else int(cfg.get("patch_size") or 1)
+
+
+def sample_shapes(pipe, name: str, max_latent: int) -> tuple[SampleShape, SampleShape]:
+    """Two shapes per component, as ``diffc.exporter.export.sample_shapes`` does for UNets: the native latent
+    size (at most ``max_latent``) with a 32-token text at batch 1, and one step larger in each direction with a
+    shorter text at batch 2 (so masked encoders see padding)."""
+    mult = latent_multiple(pipe)
+    # the transformer's sample_size is in latents (SD3 / PixArt / Sana); FLUX has none: the VAE's, in pixels
+    native = pipe.transformer.config.get("sample_size")
+    if not native:
+        sample = pipe.vae.config.get("sample_size") or 1024
+        native = int(sample[0] if isinstance(sample, (list, tuple)) else sample) // int(pipe.vae_scale_factor)
+    native = int(native[0] if isinstance(native, (list, tuple)) else native)
+    native = max(mult, min(native, max_latent) // mult * mult)
+    first = SampleShape(1, native, native, 32)
+    if name.startswith("text_encoder"):
+        return first, SampleShape(2, native, native, 12)
+    return first, SampleShape(2, native + mult, native + 2 * mult, 12)
+
+
+# --------------------------------------------------------------------------------------------- precision
+
+#: a half-precision component up to this size in fp32 is upcast for export (only that component, only while
+#: it is exported); above it the export refuses rather than exhaust memory
+UPCAST_LIMIT_BYTES = 8 * 2**30
+
+
+def fp32_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * 4 for p in module.parameters()) + sum(b.numel() * 4 for b in module.buffers()
+                                                                  if b.is_floating_point())
+
+
+@contextlib.contextmanager
+def upcast_for_export(module: torch.nn.Module, name: str, limit: int = UPCAST_LIMIT_BYTES):
+    """Run the export of one component in fp32 when its weights are stored in bf16 / fp16.
+
+    The pipeline is loaded in the checkpoint's own dtype, so the other components stay in half precision; this
+    component alone is converted (in place: no second copy) and converted back afterwards, so the peak is the
+    half-precision pipeline plus one component's fp32 weights. A component whose fp32 weights exceed ``limit``
+    (FLUX.1's 12 B transformer: 48 GB) raises :class:`ExportError` instead: exporting such a model needs a
+    half-precision export path that diffc does not have yet.
+    """
+    dtypes = {p.dtype for p in module.parameters()}
+    if not dtypes or dtypes == {torch.float32}:
+        yield module
+        return
+    size = fp32_bytes(module)
+    if size > limit:
+        raise ExportError(
+            f"{name} is stored in {'/'.join(sorted(str(d) for d in dtypes))} and needs {size / 2**30:.1f} GiB "
+            f"in fp32 to export, over the {limit / 2**30:.0f} GiB diffc upcasts one component to; export it on a "
+            "machine with more memory after raising diffc.exporter.dit.UPCAST_LIMIT_BYTES, or a reduced-depth copy")
+    original = next(iter(dtypes)) if len(dtypes) == 1 else torch.bfloat16
+    module.float()
+    try:
+        yield module
+    finally:
+        module.to(original)
+
+
+def stored_dtype(folder) -> str | None:
+    """The floating dtype a component folder's safetensors hold (``"BF16"``, ``"F16"``, ``"F32"``), read from the
+    safetensors headers without loading a tensor; ``None`` when there are none."""
+    import json
+    import struct
+    from pathlib import Path
+
+    found: dict[str, int] = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > 100 * 2**20:
+                raise ExportError(f"{path}: safetensors header of {size} bytes; the file looks corrupt")
+            header: dict[str, Any] = json.loads(f.read(size))
+        for key, entry in header.items():
+            if key != "__metadata__" and entry.get("dtype") in ("BF16", "F16", "F32"):
+                start, end = entry["data_offsets"]
+                found[entry["dtype"]] = found.get(entry["dtype"], 0) + end - start
+    return max(found, key=found.get) if found else None

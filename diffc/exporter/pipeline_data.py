@@ -1,0 +1,61 @@
+"""What the build stages read from the loaded diffusers pipeline besides its ONNX graphs.
+
+The stages in :mod:`diffc.build` are torch-free; whatever needs the torch modules or the transformers
+tokenizers (sample inputs for a check, the fast tokenizer's files, the weights' size) is asked of this module,
+so torch, transformers and diffusers stay inside ``diffc/exporter/``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffc.exporter.contracts import get_contract
+from diffc.exporter.export import component_module, sample_shapes
+
+
+def configs(pipe) -> dict[str, dict[str, Any]]:
+    """The UNet's and VAE's config as plain dicts (what the build's plan reads)."""
+    return {"unet": dict(pipe.unet.config), "vae": dict(pipe.vae.config)}
+
+
+def fp32_weight_bytes(pipe, components) -> int:
+    """Bytes of the exported components' weights in fp32 (the disk check scales from it)."""
+    return 4 * sum(p.numel() for n in components for p in component_module(pipe, n).parameters())
+
+
+def sample_feeds(pipe, name: str, *, cache_marks: bool = False) -> list[dict[str, np.ndarray]]:
+    """Feeds for ``name``'s graph at the export's two sample shapes, from the contract's seeded input factory
+    (the same tensors the parity check runs): what the build checks a rewritten graph against its source on."""
+    module = component_module(pipe, name)
+    contract = get_contract(name, module, **({"cache_marks": True} if cache_marks else {}))
+    feeds = []
+    for shape in sample_shapes(pipe, name):
+        inputs = contract.make_inputs(module, shape, torch.Generator().manual_seed(0))
+        feeds.append({n: t.numpy() for n, t in zip(contract.input_names, inputs)})
+    return feeds
+
+
+def contract_atol(pipe, name: str, *, cache_marks: bool = False) -> float:
+    """The absolute tolerance ``name``'s export contract declares."""
+    module = component_module(pipe, name)
+    return get_contract(name, module, **({"cache_marks": True} if cache_marks else {})).atol
+
+
+def save_fast_tokenizer(pipe, source_path: Path, folder_name: str, dest: Path) -> dict[str, Any]:
+    """Write the pipeline's tokenizer ``folder_name`` as a fast (Rust ``tokenizers``) ``tokenizer.json`` plus
+    its pad token into ``dest``, the form the runtime's tokenizer reads without transformers. Returns its
+    ``pad_token``, ``pad_id`` and ``model_max_length``."""
+    from transformers import CLIPTokenizerFast
+
+    tok = getattr(pipe, folder_name)
+    if not getattr(tok, "is_fast", False):
+        tok = CLIPTokenizerFast.from_pretrained(source_path / folder_name)
+    dest.mkdir(parents=True, exist_ok=True)
+    tok.backend_tokenizer.save(str(dest / "tokenizer.json"))
+    (dest / "tokenizer_config.json").write_text(json.dumps({"pad_token": tok.pad_token}))
+    return {"pad_token": tok.pad_token, "pad_id": int(tok.pad_token_id), "model_max_length": tok.model_max_length}

@@ -1,0 +1,302 @@
+"""Tiny transformer-denoiser (DiT) pipelines built from configs with fixed seeds: export test fixtures.
+
+The counterpart of :mod:`diffc.exporter.tiny` for the families whose denoiser is a transformer.
+``write_tiny_dit_pipeline(out_dir, kind)`` writes a pipeline folder with ``save_pretrained`` that diffusers
+loads with ``DiffusionPipeline.from_pretrained`` and that has the real model's classes, component names and
+folder layout, only every width is tiny:
+
+==========  ========================  =====================================================================
+kind        pipeline class            stands for (what is kept)
+==========  ========================  =====================================================================
+``flux``    FluxPipeline              FLUX.1-dev: CLIP pooled + T5 states, 1 double + 1 single block, RoPE
+                                      axes (2, 2, 4), guidance embedding, 16-channel VAE with shift_factor
+                                      (``guidance=False``: FLUX.1-schnell)
+``sd3``     StableDiffusion3Pipeline  SD3.5: CLIP-L + CLIP-G (with projections) + T5, QK RMSNorm, one
+                                      MMDiT-X dual-attention layer, 16-channel VAE with shift_factor
+``pixart``  PixArtSigmaPipeline       PixArt-Sigma: T5 with attention mask, AdaLN-single, learned sigma
+``sana``    SanaPipeline              Sana: Gemma-2 states with attention mask, linear attention, DC-AE
+==========  ========================  =====================================================================
+
+Every VAE has two levels, so **the VAE scale factor is 2**; latents are 16x16 at the native 32x32 pixels.
+
+The T5 and Gemma tokenizers are trained here, at fixture-build time: a sentencepiece model (unigram for T5,
+byte-fallback BPE for Gemma, with the real special-token ids) on a fixed synthetic corpus, converted by
+transformers' own sp -> ``tokenizer.json`` conversion, exactly the file a real checkpoint ships and diffc's
+runtime reads with the ``tokenizers`` library alone. Building a fixture needs ``sentencepiece``; running an
+artifact does not. CLIP tokenizers are the real CLIP BPE (``diffc/assets/clip_tokenizer``).
+
+Weights are random, from ``torch.manual_seed(seed + offset)`` per component, so the same ``seed`` writes the
+same weights.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+import tempfile
+from pathlib import Path
+
+from diffc._fs import atomic_output_dir
+from diffc.errors import ModelError, OutputExistsError
+from diffc.exporter.tiny import CLIP_TOKENIZER_ASSETS, _text_config, _write_tokenizer
+
+log = logging.getLogger("diffc.export")
+
+DIT_KINDS = ("flux", "sd3", "pixart", "sana")
+PIPELINE_CLASS = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline", "pixart": "PixArtSigmaPipeline",
+                  "sana": "SanaPipeline"}
+
+_SEED_OFFSET = {"transformer": 0, "vae": 1, "text_encoder": 2, "text_encoder_2": 3, "text_encoder_3": 4}
+
+NATIVE_SIZE = 32  # pixels; latents 16x16
+VAE_SCALE_FACTOR = 2
+#: the tokenizers' model_max_length (google/t5-v1_1-xxl's tokenizer says 512; Gemma-2's is effectively unbounded)
+T5_MAX_LENGTH = 512
+
+# --- schedulers as the real checkpoints ship them ------------------------------------------------------------
+
+#: black-forest-labs/FLUX.1-dev/scheduler/scheduler_config.json (schnell: use_dynamic_shifting False, shift 1.0)
+FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                      max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+#: stabilityai/stable-diffusion-3.5-medium/scheduler/scheduler_config.json
+SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
+#: PixArt-alpha/PixArt-Sigma-XL-2-1024-MS/scheduler/scheduler_config.json (lambda_min_clipped=-inf left at
+#: its default: JSON has no infinity)
+PIXART_SCHEDULER = dict(algorithm_type="dpmsolver++", beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                        num_train_timesteps=1000, prediction_type="epsilon", solver_order=2, solver_type="midpoint",
+                        lower_order_final=True, timestep_spacing="linspace", variance_type="learned_range",
+                        steps_offset=0)
+#: Efficient-Large-Model/Sana_1600M_1024px_diffusers/scheduler/scheduler_config.json
+SANA_SCHEDULER = dict(algorithm_type="dpmsolver++", beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                      num_train_timesteps=1000, prediction_type="flow_prediction", solver_order=2,
+                      solver_type="midpoint", lower_order_final=True, timestep_spacing="linspace",
+                      use_flow_sigmas=True, flow_shift=3.0, final_sigmas_type="zero", steps_offset=0)
+
+# --- model configs -------------------------------------------------------------------------------------------
+
+
+def _vae_kl_config(latent_channels: int, scaling_factor: float, shift_factor: float | None) -> dict:
+    cfg = dict(in_channels=3, out_channels=3, latent_channels=latent_channels,
+               down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+               up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(32, 64),
+               layers_per_block=1, norm_num_groups=32, sample_size=NATIVE_SIZE, scaling_factor=scaling_factor)
+    if shift_factor is not None:
+        # FLUX / SD3: latents = (z - shift) * scale, and the VAE has no quant convs
+        cfg.update(shift_factor=shift_factor, use_quant_conv=False, use_post_quant_conv=False)
+    return cfg
+
+
+def _t5_config(vocab_size: int, d_model: int) -> dict:
+    """T5 v1.1 (gated GELU), as FLUX / SD3 / PixArt-Sigma use; ``vocab_size`` is the trained tokenizer's."""
+    return dict(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=4,
+                relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
+                feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False, pad_token_id=0,
+                eos_token_id=1, decoder_start_token_id=0)
+
+
+def _gemma2_config(vocab_size: int) -> dict:
+    """Gemma-2 (sliding-window + global layers, logit soft-capping), as Sana's text encoder."""
+    return dict(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=512,
+                sliding_window=8, query_pre_attn_scalar=8, attn_logit_softcapping=50.0,
+                final_logit_softcapping=30.0, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                hidden_activation="gelu_pytorch_tanh", attention_dropout=0.0)
+
+
+def tiny_dit_configs(kind: str, *, guidance: bool = True, t5_vocab: int = 0, gemma_vocab: int = 0) -> dict:
+    """The configs :func:`build_tiny_dit_pipeline` builds from (tokenizer vocab sizes are filled in there)."""
+    _check_kind(kind)
+    if kind == "flux":
+        return {
+            # packed latents: 16 VAE channels x 2 x 2 = 64; head dim 8 = sum(axes_dims_rope)
+            "transformer": dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                pooled_projection_dim=32, guidance_embeds=guidance, axes_dims_rope=(2, 2, 4)),
+            "vae": _vae_kl_config(16, 0.3611, 0.1159),
+            "text_encoder": _text_config(32, "quick_gelu"),
+            "text_encoder_2": _t5_config(t5_vocab, 32),
+        }
+    if kind == "sd3":
+        clip_l, clip_g = _text_config(32, "quick_gelu", 32), _text_config(64, "gelu", 64)
+        return {
+            # joint_attention_dim: T5's width, which must be >= CLIP-L + CLIP-G hidden (96): the pipeline pads
+            # the CLIP states to it; pooled: CLIP-L + CLIP-G projections
+            "transformer": dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                                attention_head_dim=8, num_attention_heads=4, joint_attention_dim=128,
+                                caption_projection_dim=32, pooled_projection_dim=96, pos_embed_max_size=24,
+                                qk_norm="rms_norm", dual_attention_layers=(0,)),
+            "vae": _vae_kl_config(16, 1.5305, 0.0609),
+            "text_encoder": clip_l,
+            "text_encoder_2": clip_g,
+            "text_encoder_3": _t5_config(t5_vocab, 128),
+        }
+    if kind == "pixart":
+        return {
+            "transformer": dict(sample_size=16, num_layers=2, patch_size=2, attention_head_dim=8,
+                                num_attention_heads=3, caption_channels=32, in_channels=4, out_channels=8,
+                                cross_attention_dim=24, attention_bias=True, activation_fn="gelu-approximate",
+                                num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False,
+                                norm_eps=1e-6, use_additional_conditions=False, interpolation_scale=1),
+            "vae": _vae_kl_config(4, 0.13025, None),
+            "text_encoder": _t5_config(t5_vocab, 32),
+        }
+    return {
+        "transformer": dict(patch_size=1, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2,
+                            attention_head_dim=4, num_cross_attention_heads=2, cross_attention_head_dim=4,
+                            cross_attention_dim=8, caption_channels=16, sample_size=16, mlp_ratio=2.5),
+        # DC-AE with one EfficientViT (linear-attention) level: scale 2 here, 32 in the real one
+        "vae": dict(in_channels=3, latent_channels=4, attention_head_dim=2,
+                    encoder_block_types=("ResBlock", "EfficientViTBlock"),
+                    decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
+                    decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)),
+                    decoder_qkv_multiscales=((), (5,)), encoder_layers_per_block=(1, 1),
+                    decoder_layers_per_block=(1, 1), downsample_block_type="conv", upsample_block_type="interpolate",
+                    decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407),
+        "text_encoder": _gemma2_config(gemma_vocab),
+    }
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in DIT_KINDS:
+        raise ValueError(f"unknown tiny DiT pipeline kind {kind!r}; choose one of {', '.join(DIT_KINDS)}")
+
+
+# --- tokenizers ----------------------------------------------------------------------------------------------
+
+_WORDS = (
+    "a an the of on in at with and by photo painting portrait cat dog horse astronaut city night day sun moon "
+    "red green blue yellow black white golden small large tiny huge old young happy beautiful detailed sharp "
+    "focus oil canvas watercolor digital art render cinematic lighting high quality 4k 8k ultra realistic forest "
+    "river mountain ocean beach sky clouds rain snow street car bus train flower tree garden house castle robot "
+    "dragon riding sitting standing running flying sleeping mars space station window table chair book cup "
+    "coffee tea prompt user enhanced generate description scene colors shapes textures "
+    "café crème naïve résumé 東京 夜景 の über straße zürich ñ ç"
+).split()
+
+
+def _corpus(n: int = 2000) -> list[str]:
+    rng = random.Random(1234)
+    return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 14))) for _ in range(n)]
+
+
+def _train_sentencepiece(**options) -> bytes:
+    try:
+        import sentencepiece as spm
+    except ImportError as e:
+        raise ModelError("building the tiny T5 / Gemma tokenizers needs sentencepiece (pip install sentencepiece, "
+                         "part of diffc's 'export' extra); artifacts run without it") from e
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(_corpus()), model_writer=model, num_threads=1,
+                                   minloglevel=2, character_coverage=1.0, hard_vocab_limit=False,
+                                   shuffle_input_sentence=False, normalization_rule_name="identity", **options)
+    return model.getvalue()
+
+
+def build_t5_tokenizer():
+    """A T5 tokenizer (unigram; ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2 as in T5) from a freshly trained sp model."""
+    from transformers import T5Tokenizer
+
+    sp = _train_sentencepiece(vocab_size=256, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
+    with tempfile.TemporaryDirectory(prefix="diffc-t5-") as tmp:
+        (Path(tmp) / "spiece.model").write_bytes(sp)
+        # from_pretrained on a folder holding only spiece.model runs transformers' sp -> tokenizers conversion
+        return T5Tokenizer.from_pretrained(tmp, extra_ids=0, model_max_length=T5_MAX_LENGTH, legacy=False)
+
+
+def build_gemma_tokenizer():
+    """A Gemma tokenizer (byte-fallback BPE; ``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2, ``<unk>`` 3 as in Gemma-2,
+    BOS added, no EOS) from a freshly trained sp model."""
+    from transformers import GemmaTokenizer
+
+    sp = _train_sentencepiece(vocab_size=400, model_type="bpe", pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+                              pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+                              byte_fallback=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
+                              split_digits=True, allow_whitespace_only_pieces=True,
+                              user_defined_symbols=["<start_of_turn>", "<end_of_turn>"])
+    with tempfile.TemporaryDirectory(prefix="diffc-gemma-") as tmp:
+        (Path(tmp) / "tokenizer.model").write_bytes(sp)
+        return GemmaTokenizer.from_pretrained(tmp, add_bos_token=True, add_eos_token=False)
+
+
+# --- building ------------------------------------------------------------------------------------------------
+
+
+def _build_module(name: str, cls_name: str, config: dict, seed: int):
+    import diffusers
+    import torch
+    import transformers
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + _SEED_OFFSET[name])
+        if cls_name in _CONFIG_CLASSES:
+            module = getattr(transformers, cls_name)(getattr(transformers, _CONFIG_CLASSES[cls_name])(**config))
+        else:
+            module = getattr(diffusers, cls_name)(**config)
+    return module.eval()
+
+
+#: transformers model class -> its config class (everything else is a diffusers model built from kwargs)
+_CONFIG_CLASSES = {"CLIPTextModel": "CLIPTextConfig", "CLIPTextModelWithProjection": "CLIPTextConfig",
+                   "T5EncoderModel": "T5Config", "Gemma2Model": "Gemma2Config"}
+
+#: kind -> component -> model class
+_CLASSES = {
+    "flux": {"transformer": "FluxTransformer2DModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",
+             "text_encoder_2": "T5EncoderModel"},
+    "sd3": {"transformer": "SD3Transformer2DModel", "vae": "AutoencoderKL",
+            "text_encoder": "CLIPTextModelWithProjection", "text_encoder_2": "CLIPTextModelWithProjection",
+            "text_encoder_3": "T5EncoderModel"},
+    "pixart": {"transformer": "PixArtTransformer2DModel", "vae": "AutoencoderKL", "text_encoder": "T5EncoderModel"},
+    "sana": {"transformer": "SanaTransformer2DModel", "vae": "AutoencoderDC", "text_encoder": "Gemma2Model"},
+}
+
+
+def build_tiny_dit_pipeline(kind: str, seed: int = 0, *, guidance: bool = True):
+    """The tiny ``kind`` pipeline as an in-memory diffusers pipeline (what :func:`write_tiny_dit_pipeline` saves).
+
+    ``guidance``: FLUX only; ``False`` builds the schnell variant (no guidance embedding, no dynamic shifting).
+    """
+    _check_kind(kind)
+    import diffusers
+    from transformers import CLIPTokenizer
+
+    t5 = build_t5_tokenizer() if kind in ("flux", "sd3", "pixart") else None
+    gemma = build_gemma_tokenizer() if kind == "sana" else None
+    configs = tiny_dit_configs(kind, guidance=guidance, t5_vocab=len(t5) if t5 else 0,
+                               gemma_vocab=len(gemma) if gemma else 0)
+    modules = {name: _build_module(name, _CLASSES[kind][name], cfg, seed) for name, cfg in configs.items()}
+    if kind == "flux":
+        sched = dict(FLUX_SCHEDULER) if guidance else dict(FLUX_SCHEDULER, shift=1.0, use_dynamic_shifting=False)
+        return diffusers.FluxPipeline(
+            **modules, tokenizer=CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_ASSETS)), tokenizer_2=t5,
+            scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**sched))
+    if kind == "sd3":
+        clip = CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_ASSETS))
+        clip_2 = CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_ASSETS), pad_token="!")
+        return diffusers.StableDiffusion3Pipeline(
+            **modules, tokenizer=clip, tokenizer_2=clip_2, tokenizer_3=t5,
+            scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER))
+    if kind == "pixart":
+        return diffusers.PixArtSigmaPipeline(**modules, tokenizer=t5,
+                                             scheduler=diffusers.DPMSolverMultistepScheduler(**PIXART_SCHEDULER))
+    return diffusers.SanaPipeline(**modules, tokenizer=gemma,
+                                  scheduler=diffusers.DPMSolverMultistepScheduler(**SANA_SCHEDULER))
+
+
+def write_tiny_dit_pipeline(out_dir, kind: str, seed: int = 0, *, guidance: bool = True) -> Path:
+    """Write the tiny ``kind`` pipeline to ``out_dir`` (must not exist, or be empty); returns the folder."""
+    _check_kind(kind)
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise OutputExistsError(f"{out} already exists and is not empty; choose a new folder for the tiny pipeline")
+    pipe = build_tiny_dit_pipeline(kind, seed, guidance=guidance)
+    with atomic_output_dir(out, force=True, what="tiny pipeline") as tmp:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        # the shipped CLIP BPE files, exactly (SD3's second CLIP pads with "!", like SDXL's)
+        if kind in ("flux", "sd3"):
+            _write_tokenizer(tmp / "tokenizer")
+        if kind == "sd3":
+            _write_tokenizer(tmp / "tokenizer_2", pad_token="!")
+    log.info("wrote tiny %s pipeline (seed %d) to %s", kind, seed, out)
+    return out

@@ -1,0 +1,194 @@
+"""Start and stop a real ``tritonserver`` on a model repository, bound to 127.0.0.1.
+
+The binary is one already on ``PATH`` (NVIDIA's container) or the one bundled in the ``nvidia-pytriton`` wheel
+(the ``serve`` extra). That wheel's Python backend stub is linked against libpython: it must find this
+Python's ``LIBDIR`` and the wheel's ``nvidia_pytriton.libs`` on ``LD_LIBRARY_PATH``, and this environment's
+``bin`` first on ``PATH`` (so the stub's Python is this one, with diffc installed). Without that it loads the
+system libpython and fails with ``'_thread.RLock' object has no attribute '_recursion_count'``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from diffc.errors import BackendUnavailableError, DiffcError
+
+log = logging.getLogger("diffc.serve")
+
+
+class ServerError(DiffcError):
+    """The Triton server did not start, or stopped on its own; the message holds the end of its log."""
+
+    code = "server_error"
+
+
+def _bundled() -> Path | None:
+    """The ``nvidia-pytriton`` wheel's ``tritonserver`` folder (bin/, backends/, python_backend_stubs/), if any."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.origin:
+        return None
+    root = Path(spec.origin).parent / "tritonserver"
+    return root if (root / "bin" / "tritonserver").is_file() else None
+
+
+def find_tritonserver() -> Path:
+    """The ``tritonserver`` binary to run: one on ``PATH`` first (NVIDIA's container sets it up), else the
+    ``serve`` extra's."""
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return Path(on_path)
+    bundled = _bundled()
+    if bundled is not None:
+        return bundled / "bin" / "tritonserver"
+    raise BackendUnavailableError("no tritonserver binary: install the serve extra (pip install 'diffc[serve]', "
+                                  "which bundles Triton's server with its Python backend), or run inside NVIDIA's "
+                                  "Triton container (nvcr.io/nvidia/tritonserver:*-py3), which has it on PATH")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _environment(binary: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    libs = [sysconfig.get_config_var("LIBDIR") or ""]
+    bundled = _bundled()
+    if bundled is not None and binary == bundled / "bin" / "tritonserver":
+        libs.append(str(bundled.parent.parent / "nvidia_pytriton.libs"))
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([p for p in libs if p] + [env.get("LD_LIBRARY_PATH", "")]).rstrip(":")
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def _backends(binary: Path, workspace: Path) -> Path | None:
+    """The backend folder for the bundled binary: its python backend plus the stub built for this Python's
+    version (the wheel ships one per version; Triton looks for ``backends/python/triton_python_backend_stub``).
+    A binary on PATH brings its own (``/opt/tritonserver/backends``): None."""
+    bundled = _bundled()
+    if bundled is None or binary != bundled / "bin" / "tritonserver":
+        return None
+    stub = bundled / "python_backend_stubs" / f"{sys.version_info[0]}.{sys.version_info[1]}" / \
+        "triton_python_backend_stub"
+    if not stub.is_file():
+        raise BackendUnavailableError(f"the bundled Triton has no Python backend stub for Python "
+                                      f"{sys.version_info[0]}.{sys.version_info[1]}; use Python 3.8-3.13")
+    python = workspace / "backends" / "python"
+    python.mkdir(parents=True)
+    for f in (bundled / "backends" / "python").iterdir():
+        if f.is_file():
+            (python / f.name).symlink_to(f)
+    (python / stub.name).symlink_to(stub)
+    return workspace / "backends"
+
+
+class TritonServer:
+    """A ``tritonserver`` process on ``repository``, HTTP and gRPC on 127.0.0.1 only, metrics off.
+
+    Use it as a context manager: entering starts it and waits until the server and every model are ready
+    (``timeout`` seconds), leaving stops it (SIGTERM, then SIGKILL to its process group after ``stop_timeout``)
+    and removes its workspace. ``http_port`` / ``grpc_port`` 0: free ports are picked.
+    """
+
+    def __init__(self, repository: str | os.PathLike, *, http_port: int = 0, grpc_port: int = 0,
+                 timeout: float = 120.0, stop_timeout: float = 20.0, log_verbose: int = 0):
+        self.repository = Path(repository).absolute()
+        self.binary = find_tritonserver()
+        self.http_port = http_port or free_port()
+        self.grpc_port = grpc_port or free_port()
+        self.timeout, self.stop_timeout, self.log_verbose = timeout, stop_timeout, log_verbose
+        self.process: subprocess.Popen | None = None
+        self.workspace: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return (self.workspace / "server.log").read_text(errors="replace")[-chars:]
+        except (OSError, TypeError):
+            return ""
+
+    def start(self) -> TritonServer:
+        self.workspace = Path(tempfile.mkdtemp(prefix="diffc-triton-"))
+        try:
+            cmd = [str(self.binary), f"--model-repository={self.repository}",
+                   "--http-address=127.0.0.1", f"--http-port={self.http_port}",
+                   "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
+                   "--allow-metrics=false", f"--exit-timeout-secs={int(self.stop_timeout)}",
+                   "--strict-readiness=true", f"--log-verbose={self.log_verbose}"]
+            backends = _backends(self.binary, self.workspace)
+            if backends is not None:
+                cmd.append(f"--backend-directory={backends}")
+            logfile = open(self.workspace / "server.log", "wb")  # noqa: SIM115 (the child writes it until it ends)
+            with logfile:
+                # its own process group: Ctrl-C in a terminal reaches diffc only, which stops the server itself
+                self.process = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                env=_environment(self.binary), start_new_session=True)
+            log.info("started %s (pid %d) on %s", self.binary, self.process.pid, self.repository)
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"tritonserver exited with status {self.process.returncode} before it was ready; "
+                                  f"its log ends:\n{self.log_tail()}")
+            with contextlib.suppress(OSError, urllib.error.URLError):
+                with urllib.request.urlopen(f"http://{self.url}/v2/health/ready", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            time.sleep(0.25)
+        raise ServerError(f"tritonserver was not ready after {self.timeout:g} s; its log ends:\n{self.log_tail()}")
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait for the models to unload, then SIGKILL the process group if it is still there; remove the
+        workspace. Returns the exit status (None if it never started)."""
+        status = None
+        p, self.process = self.process, None
+        if p is not None:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(self.stop_timeout + 10)
+                except subprocess.TimeoutExpired:
+                    log.warning("tritonserver (pid %d) did not stop after SIGTERM; killing it", p.pid)
+            # the Python backend stubs are in the server's process group: nothing of it may outlive stop()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)
+            status = p.wait()
+            log.info("tritonserver stopped (status %s)", status)
+        if self.workspace is not None:
+            shutil.rmtree(self.workspace, ignore_errors=True)
+            self.workspace = None
+        return status
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
