@@ -11,7 +11,7 @@ config), at each size and step count:
   optimum_ort      optimum's ORTDiffusionPipeline on the same pipeline exported by optimum (needs optimum-onnx,
                    whose transformers<4.58 pin conflicts with diffc's export stack: it runs from its own venv,
                    --optimum-python; without one the row says why it was skipped)
-  diffc_cpu        diffc artifact built with the `cpu` profile, run by diffc's runtime
+  diffc_cpu        diffc artifact built with the `cpu-fp32` profile (onnxruntime fp32), run by diffc's runtime
   diffc_cpu_int8   the `cpu-int8` profile: int8 UNet and VAE decoder calibrated on the artifact's own fp32 loop
                    (here 2 prompts x 1 seed at 512x512, to keep the setup short; random weights make image
                    quality meaningless, so its build-time quality gate is off here -- quality is measured on
@@ -122,7 +122,7 @@ def diffc_profile(config: str):
     if config == "diffc_cpu_cache":
         return load_profile("cpu-cache")
     base = config.removesuffix("_cache")
-    profile = load_profile({"diffc_cpu": "cpu", "diffc_cpu_int8": "cpu-int8", "diffc_openvino": "cpu-openvino",
+    profile = load_profile({"diffc_cpu": "cpu-fp32", "diffc_cpu_int8": "cpu-int8", "diffc_openvino": "cpu-openvino",
                             "diffc_openvino_int8": "cpu-openvino-int8"}[base])
     if profile.quantized_components():
         profile = dataclasses.replace(profile, quantize=dataclasses.replace(

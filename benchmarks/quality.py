@@ -1,6 +1,6 @@
 """Image quality of the demo model through diffc's runtime: does few-step sampling still draw the prompted digit?
 
-Builds the ``demo`` artifact once (the trained digit model, ``cpu`` profile), then generates "a handwritten
+Builds the ``demo`` artifact once (the trained digit model, ``cpu-cache`` profile), then generates "a handwritten
 digit <name>" for all ten digits x ``--seeds`` seeds in every configuration (a row):
 
     steps {1, 2, 4, 8, 20} x sampler {ddim, dpmpp_2m} x cache {off, interval_2, interval_3} x precision {fp32, int8}
@@ -61,8 +61,8 @@ GOALS = {"reference_min_accuracy": 0.90, "four_step_min_accuracy": 0.85, "int8_m
 def _build_fp32(out: Path) -> Path:
     import diffc
 
-    # cache reuse on (branch 0); the "off" cache mode runs the full UNet every step, which equals the cpu profile's
-    # artifact (tests/runtime/test_cache.py checks it within 1e-6)
+    # cache reuse on (branch 0); the "off" cache mode runs the full UNet every step, which equals the cpu-fp32
+    # profile's artifact (tests/runtime/test_cache.py checks it within 1e-6)
     return diffc.build("demo", "cpu-cache", out, progress=False)
 
 
@@ -138,7 +138,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=None, help="seeds per digit (default 10, --quick 3)")
     ap.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the artifact's)")
     ap.add_argument("--grid", type=Path, default=None,
-                    help="also save the ddim 4-step images (the cpu profile's default) as a PNG grid, one row per digit")
+                    help="also save the ddim 4-step images (the cpu profiles' default) as a PNG grid, one row per digit")
     ap.add_argument("--artifact", type=Path, default=None,
                     help="use this already built fp32 demo artifact instead of building one (built with the "
                          "cpu-cache profile, or the cache rows fail)")

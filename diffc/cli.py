@@ -234,5 +234,49 @@ def inspect(artifact):
     click.echo(json.dumps(summary, indent=2))
 
 
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Model repository folder to write.")
+@click.option("--name", default="diffc", show_default=True, help="The model's name in the repository.")
+@click.option("--instances", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Model instances (each loads the artifact; GPU instances for TensorRT artifacts).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=None,
+              help="Triton's max_batch_size (default: the artifact's largest batch).")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Threads per instance (0: the profile's).")
+@click.option("--link", is_flag=True, help="Link the artifact instead of copying it (the repository then only works "
+              "on this machine).")
+@click.option("--force", is_flag=True, help="Replace the repository folder if diffc wrote it.")
+def triton(artifact, out, name, instances, max_batch, threads, link, force):
+    """Write a Triton Inference Server model repository serving ARTIFACT (see docs/serving.md)."""
+    from diffc.serve import write_repository
+
+    write_repository(artifact, out, name=name, instances=instances, max_batch=max_batch, threads=threads, link=link,
+                     force=force)
+    click.echo(f"wrote {out} (model {name!r}); run it with: tritonserver --model-repository={out.absolute()}")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="HTTP port on 127.0.0.1 (0: a free one).")
+@click.option("--grpc-port", type=click.IntRange(0, 65535), default=8001, show_default=True,
+              help="gRPC port on 127.0.0.1 (0: a free one).")
+@click.option("--name", default="diffc", show_default=True, help="The model's name on the server.")
+@click.option("--instances", type=click.IntRange(1, 64), default=1, show_default=True, help="Model instances.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=None,
+              help="Largest dynamic batch (default: the artifact's largest batch).")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Threads per instance (0: the profile's).")
+def serve(artifact, port, grpc_port, name, instances, max_batch, threads):
+    """Serve ARTIFACT on a Triton Inference Server bound to 127.0.0.1 until Ctrl-C or SIGTERM."""
+    from diffc.serve.server import serving
+
+    with serving(artifact, name=name, instances=instances, max_batch=max_batch, threads=threads, http_port=port,
+                 grpc_port=grpc_port) as server:
+        click.echo(f"serving {name!r} at http://{server.url} (gRPC {server.grpc_url}); Ctrl-C stops it")
+        server.wait()
+
+
 if __name__ == "__main__":
     main()

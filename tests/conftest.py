@@ -70,9 +70,10 @@ def _read_only_artifact(tmp_path_factory, _isolated_engine_cache):
 
 @pytest.fixture(scope="session")
 def demo_cpu_artifact(_read_only_artifact) -> Path:
-    """``diffc build demo --profile cpu --verify-passes``, shared by the whole run: read it, never write it."""
+    """``diffc build demo --profile cpu-fp32 --verify-passes`` (onnxruntime, exact fp32: what the tests compare
+    against; the default ``cpu`` profile is OpenVINO bf16), shared by the whole run: read it, never write it."""
     pytest.importorskip("torch", reason="building the demo artifact needs the export extra")
-    return _read_only_artifact("cpu", verify_passes=True)
+    return _read_only_artifact("cpu-fp32", verify_passes=True)
 
 
 @pytest.fixture(scope="session")

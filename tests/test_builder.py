@@ -57,7 +57,7 @@ def test_cli_passes_command():
 
     from diffc.cli import main
 
-    r = CliRunner().invoke(main, ["passes", "--profile", "cpu"])
+    r = CliRunner().invoke(main, ["passes", "--profile", "cpu-fp32"])
     assert r.exit_code == 0, r.output
     assert [line.split()[1] for line in r.output.strip().splitlines()] == list(PASS_NAMES)
 
@@ -90,7 +90,7 @@ def test_broken_pass_fails_the_build(tmp_path, monkeypatch):
 
     monkeypatch.setattr(stage, "run_passes", corrupting)
     with pytest.raises(ParityError, match="vae_decoder differs from PyTorch after the graph passes"):
-        diffc.build("demo", "cpu", tmp_path / "bad.diffc", progress=False)
+        diffc.build("demo", "cpu-fp32", tmp_path / "bad.diffc", progress=False)
     assert not (tmp_path / "bad.diffc").exists()
 
 

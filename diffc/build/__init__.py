@@ -4,7 +4,7 @@
 ``plan``        profile checks, image geometry, shape ranges, cache plan (torch-free: ``--dry-run``)
 ``export``      the loop's components to ONNX, checked against PyTorch (:mod:`diffc.exporter` does the work)
 ``passes``      the profile's ordered graph passes, parity against PyTorch again, the cache-reuse split
-``twin``        quantized profiles: the fp32 onnxruntime twin, for calibration and the quality gate
+``twin``        gated profiles: the fp32 onnxruntime twin, for calibration and the quality gate
 ``quantize``    calibration in the twin's loop, Q/DQ insertion, and (after assembly) the quality gate
 ``engines``     each graph -> the target backend's engine; this host's engine cache filled
 ``tokenizers``  the text encoders' tokenizers and conditioning
@@ -41,7 +41,9 @@ def build(model: str | Path, profile: Any = "cpu", out: str | Path | None = None
     engines the build cache holds; ``verify_passes``: run the onnx checker and shape inference after every pass.
 
     A profile with int8 / fp8 components also builds its fp32 onnxruntime twin (in the work folder), runs its
-    sampling loop to calibrate, inserts Q/DQ, and gates the result against it (:mod:`diffc.build.quantize`).
+    sampling loop to calibrate, inserts Q/DQ, and gates the result against it (:mod:`diffc.build.quantize`); a
+    CPU profile with bf16 / fp16 compute (the default ``cpu``) builds the twin and is gated the same way
+    (:func:`diffc.build.plan.gated`).
     """
     from diffc._fs import atomic_output_dir, work_dir
     from diffc.build import engines, export, manifest, passes, plan, quantize, tokenizers, twin
@@ -67,9 +69,10 @@ def build(model: str | Path, profile: Any = "cpu", out: str | Path | None = None
         names = plan.build_components(exported.components, exported.cache)
 
         reference = None
-        if quantized:
+        if plan.gated(prof):
             reference = twin.build(exported, prof, graphs, report, work, exporter=exporter,
                                    verify_passes=verify_passes, progress=progress)
+        if quantized:
             quantize.quantize(prof, quantized, reference, graphs, work, report, progress=progress)
             at = names.index("unet") + 1  # the step-group variants unet_g1, ...: right after the UNet
             names[at:at] = [n for n in graphs if n not in names]

@@ -31,6 +31,23 @@ SEQUENCE = 77
 QUANTIZABLE = ("unet", "vae_decoder")
 
 
+#: reduced float precisions the build gates against the fp32 twin when the build machine runs them (the CPU
+#: backends below): OpenVINO's bf16 (the default ``cpu`` profile); a GPU profile's fp16 engine cannot run here
+REDUCED_FLOATS = (Precision.BF16, Precision.FP16)
+CPU_BACKENDS = (Backend.ONNXRUNTIME, Backend.OPENVINO)
+
+
+def gated(profile: Profile) -> bool:
+    """Whether a build of ``profile`` builds the fp32 onnxruntime twin and gates the artifact against it: int8 /
+    fp8 components (calibrated on the twin too), or bf16 / fp16 compute on a CPU backend, whose error against
+    exact fp32 is as much a property of the model as int8's is -- the default profile must not ship an
+    artifact that drifted from what the model draws."""
+    if profile.quantized_components():
+        return True
+    return profile.backend in CPU_BACKENDS and any(
+        profile.precision_of(c) in REDUCED_FLOATS for c in ("default", *TXT2IMG_COMPONENTS))
+
+
 def resolve_profile(profile: str | Path | Profile, *, steps: int | None = None,
                     sampler: str | None = None) -> Profile:
     """The profile a build runs with: loaded (typed errors), with the command line's overrides applied."""
@@ -213,6 +230,11 @@ def plan(model: str | Path, profile: str | Path | Profile = "cpu", *, steps: int
     cache = cache_plan(unet_cfg, prof)
     if cache is not None:
         out["cache"] = cache
+    if gated(prof) and not quantized:
+        q = prof.quantize
+        out["quality_gate"] = {"images": len(q.gate_prompts) * len(q.gate_seeds), "min_psnr_db": q.min_psnr_db,
+                               "max_abs_error": q.max_abs_error,
+                               "against": "the fp32 onnxruntime twin of this artifact, built in the work folder"}
     for name in build_components(present, cache):
         ranges = shape_ranges(name, prof, geometry, cfg=uses_cfg(unet_cfg),
                               feature_level=cache["level"] if cache else None)

@@ -6,7 +6,8 @@ With int8 / fp8 components in the profile, the build first makes the fp32 onnxru
 artifact is assembled, gates it: final images of the quantized artifact against the fp32 twin's on fixed
 prompts and seeds (mean PSNR over the images, each on [0, 1]; the worst image's PSNR and the max absolute error
 are reported, the latter gated too when the profile sets ``max_abs_error``). Below the profile's threshold the
-build fails with :class:`~diffc.errors.QualityGateError` and writes nothing.
+build fails with :class:`~diffc.errors.QualityGateError` and writes nothing. CPU profiles with bf16 / fp16
+compute (the default ``cpu``: OpenVINO bf16) have no Q/DQ but are gated the same way (:func:`gate`).
 """
 
 from __future__ import annotations
@@ -42,10 +43,11 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def quality_gate(reference: Path, candidate: Path | None, options: QuantizeOptions, *,
                  replace: dict[str, Path] | None = None, step_variants: dict[str, Any] | None = None,
-                 progress: bool = True) -> dict[str, Any]:
+                 progress: bool = True, quantized: bool = True) -> dict[str, Any]:
     """Final images of ``candidate`` (an artifact) -- or of the reference with its quantized graphs swapped in
     from ``replace`` (component -> graph; ``step_variants`` as the artifact's manifest has it), run with
-    onnxruntime (for engines this machine cannot run) -- against ``reference``.
+    onnxruntime (for engines this machine cannot run) -- against ``reference``. ``quantized``: whether the
+    candidate has int8 / fp8 components (False: only reduced float compute, e.g. bf16), for the error's advice.
     Raises :class:`QualityGateError` when below the thresholds; returns the numbers otherwise."""
     ref = Pipeline(reference, progress=False, cache=False)
     if candidate is not None:
@@ -74,12 +76,14 @@ def quality_gate(reference: Path, candidate: Path | None, options: QuantizeOptio
     log.info("quality gate: PSNR mean %.2f dB (threshold %.1f), min %.2f dB, max abs error %.4f -> %s", mean_psnr,
              options.min_psnr_db, worst_psnr, worst_err, "pass" if passed else "FAIL")
     if not passed:
+        advice = (". Keep more layers in float ([quantize].keep_float, e.g. add \"output_block\"), calibrate on "
+                  "more prompts, or lower [quantize].min_psnr_db if that quality is acceptable") if quantized else (
+                  ". This model loses too much in bf16 / fp16 compute: build it with the exact-fp32 profile "
+                  "(--profile cpu-fp32), or lower [quantize].min_psnr_db if that quality is acceptable")
         raise QualityGateError(
-            f"the quantized artifact is below the quality gate: mean PSNR {mean_psnr:.2f} dB vs fp32 (needs >= "
-            f"{options.min_psnr_db:g}), max abs error {worst_err:.4f}"
-            + (f" (allowed {options.max_abs_error:g})" if options.max_abs_error is not None else "")
-            + ". Keep more layers in float ([quantize].keep_float, e.g. add \"output_block\"), "
-              "calibrate on more prompts, or lower [quantize].min_psnr_db if that quality is acceptable")
+            f"the {'quantized' if quantized else 'reduced-precision'} artifact is below the quality gate: mean PSNR "
+            f"{mean_psnr:.2f} dB vs fp32 (needs >= {options.min_psnr_db:g}), max abs error {worst_err:.4f}"
+            + (f" (allowed {options.max_abs_error:g})" if options.max_abs_error is not None else "") + advice)
     return report
 
 
@@ -145,12 +149,13 @@ def quantize(profile: Profile, quantized: dict[str, Precision], reference: Path,
 
 def gate(profile: Profile, quantized: dict[str, Precision], reference: Path, artifact: Path,
          graphs: dict[str, Path], *, step_variants: dict[str, Any] | None, progress: bool) -> dict[str, Any]:
-    """The quality gate: the artifact itself on onnxruntime or OpenVINO; for TensorRT, the int8 Q/DQ graph on the
+    """The quality gate (quantized profiles, and reduced float compute on the CPU: :func:`diffc.build.plan.gated`):
+    the artifact itself on onnxruntime or OpenVINO; for TensorRT, the int8 Q/DQ graph on the
     CPU (the engine needs a GPU); fp8 cannot run here at all, so it is recorded as not evaluated."""
     if profile.quantize.min_psnr_db == 0 and profile.quantize.max_abs_error is None:
         return {"skipped": "turned off in the profile ([quantize].min_psnr_db = 0)"}
     if profile.backend in (Backend.ONNXRUNTIME, Backend.OPENVINO):
-        return quality_gate(reference, artifact, profile.quantize, progress=progress)
+        return quality_gate(reference, artifact, profile.quantize, progress=progress, quantized=bool(quantized))
     if any(p is Precision.FP8 for p in quantized.values()):
         return {"skipped": "not evaluated on this machine: FP8 Q/DQ has no onnxruntime CPU kernels and the TensorRT "
                            "engine needs a GPU; run benchmarks/quality.py against the artifact on the target GPU"}

@@ -58,7 +58,8 @@ from diffc.errors import BackendUnavailableError, InputError, ProfileError
 
 #: where each built-in backend lives: imported on first :func:`get_backend`, which registers it
 _MODULES = {"onnxruntime": "diffc.engines.onnxruntime", "openvino": "diffc.engines.openvino",
-            "tensorrt": "diffc.engines.tensorrt", "tensorrt_rtx": "diffc.engines.tensorrt"}
+            "tensorrt": "diffc.engines.tensorrt", "tensorrt_rtx": "diffc.engines.tensorrt",
+            "onnxruntime_cuda": "diffc.engines.onnxruntime_cuda"}
 _REGISTRY: dict[str, "Backend"] = {}
 _REGISTRY_LOCK = threading.Lock()
 

@@ -79,17 +79,85 @@ def check_engine_compatible(record: Mapping[str, Any], *, installed_version: str
                                           "machine, or build the artifact with the 'cpu' profile")
     ccs = list(opts.get("compute_capabilities") or [])
     hw = opts.get("hardware_compat", "none")
-    if hw == "ampere_plus" or (flavour == "tensorrt_rtx" and not ccs):
+    if flavour == "tensorrt_rtx" and not ccs:
+        # TensorRT-RTX's default (no listed targets) engine is portable across the architectures its
+        # ComputeCapability enum lists from Ampere on, not "any SM >= 80": an H100 (SM90) or B200 (SM100) is none
+        default = rtx_default_targets()
+        ok, targets = device_cc in default, f"TensorRT-RTX's default targets, Ampere on ({', '.join(default)})"
+    elif hw == "ampere_plus":
         ok, targets = _cc_number(device_cc) >= 80, "Ampere (SM80) or later"
     else:
         ok, targets = device_cc in ccs, ", ".join(ccs) or "unknown"
     if not ok:
-        if flavour == "tensorrt_rtx":
+        if flavour == "tensorrt_rtx" and device_cc not in rtx_targets():
+            fix = (f"TensorRT-RTX does not target {device_cc} (it targets {', '.join(rtx_targets())}); on this GPU "
+                   "build with the 'cuda-fp16' profile (onnxruntime's CUDA provider) or datacenter TensorRT")
+        elif flavour == "tensorrt_rtx":
             fix = f"rebuild with a profile whose [tensorrt].compute_capabilities includes {device_cc}"
         else:
             fix = ("rebuild the artifact on this GPU (TensorRT builds for the GPU it runs on), or build with "
                    "[tensorrt].hardware_compat = \"ampere_plus\"")
         raise ArtifactError(f"{what} was built for {targets}, but this GPU is {device_cc}: {fix}")
+
+
+#: TensorRT-RTX 1.7's ``ComputeCapability`` members, for when TensorRT-RTX itself is not importable here
+_RTX_TARGETS_1_7 = ("SM75", "SM80", "SM86", "SM89", "SM120", "SM121")
+
+
+def rtx_targets() -> tuple[str, ...]:
+    """The GPU architectures the installed TensorRT-RTX can build for (its ``ComputeCapability`` enum's SM
+    members); TensorRT-RTX 1.7's when it is not installed. An SM missing here (SM87, SM90, SM100) cannot run any
+    TensorRT-RTX engine."""
+    if available("tensorrt_rtx") is None:
+        return _RTX_TARGETS_1_7
+    try:
+        members = _import("tensorrt_rtx").ComputeCapability.__members__
+    except (BackendUnavailableError, AttributeError):
+        return _RTX_TARGETS_1_7
+    found = tuple(m for m in members if re.fullmatch(r"SM\d+", m))
+    return tuple(sorted(found, key=_cc_number)) or _RTX_TARGETS_1_7
+
+
+def rtx_default_targets() -> tuple[str, ...]:
+    """Where an engine built without listed compute capabilities runs: TensorRT-RTX's portable default covers
+    its targets from Ampere (SM80) on."""
+    return tuple(cc for cc in rtx_targets() if _cc_number(cc) >= 80)
+
+
+def io_dtype(trt, dtype, name: str = "") -> np.dtype:
+    """The numpy dtype of an engine I/O tensor of TensorRT type ``dtype``: ``trt.nptype``'s, and for the types
+    numpy lacks, ml_dtypes' (a dependency of onnx): BF16 -> bfloat16, FP8 -> float8_e4m3fn. INT4 / FP4 I/O has no
+    byte-addressable host form: :class:`ArtifactError` saying to rebuild with float I/O."""
+    try:
+        return np.dtype(trt.nptype(dtype))
+    except TypeError:
+        pass
+    kind = getattr(dtype, "name", str(dtype))
+    try:
+        import ml_dtypes
+
+        fallback = {"BF16": ml_dtypes.bfloat16, "FP8": ml_dtypes.float8_e4m3fn}.get(kind)
+    except ImportError:
+        fallback = None
+    if fallback is None:
+        raise ArtifactError(f"engine tensor {name!r} has type {kind}, which has no host (numpy) form; rebuild the "
+                            "artifact with float I/O (diffc's fp16 / int8 / fp8 builds keep graph inputs and outputs "
+                            "fp32)")
+    return np.dtype(fallback)
+
+
+def output_buffer_bytes(name: str, shape, max_output_size: int | None, itemsize: int) -> int:
+    """Bytes to allocate for output ``name`` once every input is at its largest shape: the shape's size when
+    TensorRT knows it, else ``get_max_output_size`` (data-dependent shapes); -1 there means TensorRT has no bound,
+    which a fixed buffer cannot serve (:class:`ArtifactError`, not a 1-byte buffer written past its end)."""
+    shape = tuple(int(d) for d in shape)
+    if all(d >= 0 for d in shape):
+        return int(np.prod(shape, dtype=np.int64)) * itemsize
+    if max_output_size is None or max_output_size < 0:
+        raise ArtifactError(f"engine output {name!r} has a data-dependent shape {shape} with no upper bound "
+                            "(get_max_output_size = -1); diffc's sessions need bounded outputs: re-export the "
+                            "component with static output shapes")
+    return max(int(max_output_size), itemsize)
 
 
 # ------------------------------------------------------------------------------------------------ runtime
@@ -167,9 +235,11 @@ class Session:
 
         self._rtx_cache = None
         self._rtx_cache_file = None
+        self._rtx_config = None
         self._gate = gate  # diffc.engines.host_cache.PublishGate: the runtime cache is written only once it opens
         if flavour == "tensorrt_rtx":
-            rc = self.engine.create_runtime_config()
+            # kept as long as the context made from it (close() releases context, then config, then cache)
+            rc = self._rtx_config = self.engine.create_runtime_config()
             if cuda_graph:
                 rc.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
             self._rtx_cache_file = Path(runtime_cache) if runtime_cache else \
@@ -191,23 +261,27 @@ class Session:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        self._dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        self._dtypes = {n: io_dtype(trt, self.engine.get_tensor_dtype(n), n) for n in names}
         self._ranges = {n: [tuple(d) for d in self.engine.get_tensor_profile_shape(n, 0)] for n in self.input_names}
 
         self._buffers: dict[str, Any] = {}
         self._graphs: dict[tuple, Any] = {}
+        #: the input shapes of the last enqueue: a graph is replayed only at them (TensorRT applies shape changes
+        #: at enqueue, so a graph captured at A replayed after the context ran B would be stale)
+        self._last_key: tuple | None = None
         self._stream = cu.Stream()
         self._closed = False
         for n in self.input_names:  # the largest shapes the profile allows: addresses never change afterwards
             self.context.set_input_shape(n, self._ranges[n][2])
         for n in names:
+            size = self._dtypes[n].itemsize
             if n in self.input_names:
-                count = int(np.prod(self._ranges[n][2]))
+                nbytes = int(np.prod(self._ranges[n][2], dtype=np.int64)) * size
             else:
                 shape = tuple(self.context.get_tensor_shape(n))
-                count = int(np.prod(shape)) if all(d >= 0 for d in shape) else \
-                    self.context.get_max_output_size(n) // self._dtypes[n].itemsize
-            self._buffers[n] = cu.DeviceBuffer(count * self._dtypes[n].itemsize)
+                bound = None if all(d >= 0 for d in shape) else self.context.get_max_output_size(n)
+                nbytes = output_buffer_bytes(n, shape, bound, size)
+            self._buffers[n] = cu.DeviceBuffer(nbytes)
             self.context.set_tensor_address(n, self._buffers[n].ptr)
 
     def run(self, feeds: Mapping[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -224,7 +298,8 @@ class Session:
             host[n] = arr
             self._stream.h2d(self._buffers[n].ptr, arr, arr.nbytes)
         key = tuple(host[n].shape for n in self.input_names)
-        graph = self._graphs.get(key)
+        # replay only in the loop's steady state (the previous call's shapes); a new shape runs eagerly
+        graph = self._graphs.get(key) if key == self._last_key else None
         if graph is not None:
             graph.launch(self._stream)
         else:
@@ -236,7 +311,8 @@ class Session:
             self._stream.d2h(out, self._buffers[n].ptr, out.nbytes)
             result[n] = out
         self._stream.synchronize()
-        if graph is None and self._graphs_enabled:
+        self._last_key = key
+        if graph is None and self._graphs_enabled and key not in self._graphs:
             self._capture(key)
         return result
 
@@ -250,30 +326,56 @@ class Session:
         try:
             self._stream.begin_capture()
             try:
-                self.context.execute_async_v3(self._stream.ptr)
-            finally:
-                graph = self._stream.end_capture()
+                ok = bool(self.context.execute_async_v3(self._stream.ptr))
+            except BaseException:
+                # end the capture and destroy what it made, so the exception leaks no graph or capturing stream
+                with contextlib.suppress(Exception):
+                    self._stream.end_capture().destroy()
+                raise
+            graph = self._stream.end_capture()
+            if not ok:  # an enqueue that failed under capture recorded nothing: replaying it would return stale outputs
+                graph.destroy()
+                raise cu.CudaError("execute_async_v3 returned False during CUDA graph capture")
             self._graphs[key] = graph
         except cu.CudaError as e:  # e.g. an engine with data-dependent shapes; run eagerly from now on
             log.info("CUDA graph capture unavailable for this engine (%s); running without graphs", e)
             self._graphs_enabled = False
 
+    def save_runtime_cache(self) -> bool:
+        """Write TensorRT-RTX's runtime cache (the kernels JIT-compiled so far) to the per-host cache; True when
+        written. Only once the gate says the engine's digests were verified: kernels compiled for an engine that
+        was not are never kept under its claimed digests. :meth:`close` calls it."""
+        trusted = self._gate is None or self._gate.state is True
+        if self._rtx_cache is None or self._rtx_cache_file is None or not trusted:
+            return False
+        try:
+            write_atomic(self._rtx_cache_file, memoryview(self._rtx_cache.serialize()))
+        except OSError as e:
+            log.info("cannot write the runtime cache %s (%s); the next session compiles again", self._rtx_cache_file, e)
+            return False
+        return True
+
     def close(self) -> None:
+        """Save the runtime cache, wait for the stream's work, then release graphs, context, runtime config and
+        cache (in that order: a context uses its config), buffers and stream. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        # kernels compiled for an engine whose digests were not verified are not kept under them
-        trusted = self._gate is None or self._gate.state is True
-        if self._rtx_cache is not None and self._rtx_cache_file is not None and trusted:
-            with contextlib.suppress(OSError):
-                write_atomic(self._rtx_cache_file, memoryview(self._rtx_cache.serialize()))
-        for g in self._graphs.values():
-            g.destroy()
-        self._graphs.clear()
-        self.context = None
-        for b in self._buffers.values():
-            b.free()
-        self._stream.destroy()
+        try:
+            # in-flight kernels may still read the buffers freed below (cudaFree does not wait for a
+            # non-blocking stream)
+            self._stream.synchronize()
+        finally:
+            self.save_runtime_cache()
+            for g in self._graphs.values():
+                g.destroy()
+            self._graphs.clear()
+            self.context = None
+            self._rtx_config = None
+            self._rtx_cache = None
+            for b in self._buffers.values():
+                b.free()
+            self._stream.destroy()
 
     def __del__(self):
         with contextlib.suppress(Exception):

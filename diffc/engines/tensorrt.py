@@ -272,8 +272,10 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
         "backend_options": {
             "flavour": flavour,
             "compute_capabilities": [build_gpu] if flavour == "tensorrt" else ccs,
-            # TensorRT-RTX with no listed targets builds its portable Ampere-and-later engine
-            "hardware_compat": (hardware_compat if flavour == "tensorrt" else ("none" if ccs else "ampere_plus")),
+            # TensorRT-RTX with no listed targets builds its portable default engine: it runs on the targets its
+            # ComputeCapability enum lists from Ampere on (not on every SM >= 80: no SM87, SM90, SM100), which
+            # check_engine_compatible reads from this release's enum; "none": no datacenter compatibility level
+            "hardware_compat": hardware_compat if flavour == "tensorrt" else "none",
             "version_compat": bool(version_compat),
             "strongly_typed": plan["strongly_typed"],
             "autocast": plan["autocast"],

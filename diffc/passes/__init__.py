@@ -52,7 +52,7 @@ __all__ = ["PassSpec", "PassError", "PassOptionError", "TARGETS", "ATTENTION_KIN
 
 log = logging.getLogger("diffc.passes")
 
-TARGETS = ("onnxruntime", "tensorrt", "tensorrt_rtx", "openvino")
+TARGETS = ("onnxruntime", "tensorrt", "tensorrt_rtx", "openvino", "onnxruntime_cuda")
 #: values of the ``attention`` option (fuse_attention's ``kind``)
 ATTENTION_KINDS = ("mha", "attention23", "none")
 #: layer roles the quantize pass can leave in float (``[quantize].keep_float``); see diffc.passes.quantize

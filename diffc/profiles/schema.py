@@ -33,6 +33,7 @@ class Backend(str, enum.Enum):
     TENSORRT = "tensorrt"
     TENSORRT_RTX = "tensorrt_rtx"
     OPENVINO = "openvino"
+    ONNXRUNTIME_CUDA = "onnxruntime_cuda"  # onnxruntime's CUDA execution provider (cuda-fp16, cuda-fp32)
 
 
 class Precision(str, enum.Enum):

@@ -173,6 +173,14 @@ def check_prompts(label: str, value: Any) -> list[str]:
     return list(items)
 
 
+class _ClosedSessions(dict):
+    """What a closed :class:`Pipeline` holds instead of its sessions: any use says the pipeline is closed."""
+
+    def __getitem__(self, name: str):
+        raise InputError("this pipeline is closed (Pipeline.close() or the end of its `with` block); load the "
+                         "artifact again with diffc.load()")
+
+
 class Pipeline:
     """A loaded artifact. Call it with a prompt; get ``float32 (B, H, W, 3)`` images in [0, 1]."""
 
@@ -207,6 +215,37 @@ class Pipeline:
         #: the manifest's cache-reuse entry (None: the artifact has no shallow UNet)
         self.cache = m.get("cache")
         self.cache_schedule = self.cache["schedule"] if self.cache else None
+
+    def close(self) -> None:
+        """Release every engine session now instead of at garbage collection: a TensorRT session saves its
+        runtime cache (the kernels TensorRT-RTX compiled on this GPU) and frees its device memory; the others drop
+        their sessions. Later calls raise :class:`InputError`. Idempotent; ``with diffc.load(...) as pipe:`` calls
+        it on leaving the block."""
+        sessions, self.sessions = self.sessions, _ClosedSessions()
+        if isinstance(sessions, _ClosedSessions):
+            return
+        errors = []
+        for name, session in sessions.items():
+            close = getattr(session, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception as e:  # noqa: BLE001 - close the others, then report the first failure
+                    errors.append((name, e))
+        for name, e in errors[1:]:
+            log.warning("closing the %s session failed too: %s", name, e)
+        if errors:
+            raise errors[0][1]
+
+    @property
+    def closed(self) -> bool:
+        return isinstance(self.sessions, _ClosedSessions)
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
 
     def set_cache_schedule(self, schedule: dict[str, Any] | None) -> None:
         """Change which steps run the full UNet: a schedule as in the manifest's ``cache.schedule``

@@ -29,7 +29,7 @@ log = logging.getLogger("diffc.serve")
 #: the folder name of the artifact inside the model version folder
 ARTIFACT_DIR = "artifact.diffc"
 #: engines that run only on an NVIDIA GPU: a repository for them asks Triton for KIND_GPU instances
-GPU_BACKENDS = frozenset({"tensorrt", "tensorrt-rtx", "tensorrt_rtx", "tensorrt-datacenter"})
+GPU_BACKENDS = frozenset({"tensorrt", "tensorrt_rtx", "onnxruntime_cuda"})
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 #: (name, Triton data type, optional): every input is one element per row (dims [1], the batch axis implicit)
@@ -95,7 +95,7 @@ def write_repository(artifact: str | os.PathLike, out: str | os.PathLike, *, nam
 
     ``max_batch``: Triton's ``max_batch_size``, at most the artifact's batch range maximum (the default), so the
     dynamic batcher never forms a batch the engines cannot run. ``instances``: model instances (each loads the
-    artifact once; KIND_GPU for TensorRT artifacts, KIND_CPU otherwise). ``threads``: each instance's
+    artifact once; KIND_GPU for TensorRT and CUDA artifacts, KIND_CPU otherwise). ``threads``: each instance's
     ``diffc.load(threads=...)`` (0: the profile's; with several instances on one CPU, cores / instances).
 
     The artifact is copied, so the repository is self-contained: it can be moved, mounted into a container or

@@ -13,6 +13,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -88,6 +89,13 @@ def _backends(binary: Path, workspace: Path) -> Path | None:
     if not stub.is_file():
         raise BackendUnavailableError(f"the bundled Triton has no Python backend stub for Python "
                                       f"{sys.version_info[0]}.{sys.version_info[1]}; use Python 3.8-3.13")
+    numpy = _numpy_version()
+    if numpy[0] >= 2:
+        raise BackendUnavailableError(
+            f"the Triton bundled with nvidia-pytriton cannot run with numpy {'.'.join(map(str, numpy))}: its Python "
+            "backend stub was built with a pybind11 that predates numpy 2 and garbles every tensor it hands over "
+            "(nvidia-pytriton itself requires numpy<2); install the serve extra into its own environment "
+            "(pip install 'diffc[serve]' resolves numpy<2), or use NVIDIA's Triton container")
     python = workspace / "backends" / "python"
     python.mkdir(parents=True)
     for f in (bundled / "backends" / "python").iterdir():
@@ -95,6 +103,13 @@ def _backends(binary: Path, workspace: Path) -> Path | None:
             (python / f.name).symlink_to(f)
     (python / stub.name).symlink_to(stub)
     return workspace / "backends"
+
+
+def _numpy_version() -> tuple[int, ...]:
+    """The numpy the stub will import (this Python's), read from its metadata: the launcher need not import it."""
+    from importlib.metadata import version
+
+    return tuple(int(p) for p in re.findall(r"\d+", version("numpy"))[:2])
 
 
 class TritonServer:
@@ -106,7 +121,7 @@ class TritonServer:
     """
 
     def __init__(self, repository: str | os.PathLike, *, http_port: int = 0, grpc_port: int = 0,
-                 timeout: float = 120.0, stop_timeout: float = 20.0, log_verbose: int = 0):
+                 timeout: float = 120.0, stop_timeout: float = 10.0, log_verbose: int = 0):
         self.repository = Path(repository).absolute()
         self.binary = find_tritonserver()
         self.http_port = http_port or free_port()
@@ -192,3 +207,28 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    def wait(self, poll: float = 0.5) -> None:
+        """Block while the server runs (the CLI's foreground); a server that stops on its own is a
+        :class:`ServerError` with the end of its log. Ctrl-C / SIGTERM in the caller unwind through ``stop()``."""
+        while self.process is not None and self.process.poll() is None:
+            time.sleep(poll)
+        if self.process is not None:
+            raise ServerError(f"tritonserver stopped on its own (status {self.process.returncode}); its log ends:\n"
+                              f"{self.log_tail()}")
+
+
+@contextlib.contextmanager
+def serving(artifact: str | os.PathLike, *, name: str = "diffc", instances: int = 1, max_batch: int | None = None,
+            threads: int = 0, http_port: int = 8000, grpc_port: int = 8001, timeout: float = 120.0):
+    """A Triton server on a repository generated for ``artifact`` (linked, not copied) in a temporary folder,
+    removed with the server when the block ends (normally, on Ctrl-C, or on SIGTERM through the CLI)."""
+    from diffc._fs import work_dir
+    from diffc.serve.repository import write_repository
+
+    with work_dir("diffc-serve") as work:
+        repo = write_repository(artifact, work / "repository", name=name, instances=instances, max_batch=max_batch,
+                                threads=threads, link=True)
+        with TritonServer(repo, http_port=http_port, grpc_port=grpc_port, timeout=timeout) as server:
+            yield server
+

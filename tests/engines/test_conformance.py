@@ -24,7 +24,7 @@ from diffc.errors import BackendUnavailableError, InputError
 from diffc.profiles import load_profile
 
 #: backend -> the profile whose precision it builds here
-PROFILES = {"onnxruntime": "cpu", "openvino": "cpu-openvino", "tensorrt_rtx": "rtx-fp16", "tensorrt": "h100-fp8"}
+PROFILES = {"onnxruntime": "cpu-fp32", "openvino": "cpu-openvino", "tensorrt_rtx": "rtx-fp16", "tensorrt": "h100-fp8"}
 COMPONENT = "vae_decoder"
 RANGES = {"batch": [1, 1, 2], "height": [8, 8, 16], "width": [8, 8, 16]}
 

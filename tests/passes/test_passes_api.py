@@ -93,7 +93,7 @@ def test_profile_pass_list_holds_the_stage_passes():
     from diffc.passes import STAGE_PASSES, profile_pass_list
     from diffc.profiles import load_profile
 
-    assert names(profile_pass_list(load_profile("cpu"))) == names(pass_list("onnxruntime"))
+    assert names(profile_pass_list(load_profile("cpu-fp32"))) == names(pass_list("onnxruntime"))
     cache = profile_pass_list(load_profile("cpu-cache"))
     assert names(cache)[-1] == "cache_split" and cache[-1].options == {"branch": 0}
     int8 = profile_pass_list(load_profile("cpu-int8"))

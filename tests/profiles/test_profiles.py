@@ -14,12 +14,29 @@ def test_shipped_profiles_load():
         assert isinstance(p.backend, Backend)
 
 
-def test_cpu_profile_values():
-    p = load_profile("cpu")
+def test_cpu_fp32_profile_values():
+    p = load_profile("cpu-fp32")
     assert p.backend is Backend.ONNXRUNTIME
     assert p.precision_of("unet") is Precision.FP32
     assert p.batch == Range(1, 1, 4)
     assert p.height is None  # derived from the model
+
+
+def test_default_cpu_profile_is_gated_openvino_bf16():
+    from diffc.build.plan import gated
+
+    p = load_profile("cpu")  # the default of diffc build: the fastest quality-gated CPU path
+    assert p.backend is Backend.OPENVINO
+    assert {p.precision_of(c) for c in ("text_encoder", "unet", "vae_decoder")} == {Precision.BF16}
+    assert p.quantized_components() == {} and gated(p) and p.quantize.min_psnr_db >= 30
+    # the old name stays an alias: same target, same gate, and says so
+    alias = load_profile("cpu-openvino")
+    assert alias.to_dict() | {"name": "", "description": "", "source": ""} == \
+        p.to_dict() | {"name": "", "description": "", "source": ""}
+    assert "alias of cpu" in alias.description
+    # exact fp32 is not gated (it is what the others are gated against); quantized profiles are
+    assert not gated(load_profile("cpu-fp32")) and not gated(load_profile("cpu-cache"))
+    assert gated(load_profile("cpu-int8")) and gated(load_profile("cpu-openvino-int8"))
 
 
 def test_openvino_profile_values():
@@ -40,13 +57,13 @@ def test_openvino_profile_values():
 
 
 def test_round_trip_through_dict():
-    p = load_profile("cpu")
+    p = load_profile("cpu-fp32")
     q = Profile.from_dict(p.to_dict(), where="manifest")
     assert q.to_dict() | {"source": ""} == p.to_dict() | {"source": ""}
 
 
 def test_onnxruntime_table_round_trips(tmp_path):
-    for name in ("cpu", "cpu-int8", "cpu-cache"):
+    for name in ("cpu-fp32", "cpu-int8", "cpu-cache"):
         p = load_profile(name)
         assert p.onnxruntime["memory_arena"] == "shared", name
         assert Profile.from_dict(p.to_dict(), where="manifest").onnxruntime == p.onnxruntime

@@ -48,7 +48,7 @@ def test_datacenter_profiles():
 
 
 def test_defaults_for_other_profiles():
-    cpu = load_profile("cpu")
+    cpu = load_profile("cpu-fp32")
     assert cpu.tensorrt == TensorRTOptions() and cpu.memory == MemoryBudget()
 
 

@@ -170,7 +170,7 @@ def test_long_prompt_is_truncated_with_a_warning(artifact, caplog):
 
 def test_build_refuses_existing_output_and_fp8(artifact, tmp_path):
     with pytest.raises(OutputExistsError):
-        diffc.build("demo", "cpu", artifact, progress=False)
+        diffc.build("demo", "cpu-fp32", artifact, progress=False)
     prof = tmp_path / "fp8.toml"
     prof.write_text('name = "fp8cpu"\nbackend = "onnxruntime"\n[precision]\nunet = "fp8"\n')
     with pytest.raises(BackendUnavailableError, match="fp8"):
@@ -194,7 +194,7 @@ def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
     real = ort_engine.build_engine
     monkeypatch.setattr(ort_engine, "build_engine", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        diffc.build("demo", "cpu", tmp_path / "art", progress=False)
+        diffc.build("demo", "cpu-fp32", tmp_path / "art", progress=False)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -29,7 +29,7 @@ SCHEDULERS = {
 def sd(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd")
     folder = write_tiny_pipeline(root / "pipe", "sd", seed=0)
-    artifact = build(folder, "cpu", root / "artifact", steps=4, sampler="ddim", progress=False)
+    artifact = build(folder, "cpu-fp32", root / "artifact", steps=4, sampler="ddim", progress=False)
     return folder, artifact
 
 
@@ -37,7 +37,7 @@ def sd(tmp_path_factory):
 def lcm(tmp_path_factory):
     root = tmp_path_factory.mktemp("lcm")
     folder = write_tiny_pipeline(root / "pipe", "lcm", seed=0)
-    artifact = build(folder, "cpu", root / "artifact", steps=4, progress=False)
+    artifact = build(folder, "cpu-fp32", root / "artifact", steps=4, progress=False)
     return folder, artifact
 
 
