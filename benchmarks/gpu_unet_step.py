@@ -81,7 +81,8 @@ def main() -> None:
                                       torch.Generator().manual_seed(0))
         t0 = time.perf_counter()
         (work / "export").mkdir()
-        export_component(unet, contract, work / "export" / "model.onnx", opset=21, exporter="torchscript", sample=sample)
+        export_component(unet, contract, work / "export" / "model.onnx", opset=21, exporter="torchscript",
+                         sample=sample)
         result["export_s"] = round(time.perf_counter() - t0, 1)
 
         unet = unet.to("cuda", torch.float16)

@@ -244,15 +244,17 @@ def inspect(artifact):
               help="Triton's max_batch_size (default: the artifact's largest batch).")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="Threads per instance (0: the profile's).")
+@click.option("--queue-delay-us", type=click.IntRange(min=0), default=0, show_default=True,
+              help="How long the dynamic batcher waits for more requests to batch (microseconds).")
 @click.option("--link", is_flag=True, help="Link the artifact instead of copying it (the repository then only works "
               "on this machine).")
 @click.option("--force", is_flag=True, help="Replace the repository folder if diffc wrote it.")
-def triton(artifact, out, name, instances, max_batch, threads, link, force):
+def triton(artifact, out, name, instances, max_batch, threads, queue_delay_us, link, force):
     """Write a Triton Inference Server model repository serving ARTIFACT (see docs/serving.md)."""
     from diffc.serve import write_repository
 
-    write_repository(artifact, out, name=name, instances=instances, max_batch=max_batch, threads=threads, link=link,
-                     force=force)
+    write_repository(artifact, out, name=name, instances=instances, max_batch=max_batch, threads=threads,
+                     queue_delay_us=queue_delay_us, link=link, force=force)
     click.echo(f"wrote {out} (model {name!r}); run it with: tritonserver --model-repository={out.absolute()}")
 
 

@@ -104,7 +104,8 @@ def test_the_default_bf16_profile_is_gated_too(tmp_path):
     report = json.loads((out / "build_report.json").read_text())
     assert report["quality_gate"]["passed"] and report["quality_gate"]["images"] == 1
     assert report["quality_gate"]["psnr_db_mean"] >= q.min_psnr_db and "reference_build" in report
-    assert {c["backend"] for c in json.loads((out / "manifest.json").read_text())["components"].values()} == {"openvino"}
+    components = json.loads((out / "manifest.json").read_text())["components"]
+    assert {c["backend"] for c in components.values()} == {"openvino"}
     strict = dataclasses.replace(prof, quantize=dataclasses.replace(q, min_psnr_db=999.0))
     with pytest.raises(QualityGateError, match=r"reduced-precision artifact .* \(needs >= 999\).*cpu-fp32"):
         diffc.build(model, strict, tmp_path / "strict.diffc", progress=False)

@@ -2,8 +2,9 @@
 would build it, in the work folder.
 
 Calibration (quantized profiles) runs the twin's sampling loop to record the ranges Q/DQ is inserted with, and
-the quality gate compares the artifact's images with the twin's (quantized profiles, and the bf16 ``cpu``). The twin has the profile's shapes, sampler, guidance
-and cache reuse, on onnxruntime in fp32 with its default passes. It is assembled from this build's own export
+the quality gate compares the artifact's images with the twin's (quantized profiles, and the bf16 ``cpu``).
+The twin has the profile's shapes, sampler, guidance and cache reuse, on onnxruntime in fp32 with its default
+passes. It is assembled from this build's own export
 (no second export, no second pipeline load) and, when its pass list is the profile's (an onnxruntime int8
 profile), from this build's passed graphs too: those were already checked against PyTorch.
 """

@@ -33,7 +33,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from diffc.engines import BuiltEngine, SessionOptions, check_feeds, component_entry, engine_io, register
-from diffc.errors import ArtifactError, BackendUnavailableError, CudaError, ProfileError
+from diffc.errors import ArtifactError, BackendUnavailableError, CudaError, InputError, ProfileError
 
 log = logging.getLogger("diffc.engines.onnxruntime_cuda")
 
@@ -214,8 +214,6 @@ class Session:
 
     def _check_open(self) -> None:
         if self._closed:
-            from diffc.errors import InputError
-
             raise InputError("this session is closed; open the artifact again with diffc.load()")
 
     # -- running

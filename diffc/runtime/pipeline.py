@@ -181,6 +181,12 @@ class _ClosedSessions(dict):
                          "artifact again with diffc.load()")
 
 
+def is_per_row(value: Any) -> bool:
+    """Whether a ``seed`` / ``guidance`` argument gives one value per prompt (a list, tuple or 1-D array) rather
+    than one for the whole call."""
+    return isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim == 1)
+
+
 class Pipeline:
     """A loaded artifact. Call it with a prompt; get ``float32 (B, H, W, 3)`` images in [0, 1]."""
 
@@ -311,7 +317,8 @@ class Pipeline:
     # ------------------------------------------------------------------------------------------ the loop
 
     def __call__(self, prompt: str | Sequence[str], *, negative_prompt: str | Sequence[str] | None = None,
-                 seed: int | None = 0, guidance: float | None = None, height: int | None = None,
+                 seed: int | None | Sequence[int | None] = 0,
+                 guidance: float | None | Sequence[float | None] = None, height: int | None = None,
                  width: int | None = None, latents: np.ndarray | None = None,
                  noise: Sequence[np.ndarray] | None = None) -> np.ndarray:
         """Generate images.
@@ -325,20 +332,30 @@ class Pipeline:
         scale <= 1 runs the conditional prediction alone, as diffusers does, so every scale in [0, 1] gives the
         same image as 1; ``embedded`` artifacts (LCM) feed ``guidance - 1`` to the UNet; ``none`` ignores it.
 
+        Per row: ``seed`` and ``guidance`` may also be a list with one value per prompt. Row ``k`` then draws its
+        latents (and injected noise) from its own seed and is guided by its own scale: the image a call with
+        ``prompt[k]`` alone would give. This is how a server batches requests without changing their answers. One
+        seed for all rows keeps its meaning: one draw for the whole batch.
+
         ``latents``: the initial standard-normal latents (B, C, h, w) instead of drawing them from ``seed``;
         ``noise``: per-step noise for samplers that inject it (LCM), instead of drawing it from ``seed``.
         Both exist so a caller can reproduce another implementation's random stream exactly.
         """
         prompts = check_prompts("prompt", prompt)
         negs = None if negative_prompt is None else check_prompts("negative_prompt", negative_prompt)
-        seed = check_seed(seed)
-        guidance = check_guidance(guidance)
+        per_row_seed, per_row_guidance = is_per_row(seed), is_per_row(guidance)
+        seed = [check_seed(s, f"seed[{k}]") for k, s in enumerate(seed)] if per_row_seed else check_seed(seed)
+        guidance = [check_guidance(v, f"guidance[{k}]") for k, v in enumerate(guidance)] if per_row_guidance \
+            else check_guidance(guidance)
         height, width = check_size_arg("height", height), check_size_arg("width", width)
         batch = len(prompts)
         lo_b, _, hi_b = self.image["batch"]
         if not lo_b <= batch <= hi_b:
             raise InputError(f"{batch} prompts is outside this artifact's batch range [{lo_b}, {hi_b}]; "
                              "split the prompts or rebuild with a larger [shapes].batch")
+        for values, noun in ((seed, "seeds"), (guidance, "guidance scales")):
+            if isinstance(values, list) and len(values) != batch:
+                raise InputError(f"{len(values)} {noun} for {batch} prompts; give one per prompt or one for all")
         if isinstance(negative_prompt, str):
             negs = negs * batch
         if negs is not None and len(negs) != batch:
@@ -355,7 +372,8 @@ class Pipeline:
         if noise is not None and (not isinstance(noise, (Sequence, np.ndarray)) or len(noise) < self.tables.num_steps
                                   or any(np.shape(n) != shape for n in noise[:self.tables.num_steps])):
             raise InputError(f"noise must hold {self.tables.num_steps} arrays of shape {shape} (one per step)")
-        g = float(self.guidance["default_scale"] if guidance is None else guidance)
+        default_g = float(self.guidance["default_scale"])
+        scales = [default_g if v is None else float(v) for v in (guidance if per_row_guidance else [guidance] * batch)]
         mode = self.guidance["mode"]
         if mode not in GUIDANCE_MODES:  # read_manifest refuses it; a manifest edited in memory may still hold it
             raise ManifestError(f"guidance mode {mode!r} is unknown to this runtime (it knows {list(GUIDANCE_MODES)}); "
@@ -363,7 +381,10 @@ class Pipeline:
         # guidance <= 1 skips the uncond half (as diffusers does), unless the UNet engine has a static batch that
         # expects it (TensorRT static shapes): then run it anyway; m_u + g * (m_c - m_u) is still exact.
         unet_min_batch = self.manifest["components"]["unet"].get("shape_ranges", {}).get("batch", [1])[0]
-        use_cfg = mode == "cfg" and (g > 1.0 or unet_min_batch > batch)
+        forced = unet_min_batch > batch
+        use_cfg = mode == "cfg" and (max(scales) > 1.0 or forced)
+        # per row: the scale, or NaN for a row whose own call would skip the uncond half (it takes m_cond alone)
+        row_guidance = np.array([v if v > 1.0 or forced else np.nan for v in scales], np.float32)
 
         cond, pooled = self.encode_text(prompts)
         extra: dict[str, np.ndarray] = {}
@@ -381,30 +402,39 @@ class Pipeline:
             extra["text_embeds"] = pooled.astype(np.float32)
             extra["time_ids"] = np.tile(np.array([[height, width, 0, 0, height, width]], np.float32), (unet_batch, 1))
         if mode == "embedded":
-            w = np.full((unet_batch,), g - 1.0, dtype=np.float32)
+            w = np.array([v - 1.0 for v in scales], dtype=np.float32)
             extra[self.guidance.get("input", "timestep_cond")] = guidance_embedding(w, self.guidance["embedding_dim"])
 
         if latents is None:
-            latents = self.initial_noise(seed, batch, height, width)
-        x = self.denoise(latents, cond, extra, guidance=g if use_cfg else None, seed=seed, noise=noise)
+            latents = np.concatenate([self.initial_noise(s, 1, height, width) for s in seed]) if per_row_seed \
+                else self.initial_noise(seed, batch, height, width)
+        x = self.denoise(latents, cond, extra, guidance=row_guidance if use_cfg else None, seed=seed, noise=noise)
         images = self.decode(x)
         if not np.isfinite(images).all():
             # NaN would pass np.clip and become black pixels: say so instead of writing a black image
-            raise InputError(f"the denoiser diverged (non-finite values at guidance {g:g}); try a smaller guidance "
+            at = ", ".join(f"{v:g}" for v in sorted(set(scales)))
+            raise InputError(f"the denoiser diverged (non-finite values at guidance {at}); try a smaller guidance "
                              "scale, and if that does not help, rebuild the artifact")
         return images
 
     def denoise(self, latents: np.ndarray, cond: np.ndarray, extra: dict[str, np.ndarray] | None = None, *,
-                guidance: float | None = None, seed: int | None = 0,
+                guidance: float | np.ndarray | None = None, seed: int | None | Sequence[int | None] = 0,
                 noise: Sequence[np.ndarray] | None = None) -> np.ndarray:
         """The denoising loop: standard-normal ``latents`` -> final latents. ``cond`` (and ``extra``) are the
         UNet's conditioning for the whole denoiser batch; ``guidance`` not None: classifier-free guidance, with
-        ``cond`` holding the uncond half first. Full or shallow UNet per step as :meth:`full_steps` says."""
+        ``cond`` holding the uncond half first, at one scale or one per row (NaN: that row takes the conditional
+        prediction alone). ``seed``: one seed, or one per row (each row's injected noise from its own stream).
+        Full or shallow UNet per step as :meth:`full_steps` says."""
         t = self.tables
         use_cfg = guidance is not None
         unet_batch = cond.shape[0]
         x = latents.astype(np.float32) * np.float32(t.init_noise_sigma)
-        rng = np.random.default_rng(None if seed is None else seed + 1)
+        # injected noise (LCM): from seed + 1, one stream for the batch, or one per row for per-row seeds
+        seeds = list(seed) if is_per_row(seed) else [seed]
+        rngs = [np.random.default_rng(None if s is None else s + 1) for s in seeds]
+        if use_cfg:
+            # a scale per row (NaN: that row takes the conditional prediction alone), shaped to broadcast
+            g = np.broadcast_to(np.asarray(guidance, np.float32).reshape(-1, 1, 1, 1), (x.shape[0], 1, 1, 1))
         prev_x0 = np.zeros_like(x)
         variants = self.manifest.get("step_variants")
         full = self.full_steps()
@@ -429,10 +459,16 @@ class Pipeline:
                 m = unet.run(feeds, ["out_sample"])["out_sample"]
             if use_cfg:
                 m_uncond, m_cond = np.split(m, 2)
-                m = m_uncond + np.float32(guidance) * (m_cond - m_uncond)
+                guided = m_uncond + np.nan_to_num(g, nan=1.0) * (m_cond - m_uncond)
+                m = np.where(np.isnan(g), m_cond, guided)
             step_noise = None
             if t.next_from_noise[i] != 0.0:
-                step_noise = noise[i] if noise is not None else rng.standard_normal(x.shape, dtype=np.float32)
+                if noise is not None:
+                    step_noise = noise[i]
+                elif len(rngs) == 1:
+                    step_noise = rngs[0].standard_normal(x.shape, dtype=np.float32)
+                else:
+                    step_noise = np.concatenate([r.standard_normal((1, *x.shape[1:]), dtype=np.float32) for r in rngs])
             x, prev_x0 = step(t, i, x, m, prev_x0, step_noise)
         return x
 

@@ -9,7 +9,6 @@ A request that fails validation gets its own error and never stops the other req
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,10 +77,7 @@ def parse_request(pipe, arrays: dict[str, np.ndarray | None]) -> list[Row]:
     out = []
     for prompt, neg, seed, g, h, w in zip(prompts, negs, seeds, guidance, heights, widths, strict=True):
         seed = check_seed(int(seed) if isinstance(seed, (int, np.integer)) else seed)
-        if isinstance(g, float) and math.isnan(g):
-            raise InputError(f"guidance must be a finite number from 0 to 100 (or left out: the artifact's default), "
-                             f"got {g!r}")
-        g = check_guidance(float(g)) if g is not None else None
+        g = None if g is None else check_guidance(float(g))
         h, w = check_size_arg("height", int(h)), check_size_arg("width", int(w))
         pipe.check_size(h, w)
         out.append(Row(prompt, neg, seed, g, h, w))
@@ -103,30 +99,11 @@ def generate(pipe, rows: list[Row]) -> list[np.ndarray]:
     for idx in _groups(rows, pipe.image["batch"][2]):
         group = [rows[i] for i in idx]
         negs = None if group[0].negative_prompt is None else [r.negative_prompt for r in group]
-        out = _call(pipe, group, negs)
+        out = pipe([r.prompt for r in group], negative_prompt=negs, seed=[r.seed for r in group],
+                   guidance=[r.guidance for r in group], height=group[0].height, width=group[0].width)
         for i, img in zip(idx, to_uint8(out), strict=True):
             images[i] = img
     return images
-
-
-def _call(pipe, group: list[Row], negs: list[str] | None) -> np.ndarray:
-    """One pipeline call for rows of one size, each drawing its latents and injected noise from its own seed (what
-    ``pipe(prompts, seed=s)`` draws for one row); rows with another guidance scale run in their own call."""
-    h, w = group[0].height, group[0].width
-    f, c = pipe.latent["vae_scale_factor"], pipe.latent["channels"]
-    out = np.empty((len(group), h, w, 3), np.float32)
-    by_g: dict[float | None, list[int]] = {}
-    for i, r in enumerate(group):
-        by_g.setdefault(r.guidance, []).append(i)
-    for g, idx in by_g.items():
-        latents = np.concatenate([pipe.initial_noise(group[i].seed, 1, h, w) for i in idx])
-        rngs = [np.random.default_rng(group[i].seed + 1) for i in idx]
-        noise = [np.concatenate([rng.standard_normal((1, c, h // f, w // f), dtype=np.float32) for rng in rngs])
-                 if pipe.tables.next_from_noise[s] != 0.0 else np.zeros((len(idx), c, h // f, w // f), np.float32)
-                 for s in range(pipe.tables.num_steps)]
-        out[idx] = pipe([group[i].prompt for i in idx], negative_prompt=None if negs is None else [negs[i] for i in idx],
-                        guidance=g, height=h, width=w, latents=latents, noise=noise)
-    return out
 
 
 def execute(pipe, requests: list[dict[str, np.ndarray | None]]) -> list[list[np.ndarray] | DiffcError]:

@@ -51,9 +51,8 @@ def config_pbtxt(manifest: dict[str, Any], *, name: str, instances: int, max_bat
                  queue_delay_us: int) -> str:
     """The model's config.pbtxt (protobuf text format, written by hand: the fields are few and fixed)."""
     kind = "KIND_GPU" if is_gpu_artifact(manifest) else "KIND_CPU"
-    inputs = ",\n".join(
-        f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ 1 ]\n' + ("    optional: true\n" if opt else "") + "  }"
-        for n, t, opt in INPUTS)
+    inputs = ",\n".join(f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ 1 ]\n'
+                         + ("    optional: true\n" if opt else "") + "  }" for n, t, opt in INPUTS)
     return f"""# written by diffc: the artifact is in 1/{ARTIFACT_DIR}, the model code in 1/model.py
 name: "{name}"
 backend: "python"

@@ -144,6 +144,13 @@ class TritonServer:
         except (OSError, TypeError):
             return ""
 
+    def log_errors(self, lines: int = 12) -> str:
+        """What the log says went wrong: Triton's error lines (``E1203 ...``) and models it marks UNAVAILABLE
+        (which carry the model's own exception, e.g. diffc's message), else the end of the log."""
+        text = self.log_tail(1 << 20)
+        errors = [ln.strip() for ln in text.splitlines() if re.match(r"E\d{4} ", ln) or "UNAVAILABLE" in ln]
+        return "\n".join(errors[-lines:]) if errors else text[-4000:]
+
     def start(self) -> TritonServer:
         self.workspace = Path(tempfile.mkdtemp(prefix="diffc-triton-"))
         try:
@@ -171,14 +178,14 @@ class TritonServer:
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ServerError(f"tritonserver exited with status {self.process.returncode} before it was ready; "
-                                  f"its log ends:\n{self.log_tail()}")
+                raise ServerError(f"tritonserver exited with status {self.process.returncode} before it was ready:\n"
+                                  f"{self.log_errors()}")
             with contextlib.suppress(OSError, urllib.error.URLError):
                 with urllib.request.urlopen(f"http://{self.url}/v2/health/ready", timeout=2) as r:
                     if r.status == 200:
                         return
             time.sleep(0.25)
-        raise ServerError(f"tritonserver was not ready after {self.timeout:g} s; its log ends:\n{self.log_tail()}")
+        raise ServerError(f"tritonserver was not ready after {self.timeout:g} s:\n{self.log_errors()}")
 
     def stop(self) -> int | None:
         """SIGTERM, wait for the models to unload, then SIGKILL the process group if it is still there; remove the
@@ -214,8 +221,8 @@ class TritonServer:
         while self.process is not None and self.process.poll() is None:
             time.sleep(poll)
         if self.process is not None:
-            raise ServerError(f"tritonserver stopped on its own (status {self.process.returncode}); its log ends:\n"
-                              f"{self.log_tail()}")
+            raise ServerError(f"tritonserver stopped on its own (status {self.process.returncode}):\n"
+                              f"{self.log_errors()}")
 
 
 @contextlib.contextmanager

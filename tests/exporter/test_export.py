@@ -174,5 +174,12 @@ def test_output_exists(pipelines, tmp_path):
     with pytest.raises(OutputExistsError, match="--force"):
         export_pipeline(pipelines["sd"], out, components=["vae_decoder"], progress=False)
     assert (out / "keep.txt").read_text() == "mine"
-    export_pipeline(pipelines["sd"], out, components=["vae_decoder"], force=True, progress=False)
-    assert not (out / "keep.txt").exists() and (out / "vae_decoder" / "model.onnx").is_file()
+    # --force replaces only what diffc wrote: this folder holds the user's file
+    with pytest.raises(OutputExistsError, match="did not write"):
+        export_pipeline(pipelines["sd"], out, components=["vae_decoder"], force=True, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    fresh = tmp_path / "fresh"
+    export_pipeline(pipelines["sd"], fresh, components=["vae_decoder"], progress=False)
+    (fresh / "vae_decoder" / "stale.txt").write_text("from the last export")
+    export_pipeline(pipelines["sd"], fresh, components=["vae_decoder"], force=True, progress=False)
+    assert not (fresh / "vae_decoder" / "stale.txt").exists() and (fresh / "vae_decoder" / "model.onnx").is_file()

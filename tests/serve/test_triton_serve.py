@@ -84,7 +84,9 @@ def pipe(demo_cpu_artifact):
 
 @pytest.fixture(scope="module")
 def server(demo_cpu_artifact, tmp_path_factory):
-    repo = write_repository(demo_cpu_artifact, tmp_path_factory.mktemp("triton") / "repo", name=MODEL, link=True)
+    # a 20 ms queue delay: the concurrent requests below batch even where each image takes no time at all
+    repo = write_repository(demo_cpu_artifact, tmp_path_factory.mktemp("triton") / "repo", name=MODEL, link=True,
+                            queue_delay_us=20_000)
     s = _start(repo)
     try:
         yield s
@@ -221,6 +223,22 @@ def test_a_bad_request_in_a_batch_leaves_the_others_their_images(server, pipe):
         assert np.abs(results[k][0].astype(int) - _expected(pipe, prompt, seed, g).astype(int)).max() <= 1
 
 
+def test_a_model_that_cannot_load_stops_the_server_with_diffcs_message(demo_cpu_artifact, tmp_path):
+    from diffc.serve import ServerError
+
+    repo = write_repository(demo_cpu_artifact, tmp_path / "repo", name=MODEL, link=True)
+    artifact = repo / MODEL / "1" / ARTIFACT_DIR
+    artifact.unlink()
+    artifact.mkdir()  # an empty folder where the artifact should be
+    server = TritonServer(repo, timeout=120)
+    try:
+        with pytest.raises(ServerError, match="manifest"):
+            server.start()
+    except BackendUnavailableError as e:
+        pytest.skip(f"Triton cannot run here: {e}")
+    assert server.process is None and server.workspace is None  # start() cleaned up after itself
+
+
 # ------------------------------------------------------------------------------------------ diffc serve
 
 
@@ -260,3 +278,21 @@ def test_diffc_serve_prints_its_url_and_stops_on_sigterm(demo_cpu_artifact, pipe
     assert not list(tmp_path.glob("diffc-*"))
     leftover = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
     assert not leftover, f"processes left running: {leftover}"
+
+
+def test_serve_benchmark_runs_on_the_demo(server, demo_cpu_artifact):
+    """benchmarks/serve.py end to end, briefly (two levels, four requests each): its JSON has every number the
+    docs quote. ``server`` only makes this skip where Triton cannot run."""
+    import json
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "serve.py"
+    out = subprocess.run([sys.executable, str(script), "--artifact", str(demo_cpu_artifact), "--requests", "4",
+                          "--concurrency", "1,2", "--instances", "1", "--seconds", "30"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    levels = result["triton"]["1"]
+    assert [lv["clients"] for lv in levels] == [1, 2] and all(lv["requests"] == 4 for lv in levels)
+    assert result["in_process"]["images_per_s"] > 0
+    assert set(result["ratios"]["1"]) == {"over_in_process", "over_one_client"}
+    assert levels[0]["mean_batch"] == 1.0  # one client never has a second request waiting
