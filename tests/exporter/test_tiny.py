@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from diffc import _fs
+
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -59,7 +61,7 @@ def written(tmp_path_factory):
 def test_folder_layout(written, kind):
     folder = written[kind][0]
     cls, sched, entries = EXPECTED[kind]
-    assert {p.name for p in folder.iterdir()} == entries
+    assert {p.name for p in folder.iterdir()} == entries | {_fs.OWNER_FILE}  # the mark that diffc wrote it
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == cls and index["scheduler"] == ["diffusers", sched]
     assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
