@@ -60,7 +60,23 @@ def _configured_pad_token(folder: Path) -> str | None:
     return None
 
 
-class PromptTokenizer:
+class _Untruncated:
+    """A prompt tokenizer's ``_tok`` (truncating, padding) and, made only when a prompt is too long, a copy without
+    either (``_untruncated``) to count or show what was cut off: a copy costs as much as the load (0.2 s for CLIP's
+    vocabulary)."""
+
+    _tok: Tokenizer
+    _raw: Tokenizer | None = None
+
+    def _untruncated(self) -> Tokenizer:
+        if self._raw is None:
+            self._raw = Tokenizer.from_str(self._tok.to_str())
+            self._raw.no_truncation()
+            self._raw.no_padding()
+        return self._raw
+
+
+class PromptTokenizer(_Untruncated):
     """Batch of prompts -> ``int64 (B, max_length)`` CLIP ids, padded and truncated like diffusers does.
 
     ``pad_id``: ``None`` (default) pads with the token ``tokenizer_config.json`` next to ``tokenizer.json``
@@ -108,14 +124,6 @@ class PromptTokenizer:
         self._tok = raw
         self._tok.enable_truncation(max_length=self.max_length)
         self._tok.enable_padding(length=self.max_length, pad_id=self.pad_id, pad_token=self.pad_token)
-        self._raw: Tokenizer | None = None
-
-    def _untruncated(self) -> Tokenizer:
-        if self._raw is None:
-            self._raw = Tokenizer.from_str(self._tok.to_str())
-            self._raw.no_truncation()
-            self._raw.no_padding()
-        return self._raw
 
     def __repr__(self) -> str:
         return f"PromptTokenizer({str(self.path)!r}, max_length={self.max_length}, pad_id={self.pad_id})"
@@ -181,7 +189,7 @@ def _load_tokenizer(path: Path) -> Tokenizer:
         raise ArtifactError(f"tokenizer file {path} is corrupt ({e}); {_REBUILD}") from e
 
 
-class PaddedPromptTokenizer:
+class PaddedPromptTokenizer(_Untruncated):
     """Prompts -> ``(input_ids, attention_mask)``, both ``int64 (B, max_length)``, for the sentencepiece-derived
     tokenizers of the transformer pipelines (T5: unigram; Gemma-2: byte-fallback BPE), read from the
     ``tokenizer.json`` a checkpoint ships (no transformers, no sentencepiece).
@@ -219,17 +227,9 @@ class PaddedPromptTokenizer:
         self._tok.enable_truncation(max_length=self.max_length)
         self._tok.enable_padding(length=self.max_length, pad_id=self.pad_id, pad_token=pad_token,
                                  direction="right")
-        self._raw: Tokenizer | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, max_length={self.max_length})"
-
-    def _untruncated(self) -> Tokenizer:
-        if self._raw is None:
-            self._raw = Tokenizer.from_str(self._tok.to_str())
-            self._raw.no_truncation()
-            self._raw.no_padding()
-        return self._raw
 
     def count(self, text: str) -> int:
         """Token count of ``text`` with its special tokens, untruncated (``len(tokenizer.encode(text))``)."""
