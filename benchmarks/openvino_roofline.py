@@ -133,7 +133,8 @@ def main() -> None:
             sys.exit(f"{name} is a {c['backend']} component: this script measures OpenVINO artifacts")
         model = core.read_model(str(args.artifact / c["file"]))
         names = [p.get_any_name() for p in model.inputs]
-        shapes = opt_shapes(c, {"height": latent, "width": latent})
+        shapes = opt_shapes(c, {"height": latent, "width": latent, "image_height": args.size,
+                                "image_width": args.size})  # the vae_encoder's axes are in pixels
         model.reshape(dict(zip(names, shapes)))
         macs = multiply_adds(model)
         t0 = time.perf_counter()

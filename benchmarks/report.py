@@ -135,11 +135,12 @@ RUNS: list[dict[str, Any]] = [
 
 COLD_START = "cold_start_2026-12-01.json"
 ROOFLINE = "openvino_roofline_512px_int8_cache_2026-12-02.json"
+SERVE = "serve_demo_2026-12-03.json"
 
 
 def cited() -> list[str]:
     """Every results file the page is made from."""
-    return [*LATEST["files"], *(r["file"] for r in RUNS), COLD_START, ROOFLINE]
+    return [*LATEST["files"], *(r["file"] for r in RUNS), COLD_START, ROOFLINE, SERVE]
 
 
 def _load(name: str) -> dict[str, Any]:
@@ -267,6 +268,33 @@ def roofline_section(run: dict[str, Any]) -> list[str]:
     return lines
 
 
+def serve_section(run: dict[str, Any]) -> list[str]:
+    base = run["in_process"]
+    load = run["load_average_1min"]
+    lines = ["## Serving on Triton (`benchmarks/serve.py`)", "",
+             f"The `{run['artifact']}` artifact behind a real Triton server (the `serve` extra's, on 127.0.0.1), "
+             "one-image HTTP requests, each client sending its next request when its answer is back; against the "
+             "same artifact called in-process one image at a time. Machine: "
+             f"{_machine([run])}, 1-minute load average {load['before']} before and {load['after']} after (a shared "
+             "machine: the server and the baseline competed with other work, which favours fewer threads). "
+             "Threads: " + "; ".join(f"{k} instance(s): {f'{v} each' if v else 'the profile' + chr(39) + 's'}"
+                                     for k, v in run["threads_per_instance"].items())
+             + f"; in-process: the profile's. At most {run['requests_per_level']} requests per level. "
+             f"File: `benchmarks/results/{SERVE}`.", "",
+             "| instances | clients | images/s | p50 s | p99 s | mean batch | over in-process | over one client |",
+             "|---" * 8 + "|",
+             f"| in-process | 1 | {base['images_per_s']:g} | {base['p50_s']:g} | {base['p99_s']:g} "
+             "| - | 1 | - |"]
+    for instances, levels in run["triton"].items():
+        ratios = run["ratios"][instances]
+        for lv in levels:
+            c = str(lv["clients"])
+            lines.append(f"| {instances} | {c} | {lv['images_per_s']:g} | {lv['p50_s']:g} | "
+                         f"{lv['p99_s']:g} | {lv['mean_batch']} | {ratios['over_in_process'][c]} | "
+                         f"{ratios['over_one_client'][c]} |")
+    return lines
+
+
 def summary_table() -> list[str]:
     """The README's small table: the latest run's medians, in brackets diffusers fp32's median over the row's."""
     cells, order, rows = _grid([_load(f) for f in LATEST["files"]])
@@ -305,7 +333,8 @@ def render() -> str:
         run = _load(entry["file"])
         lines += [f"## {entry['title']}", "", *end_to_end_table([run]), "", *_run_facts([run], [entry["file"]]), "",
                   entry["note"], ""]
-    lines += [*cold_start_section(_load(COLD_START)), "", *roofline_section(_load(ROOFLINE))]
+    lines += [*cold_start_section(_load(COLD_START)), "", *roofline_section(_load(ROOFLINE)), "",
+              *serve_section(_load(SERVE))]
     return "\n".join(lines) + "\n"
 
 

@@ -16,13 +16,19 @@ Every level sends at most ``--requests`` requests and stops early after ``--seco
     python benchmarks/serve.py                   # the demo artifact (built in a temporary folder), quick
     python benchmarks/serve.py --sd15            # SD-1.5 architecture (random weights) at 256 px: minutes
     python benchmarks/serve.py --artifact DIR    # any artifact
+    python benchmarks/serve.py --save            # also write benchmarks/results/serve_demo_<date>.json
 
-Progress goes to the log (stderr); stdout is one JSON object.
+Progress goes to the log (stderr); stdout is one JSON object. ``--save`` writes it into benchmarks/results/ too,
+where benchmarks/report.py renders it into docs/benchmarks.md (cite the file there). The machine's load average
+before and after is in the JSON: on a shared machine the server and the in-process baseline compete with
+whatever else runs, so read the ratios with it.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import logging
 import os
 import statistics
@@ -142,14 +148,19 @@ def server_level(http, url: str, model: str, clients: int, requests: int, second
             "batches": {str(b): n for b, n in sorted(executions.items()) if n}}
 
 
+def instance_threads(instances: int) -> int:
+    """Each instance's ``diffc.load(threads=...)``: the profile's own for one instance (as in-process), else the
+    cores shared out, so that instances do not oversubscribe them."""
+    return 0 if instances == 1 else max(1, (os.cpu_count() or 1) // instances)
+
+
 def serve_levels(artifact: Path, work: Path, instances: int, concurrency: list[int], requests: int,
                  seconds: float) -> list[dict[str, Any]]:
     import tritonclient.http as http
 
     from diffc.serve import TritonServer, write_repository
 
-    cpus = os.cpu_count() or 1
-    threads = 0 if instances == 1 else max(1, cpus // instances)  # instances share the cores instead of oversubscribing
+    threads = instance_threads(instances)
     repo = write_repository(artifact, work / f"repo-{instances}", name="bench", instances=instances, threads=threads,
                             link=True)
     with TritonServer(repo, timeout=600) as server:
@@ -189,10 +200,13 @@ def main() -> None:
     ap.add_argument("--instances", default="1,2")
     ap.add_argument("--requests", type=int, default=32, help="Requests per level (at most).")
     ap.add_argument("--seconds", type=float, default=30.0, help="Stop a level after this long.")
+    ap.add_argument("--save", action="store_true",
+                    help="Also write the JSON to benchmarks/results/serve_<artifact>_<date>.json.")
     args = ap.parse_args()
     log_to_stderr("diffc.runtime", "diffc.build", "diffc.exporter", "diffc.passes", "diffc.engines")
     concurrency = [int(c) for c in args.concurrency.split(",")]
     instances = [int(k) for k in args.instances.split(",")]
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="diffc-bench-serve-") as tmp:
         work = Path(tmp)
         artifact = args.artifact or build_artifact(work, args.sd15)
@@ -205,10 +219,17 @@ def main() -> None:
                   "over_one_client": {str(lv["clients"]): sig(lv["images_per_s"] / levels[0]["images_per_s"])
                                       for lv in levels}}
               for k, levels in served.items()}
-    emit({"benchmark": "serve", "artifact": "sd15-256" if args.sd15 else (str(args.artifact) if args.artifact
-                                                                          else "demo"),
-          "machine": machine(), "requests_per_level": args.requests, "seconds_per_level": args.seconds,
-          "in_process": baseline, "triton": served, "ratios": ratios})
+    name = "sd15-256" if args.sd15 else (args.artifact.name.removesuffix(".diffc") if args.artifact else "demo")
+    result = {"benchmark": "serve", "artifact": name, "date": datetime.date.today().isoformat(),
+              "machine": machine(), "load_average_1min": {"before": round(load_before[0], 2),
+                                                          "after": round(os.getloadavg()[0], 2)},
+              "requests_per_level": args.requests, "seconds_per_level": args.seconds,
+              "threads_per_instance": {str(k): instance_threads(k) for k in instances}, "in_process": baseline, "triton": served, "ratios": ratios}
+    if args.save:
+        out = HERE / "results" / f"serve_{name}_{result['date']}.json"
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        log.info("wrote %s", out)
+    emit(result)
 
 
 if __name__ == "__main__":

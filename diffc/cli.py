@@ -70,7 +70,8 @@ def main(ctx, verbose, quiet):
 @click.option("--component", "components", multiple=True, help="Export only these components (repeatable).")
 @click.pass_obj
 def export(obj, model, out, force, exporter, opset, components):
-    """Export MODEL (a diffusers folder, or 'demo') to ONNX, one folder per component, checked against PyTorch."""
+    """Export MODEL (a diffusers folder, or 'demo' / 'demo-dit') to ONNX, one folder per component, checked against
+    PyTorch."""
     import onnx
 
     from diffc.errors import ExportError
@@ -111,9 +112,11 @@ def _check_overrides(steps: int | None, sampler: str | None) -> None:
 @click.option("--no-cache", is_flag=True, help="Rebuild every TensorRT engine, even those the build cache holds.")
 @click.option("--dry-run", is_flag=True, help="Print what would be built (components, precisions, shapes, backend "
               "flags) as JSON and exit; exports and builds nothing, needs no backend.")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+              help="Fuse a LoRA (peft / diffusers / kohya / A1111 .safetensors) into the weights at SCALE (default 1.0); repeatable. Run-time LoRAs need no rebuild: `diffc run --lora`.")
 @click.pass_obj
-def build(obj, model, profile, out, force, steps, sampler, exporter, verify_passes, no_cache, dry_run):
-    """Compile MODEL (a diffusers folder, or 'demo') for PROFILE into an artifact."""
+def build(obj, model, profile, out, force, steps, sampler, exporter, verify_passes, no_cache, dry_run, loras):
+    """Compile MODEL (a diffusers folder, or 'demo' / 'demo-dit') for PROFILE into an artifact."""
     _check_overrides(steps, sampler)
     if dry_run:
         from diffc.build.plan import plan
@@ -123,9 +126,11 @@ def build(obj, model, profile, out, force, steps, sampler, exporter, verify_pass
     if out is None:
         raise click.UsageError("Missing option '--out' / '-o' (only --dry-run runs without it).")
     from diffc.build import build as _build
+    from diffc.runtime.lora import parse_spec
 
     path = _build(model, profile=profile, out=out, force=force, steps=steps, sampler=sampler, exporter=exporter,
-                  progress=obj["progress"], no_cache=no_cache, verify_passes=verify_passes)
+                  progress=obj["progress"], no_cache=no_cache, verify_passes=verify_passes,
+                  loras=[parse_spec(text) for text in loras])
     if obj["progress"]:
         from diffc.build.report import format_build_report
 
@@ -156,9 +161,16 @@ def build(obj, model, profile, out, force, steps, sampler, exporter, verify_pass
 @click.option("--cache-interval", type=click.IntRange(min=1), default=None,
               help="Artifacts built with [cache]: run the full UNet every N-th step (1: every step, no reuse) "
                    "instead of the built schedule.")
+@click.option("--image", "init_image", type=click.Path(path_type=Path), default=None,
+              help="Image-to-image: redraw this image (PNG, JPEG, WebP) instead of starting from noise; it is resized "
+                   "to --height x --width (default: its own size) when its aspect ratio matches, else refused.")
+@click.option("--strength", type=float, default=None,
+              help="With --image: how much of it is redrawn, in (0, 1] (default 0.8); more steps run the higher it is.")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+              help="Apply a LoRA at SCALE (default 1.0) on top of the artifact's weights, without a rebuild; repeatable (onnxruntime artifacts).")
 @click.pass_obj
 def run(obj, artifact, prompt, negative_prompt, seed, guidance, height, width, out, threads, memory_arena,
-        cache_interval):
+        cache_interval, init_image, strength, loras):
     """Generate an image from ARTIFACT (torch-free)."""
     from diffc.runtime import check_image_path, load, save_image
     from diffc.runtime.pipeline import check_guidance, check_prompts, check_seed, check_size_arg, check_threads
@@ -173,11 +185,22 @@ def run(obj, artifact, prompt, negative_prompt, seed, guidance, height, width, o
     check_size_arg("--width", width)
     check_threads(threads, "--threads")
     check_image_path(out)
+    if init_image is not None or strength is not None:
+        from diffc.runtime.img2img import check_image_args
+
+        check_image_args(init_image, strength)  # readable image, strength in (0, 1]: before the artifact loads
+    lora_scales = None
+    if loras:
+        from diffc.runtime.lora import parse_spec, specs
+
+        lora_scales = dict(parse_spec(text) for text in loras)
+        specs(lora_scales)  # files present, scales finite: before the artifact loads
     pipe = load(artifact, threads=threads, memory_arena=memory_arena, progress=obj["progress"], height=height,
-                width=width)
+                width=width, loras=lora_scales)
     if cache_interval is not None:
         pipe.set_cache_schedule({"kind": "interval", "interval": cache_interval})
-    images = pipe(prompt, negative_prompt=negative_prompt, seed=seed, guidance=guidance, height=height, width=width)
+    images = pipe(prompt, negative_prompt=negative_prompt, seed=seed, guidance=guidance, height=height, width=width,
+                  image=init_image, strength=strength)
     save_image(images[0], out)
     click.echo(f"wrote {out}")
 

@@ -109,7 +109,7 @@ def test_openvino_roofline_on_the_demo(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(run.stdout)
-    assert set(result["components"]) == {"text_encoder", "unet", "vae_decoder"}
+    assert set(result["components"]) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
     assert all(v > 0 for v in result["peak_gmac_per_s"].values())
     unet = result["components"]["unet"]
     assert unet["precision"] == "int8" and unet["gmac"]["conv"] > 0 and unet["gmac"]["attention"] > 0

@@ -35,7 +35,7 @@ log = logging.getLogger("diffc.build")
 
 def build(model: str | Path, profile: Any = "cpu", out: str | Path | None = None, *, force: bool = False,
           steps: int | None = None, sampler: str | None = None, exporter: str = "torchscript", progress: bool = True,
-          no_cache: bool = False, verify_passes: bool = False) -> Path:
+          no_cache: bool = False, verify_passes: bool = False, loras: Any = None) -> Path:
     """Build an artifact from ``model`` (a diffusers folder, or ``"demo"``) for ``profile`` (a name, a .toml
     path or a :class:`~diffc.profiles.Profile`) at ``out``; returns its path. ``no_cache``: rebuild TensorRT
     engines the build cache holds; ``verify_passes``: run the onnx checker and shape inference after every pass.
@@ -43,14 +43,16 @@ def build(model: str | Path, profile: Any = "cpu", out: str | Path | None = None
     A profile with int8 / fp8 components also builds its fp32 onnxruntime twin (in the work folder), runs its
     sampling loop to calibrate, inserts Q/DQ, and gates the result against it (:mod:`diffc.build.quantize`); a
     CPU profile with bf16 / fp16 compute (the default ``cpu``) builds the twin and is gated the same way
-    (:func:`diffc.build.plan.gated`).
+    (:func:`diffc.build.plan.gated`). ``loras``: ``[(file, scale), ...]`` (or ``{file: scale}``) fused into the
+    weights before export, and recorded in the manifest (:mod:`diffc.build.lora`).
     """
     from diffc._fs import atomic_output_dir, work_dir
-    from diffc.build import engines, export, manifest, passes, plan, quantize, tokenizers, twin
+    from diffc.build import engines, export, lora, manifest, passes, plan, quantize, tokenizers, twin
     from diffc.build.report import write_json
 
     prof = plan.resolve_profile(profile, steps=steps, sampler=sampler)
     plan.check_profile(prof)
+    loras = lora.check(loras)
     if out is None:
         raise ProfileError("no output folder given; pass --out ARTIFACT")
     out = Path(out)
@@ -60,7 +62,8 @@ def build(model: str | Path, profile: Any = "cpu", out: str | Path | None = None
 
     with work_dir("diffc-build") as work, \
             atomic_output_dir(out, force=force, what="artifact", protect=protect) as tmp:
-        exported = export.export(model, prof, work, tmp, exporter=exporter, progress=progress, report=report)
+        exported = export.export(model, prof, work, tmp, exporter=exporter, progress=progress, report=report,
+                                 loras=loras)
         quantized = prof.quantized_components(tuple(exported.components))
 
         report["pass_order"] = passes.pass_order(prof)
@@ -81,6 +84,7 @@ def build(model: str | Path, profile: Any = "cpu", out: str | Path | None = None
         engines.warm_host_cache(prof, tmp, components, report)
         encoders = tokenizers.write(exported, tmp)
         written = manifest.compose(exported, prof, components, encoders, report, exporter=exporter)
+        lora.record(written, exported, components, tmp, loras)
         written.write(tmp)
 
         if reference is not None:

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from diffc._fs import folder_hash
-from diffc.build.plan import TXT2IMG_COMPONENTS, cache_plan, geometry_from_configs, uses_cfg
+from diffc.build import families
+from diffc.build.plan import (IMAGE_INPUT_COMPONENTS, TXT2IMG_COMPONENTS, cache_plan, check_transformer_profile,
+                              geometry_from_configs, transformer_geometry, uses_cfg)
 from diffc.errors import DiskSpaceError
 from diffc.profiles import Profile
 
@@ -47,10 +49,20 @@ class Exported:
     geometry: dict[str, Any]
     cache: dict[str, Any] | None
     tables: Any  # diffc.runtime.sampler.SamplerTables
+    #: the transformer family (diffc.build.families); None for a UNet pipeline, whose ``unet_config`` is the UNet's
+    #: (for a transformer pipeline ``unet_config`` holds the transformer's config)
+    family: Any = None
+
+    @property
+    def denoiser(self) -> str:
+        """The denoiser component: ``unet`` or ``transformer``."""
+        return "unet" if self.family is None else families.TRANSFORMER
 
     @property
     def cfg(self) -> bool:
         """Whether the loop runs classifier-free guidance batches."""
+        if self.family is not None:
+            return families.uses_cfg(self.family, self.unet_config)
         return uses_cfg(self.unet_config)
 
     @property
@@ -93,7 +105,7 @@ def scheduler_config(source) -> dict[str, Any]:
 
 
 def export(model: str | Path, profile: Profile, work: Path, artifact: Path, *, exporter: str, progress: bool,
-           report: dict[str, Any]) -> Exported:
+           report: dict[str, Any], loras: list | None = None) -> Exported:
     """Load ``model`` (a diffusers folder, or ``"demo"`` written into ``work``), check the disk against
     ``artifact``'s, and export the loop's components into ``work/onnx`` (with the UNet's cache-branch features
     as extra outputs when the profile reuses the cache). Records ``disk`` and ``timings.export_s`` in ``report``.
@@ -101,20 +113,35 @@ def export(model: str | Path, profile: Profile, work: Path, artifact: Path, *, e
     from diffc.exporter import pipeline_data
     from diffc.exporter.export import export_pipeline_to, load_pipeline, resolve_model
     from diffc.exporter.sampler import compile_sampler, default_kind_for
-    from diffc.exporter.source import inspect_model
+    from diffc.exporter.source import check_unet_channels, inspect_model
 
     folder = resolve_model(model, work)
     source = inspect_model(folder)
-    pipe = load_pipeline(source)
-    components = [c for c in TXT2IMG_COMPONENTS if c in source.components]
+    family = families.family_of(source.pipeline_class)
+    if family is not None:
+        check_transformer_profile(profile, family)
+    else:  # before loading: an inpainting UNet saved as text-to-image would load, build, and fail only at run time
+        check_unet_channels(source.config("unet"))
+    pipe = load_pipeline(source, loras or ())  # LoRAs (diffc.build.lora.check) fused before export
+    components = [c for c in TXT2IMG_COMPONENTS + IMAGE_INPUT_COMPONENTS if c in source.components]
     report["disk"] = check_disk(pipeline_data.fp32_weight_bytes(pipe, components), work, artifact)
 
     sched_cfg = scheduler_config(source)
     kind = profile.sampler if profile.sampler != "auto" else default_kind_for(sched_cfg.get("_class_name") or "")
-    tables = compile_sampler(kind, sched_cfg, profile.steps)
     cfgs = pipeline_data.configs(pipe)
-    geometry = geometry_from_configs(cfgs["unet"], cfgs["vae"], profile)
-    cache = cache_plan(cfgs["unet"], profile)
+    if family is None:
+        tables = compile_sampler(kind, sched_cfg, profile.steps)
+        geometry = geometry_from_configs(cfgs["unet"], cfgs["vae"], profile)
+        cache = cache_plan(cfgs["unet"], profile)
+    else:
+        geometry = transformer_geometry(family, cfgs["transformer"], cfgs["vae"], profile)
+        geometry["sequence"].update(pipeline_data.text_lengths(pipe, family))
+        # as the pipeline's own __call__ sets its scheduler up (FLUX: its sigmas, and mu for the default size;
+        # the runtime recomputes a resolution-dependent shift for every other size)
+        f, p = geometry["vae_scale_factor"], geometry["patch"]
+        tables = compile_sampler(kind, sched_cfg, profile.steps, pipeline_class=source.pipeline_class,
+                                 image_seq_len=(geometry["height"][1] // f // p) * (geometry["width"][1] // f // p))
+        cache = None
 
     t0 = time.perf_counter()
     onnx_dir = work / "onnx"
@@ -123,5 +150,6 @@ def export(model: str | Path, profile: Profile, work: Path, artifact: Path, *, e
     export_report["source"] = {"model": str(model), "sha256": folder_hash(folder)}
     report["timings"]["export_s"] = round(time.perf_counter() - t0, 3)
     return Exported(model=str(model), source=source, pipe=pipe, components=components, onnx_dir=onnx_dir,
-                    report=export_report, unet_config=cfgs["unet"], vae_config=cfgs["vae"],
-                    scheduler_config=sched_cfg, geometry=geometry, cache=cache, tables=tables)
+                    report=export_report, unet_config=cfgs.get("unet") or cfgs["transformer"], vae_config=cfgs["vae"],
+                    scheduler_config=sched_cfg, geometry=geometry, cache=cache, tables=tables, family=family)
+

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from diffc import __version__
+from diffc.build import families
 from diffc.build.export import Exported
 from diffc.build.report import write_json
 from diffc.engines import get_backend
@@ -25,6 +26,10 @@ from diffc.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, read_manifest
 
 #: packages whose versions a manifest records (what a rebuild needs to reproduce the build)
 VERSIONED = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxscript", "numpy")
+
+
+#: fields left out of the file when None
+OPTIONAL = ("step_variants", "cache", "denoiser", "loras", "lora_targets")
 
 
 def _now() -> str:
@@ -47,6 +52,11 @@ class Manifest:
     sampler: dict[str, Any]
     step_variants: dict[str, Any] | None = None
     cache: dict[str, Any] | None = None
+    #: a transformer family's denoiser section (diffc.build.families.denoiser_entry); None: the UNet
+    denoiser: dict[str, Any] | None = None
+    #: LoRAs fused at build and where each LoRA-addressable weight lives in the engines (diffc.build.lora)
+    loras: list[dict[str, Any]] | None = None
+    lora_targets: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
     diffc_version: str = __version__
     created: str = dataclasses.field(default_factory=_now)
@@ -54,7 +64,7 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         head = {"schema_version": self.schema_version, "diffc_version": self.diffc_version, "created": self.created}
         body = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in head}
-        return {**head, **{k: v for k, v in body.items() if v is not None or k not in ("step_variants", "cache")}}
+        return {**head, **{k: v for k, v in body.items() if v is not None or k not in OPTIONAL}}
 
     def write(self, artifact: Path) -> Path:
         """Write ``artifact/manifest.json`` and check it with the runtime's reader."""
@@ -82,8 +92,11 @@ def versions(profile: Profile | None = None) -> dict[str, str]:
 
 
 def guidance(exported: Exported, profile: Profile) -> dict[str, Any]:
-    """The guidance policy: embedded in the UNet (LCM-style ``timestep_cond``), none, or classifier-free."""
+    """The guidance policy: embedded in the UNet (LCM-style ``timestep_cond``), none, or classifier-free; a
+    transformer family's as :func:`diffc.build.families.guidance_mode` says."""
     unet_cfg = exported.unet_config
+    if exported.family is not None:
+        return families.guidance_mode(exported.family, unet_cfg, profile.guidance)
     if unet_cfg.get("time_cond_proj_dim") is not None:
         return {"mode": "embedded", "default_scale": profile.guidance if profile.guidance is not None else 8.5,
                 "embedding_dim": int(unet_cfg["time_cond_proj_dim"]), "input": "timestep_cond"}
@@ -107,12 +120,24 @@ def step_variants(exported: Exported, report: dict[str, Any]) -> dict[str, Any] 
     """Per-step-group UNets (``[quantize].step_groups`` > 1): which variant each step runs, by timestep."""
     from diffc.build.calibrate import timestep_bounds
 
-    groups = report["components"]["unet"].get("quantization", {}).get("calibration", {}).get("step_groups")
+    groups = report["components"].get("unet", {}).get("quantization", {}).get("calibration", {}).get("step_groups")
     if not groups:
         return None
     return {"components": step_group_components(len(groups)),
             "timestep_bounds": timestep_bounds(exported.tables.timesteps, [g["steps"] for g in groups]),
             "steps": [g for g, grp in enumerate(groups) for _ in grp["steps"]]}
+
+
+def _strict_json(config: dict[str, Any]) -> dict[str, Any]:
+    """The scheduler config as strict JSON: a non-finite default (``lambda_min_clipped = -inf``) is written as the
+    string ``"-Infinity"``, the spelling diffusers' own config files use."""
+    def fix(v: Any) -> Any:
+        if isinstance(v, float) and v != v:
+            return "NaN"
+        if isinstance(v, float) and v in (float("inf"), float("-inf")):
+            return "Infinity" if v > 0 else "-Infinity"
+        return v
+    return {k: fix(v) for k, v in config.items()}
 
 
 def compose(exported: Exported, profile: Profile, components: dict[str, Any], text_encoders: list[dict[str, Any]],
@@ -128,11 +153,13 @@ def compose(exported: Exported, profile: Profile, components: dict[str, Any], te
                 "sha256": exported.source_sha256},
         profile=profile.to_dict(),
         build={"exporter": exporter, "opset": exported.report["opset"], "versions": versions(profile),
-               "passes": report["pass_order"], "scheduler_config": dict(exported.scheduler_config)},
+               "passes": report["pass_order"], "scheduler_config": _strict_json(exported.scheduler_config)},
         components=components,
         text_encoders=text_encoders,
         added_conditions=added_conditions(unet_cfg),
-        latent={"channels": int(unet_cfg["in_channels"]), "scaling_factor": float(vae_cfg["scaling_factor"]),
+        latent={"channels": int(unet_cfg["in_channels"]) if exported.family is None
+                else families.latent_channels(exported.family, unet_cfg, vae_cfg),
+                "scaling_factor": float(vae_cfg["scaling_factor"]),
                 "shift_factor": float(vae_cfg.get("shift_factor") or 0.0),
                 "vae_scale_factor": geometry["vae_scale_factor"]},
         image={"height": geometry["height"], "width": geometry["width"], "multiple_of": geometry["multiple_of"],
@@ -141,4 +168,5 @@ def compose(exported: Exported, profile: Profile, components: dict[str, Any], te
         sampler=exported.tables.to_dict(),
         step_variants=step_variants(exported, report),
         cache=cache,
+        denoiser=None if exported.family is None else families.denoiser_entry(exported.family, unet_cfg),
     )

@@ -17,11 +17,18 @@ from diffc.passes import activation_type
 from diffc.profiles import Profile, list_profiles, load_profile
 from diffc.names import base_component, step_group_components
 from diffc.profiles.schema import Backend, Precision, Range
+from diffc.exporter.source import check_unet_channels
 from diffc.exporter.unet_blocks import branch_info, feature_dims, unet_branches
 from diffc.runtime.cache import full_steps
+from diffc.build import families
 
-#: components the text-to-image loop runs, in build order
-TXT2IMG_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+#: components the text-to-image loop runs, in build order (a pipeline has a ``unet`` or a ``transformer``)
+TXT2IMG_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae_decoder")
+#: the denoiser components: the UNet, or a DiT family's transformer (diffc.build.families)
+DENOISERS = ("unet", families.TRANSFORMER)
+#: built after the loop's components when the pipeline has them: the VAE encoder takes an input image to latents
+#: (image-to-image, :mod:`diffc.runtime.img2img`)
+IMAGE_INPUT_COMPONENTS = ("vae_encoder",)
 TENSORRT_BACKENDS = (Backend.TENSORRT, Backend.TENSORRT_RTX)
 #: the token length every CLIP text encoder of a supported pipeline is fed
 SEQUENCE = 77
@@ -122,7 +129,8 @@ def _round_to(v: int, m: int) -> int:
 def geometry_from_configs(unet_cfg: dict[str, Any], vae_cfg: dict[str, Any], profile: Profile) -> dict[str, Any]:
     """Pixel size ranges from the UNet's and VAE's config.json, checked against what they can tile: every size a
     multiple of the VAE factor x the UNet's downsampling. Without ``[shapes]`` in the profile: half, one and
-    two times the model's native size."""
+    two times the model's native size. A UNet that does not map latents to latents (inpainting) is refused."""
+    check_unet_channels(unet_cfg)
     vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
     unet_mult = 2 ** (len(unet_cfg["block_out_channels"]) - 1)
     multiple = vae_factor * unet_mult
@@ -141,6 +149,44 @@ def geometry_from_configs(unet_cfg: dict[str, Any], vae_cfg: dict[str, Any], pro
     return out
 
 
+def check_transformer_profile(profile: Profile, family: families.Family) -> None:
+    """Refuse, before any export, what diffc does not build for a transformer denoiser yet: cache reuse (its
+    split is written for the UNet's skip connections) and int8 / fp8 (the quantize pass and its calibration are
+    written for the UNet's graphs)."""
+    where = f"profile {profile.name!r}"
+    if profile.cache.enabled:
+        raise ProfileError(f"{where} reuses cached UNet features ([cache].enabled), which diffc does not build for "
+                           f"transformer denoisers ({family.name}); use cpu, cpu-fp32 or cpu-openvino")
+    quantized = profile.quantized_components()
+    if quantized:
+        raise ProfileError(f"{where} quantizes {sorted(quantized)} to {sorted({p.value for p in quantized.values()})}"
+                           f", which diffc does not build for transformer denoisers ({family.name}) yet; use a "
+                           "float profile (cpu, cpu-fp32, cpu-openvino, rtx-fp16)")
+
+
+def transformer_geometry(family: families.Family, transformer_cfg: dict[str, Any], vae_cfg: dict[str, Any],
+                         profile: Profile) -> dict[str, Any]:
+    """:func:`geometry_from_configs` for a transformer family: every size a multiple of the VAE factor x the
+    transformer's patch (FLUX: its 2x2 packing), and the text length each component is fed."""
+    vae_factor = families.vae_scale_factor(vae_cfg)
+    patch = families.patch_size(family, transformer_cfg)
+    multiple = vae_factor * patch
+    native = _round_to(families.native_latent(transformer_cfg, vae_cfg) * vae_factor, multiple)
+    derived = Range(_round_to(native // 2, multiple), native, native * 2)
+    out: dict[str, Any] = {"vae_scale_factor": vae_factor, "multiple_of": multiple, "patch": patch,
+                           "packed": family.latent_layout == "packed_2x2",
+                           "sequence": {e.component: e.max_length for e in family.encoders}}
+    out["sequence"][families.TRANSFORMER] = families.text_sequence(family)
+    for key in ("height", "width"):
+        rng = getattr(profile, key) or derived
+        bad = [v for v in rng.to_list() if v % multiple]
+        if bad:
+            raise ProfileError(f"profile {profile.source or profile.name}: [shapes].{key} values {bad} are not "
+                               f"multiples of {multiple} (VAE factor {vae_factor} x transformer patch {patch})")
+        out[key] = rng.to_list()
+    return out
+
+
 def shape_ranges(component: str, profile: Profile, geometry: dict[str, Any], *, cfg: bool,
                  feature_level: int | None = None) -> dict[str, list[int]]:
     """[min, opt, max] per dynamic axis of one component, as the loop will feed it.
@@ -151,14 +197,23 @@ def shape_ranges(component: str, profile: Profile, geometry: dict[str, Any], *, 
     """
     f = geometry["vae_scale_factor"]
     b = profile.batch
-    unet = base_component(component) == "unet"  # also unet_shallow and the step-group variants unet_g1...
+    # also unet_shallow and the step-group variants unet_g1...
+    unet = base_component(component) in DENOISERS
     batch = [b.min, 2 * b.opt, 2 * b.max] if (cfg and unet and profile.guidance) else b.to_list()
     ranges: dict[str, list[int]] = {"batch": batch}
     if component.startswith("text_encoder") or unet:
-        ranges["sequence"] = [SEQUENCE] * 3
-    if unet or component == "vae_decoder":
+        seq = geometry.get("sequence", {}).get(base_component(component), SEQUENCE)
+        ranges["sequence"] = list(seq) if isinstance(seq, (list, tuple)) else [seq] * 3
+    if geometry.get("packed") and unet:
+        # FLUX's transformer takes 2x2-packed tokens: (h/2)(w/2) of them, no height / width axes
+        p = geometry["patch"]
+        ranges["image_sequence"] = [(h // f // p) * (w // f // p) for h, w in zip(geometry["height"],
+                                                                                   geometry["width"])]
+    elif unet or component == "vae_decoder":
         ranges["height"] = [v // f for v in geometry["height"]]
         ranges["width"] = [v // f for v in geometry["width"]]
+    elif component == "vae_encoder":
+        ranges["image_height"], ranges["image_width"] = list(geometry["height"]), list(geometry["width"])
     if component == "unet_shallow" and feature_level:
         for axis, name in zip(("height", "width"), feature_dims(feature_level)):
             ranges[name] = [max(1, v // 2 ** feature_level) for v in ranges[axis]]
@@ -187,8 +242,8 @@ def cache_plan(unet_cfg: dict[str, Any], profile: Profile) -> dict[str, Any] | N
 
 def build_components(present, cache: dict[str, Any] | None) -> list[str]:
     """The components to build, in order: the loop's, plus ``unet_shallow`` after ``unet`` with cache reuse."""
-    out = []
-    for name in (c for c in TXT2IMG_COMPONENTS if c in present):
+    out: list[str] = []
+    for name in (c for c in TXT2IMG_COMPONENTS + IMAGE_INPUT_COMPONENTS if c in present):
         out.append(name)
         if name == "unet" and cache is not None:
             out.append("unet_shallow")
@@ -219,9 +274,13 @@ def plan(model: str | Path, profile: str | Path | Profile = "cpu", *, steps: int
         from diffc.exporter.demo import demo_configs
 
         configs = demo_configs()
-        unet_cfg, vae_cfg, present = configs["unet"], configs["vae"], ("text_encoder", "unet", "vae_decoder")
+        unet_cfg, vae_cfg, present = configs["unet"], configs["vae"], ("text_encoder", "unet", "vae_decoder",
+                                                                         "vae_encoder")
     else:
         source = inspect_model(model)
+        family = families.family_of(source.pipeline_class)
+        if family is not None:
+            return _plan_transformer(model, prof, source, family)
         unet_cfg, vae_cfg, present = source.config("unet"), source.config("vae"), source.components
     geometry = geometry_from_configs(unet_cfg, vae_cfg, prof)
     out: dict[str, Any] = {"model": str(model), "profile": prof.name, "backend": prof.backend.value,
@@ -241,4 +300,26 @@ def plan(model: str | Path, profile: str | Path | Profile = "cpu", *, steps: int
         out["components"][name] = describe_component(prof, name, ranges)
         if name in quantized:
             out["components"][name]["quantization"] = describe_quantization(prof, quantized[name], name)
+    return out
+
+
+def _plan_transformer(model: str | Path, prof: Profile, source, family: families.Family) -> dict[str, Any]:
+    """:func:`plan` for a transformer pipeline: the refusals a build makes first, the geometry, the family's
+    denoiser entry and every component's build. (Sana's Gemma-2 length with its instruction is known only to
+    the tokenizer, so the plan shows ``max_sequence_length`` there; the build uses the exact count.)"""
+    check_transformer_profile(prof, family)
+    tcfg, vae_cfg = source.config(families.TRANSFORMER), source.config("vae")
+    geometry = transformer_geometry(family, tcfg, vae_cfg, prof)
+    out: dict[str, Any] = {"model": str(model), "profile": prof.name, "backend": prof.backend.value,
+                           "family": family.name, "image": {k: geometry[k] for k in ("height", "width")},
+                           "batch": prof.batch.to_list(), "denoiser": families.denoiser_entry(family, tcfg),
+                           "guidance": families.guidance_mode(family, tcfg, prof.guidance), "components": {}}
+    if gated(prof):
+        q = prof.quantize
+        out["quality_gate"] = {"images": len(q.gate_prompts) * len(q.gate_seeds), "min_psnr_db": q.min_psnr_db,
+                               "max_abs_error": q.max_abs_error,
+                               "against": "the fp32 onnxruntime twin of this artifact, built in the work folder"}
+    for name in build_components(source.components, None):
+        ranges = shape_ranges(name, prof, geometry, cfg=families.uses_cfg(family, tcfg))
+        out["components"][name] = describe_component(prof, name, ranges)
     return out

@@ -23,6 +23,8 @@ def write(exported: Exported, artifact: Path) -> list[dict[str, Any]]:
     ``text_encoders``."""
     from diffc.exporter.pipeline_data import save_fast_tokenizer
 
+    if exported.family is not None:
+        return _write_family(exported, artifact)
     present = exported.source.components
     is_sdxl = "text_encoder_2" in present
     encoders = []
@@ -39,4 +41,35 @@ def write(exported: Exported, artifact: Path) -> list[dict[str, Any]]:
             "pad_id": tok["pad_id"],
             "hidden_state": "penultimate_hidden_state" if is_sdxl else "last_hidden_state",
         })
+    return encoders
+
+
+def _write_family(exported: Exported, artifact: Path) -> list[dict[str, Any]]:
+    """The ``text_encoders`` of a transformer family (:mod:`diffc.build.families`): which tokenizer, mask,
+    outputs and sequence group each encoder has, as the runtime's :class:`~diffc.runtime.denoiser.TextEncoders`
+    reads them."""
+    from diffc.exporter.pipeline_data import save_fast_tokenizer
+    from diffc.runtime.tokenizer import SANA_COMPLEX_HUMAN_INSTRUCTION
+
+    encoders = []
+    for e in exported.family.encoders:
+        dest = artifact / e.tokenizer
+        tok = save_fast_tokenizer(exported.pipe, exported.source.path, e.tokenizer, dest)
+        entry: dict[str, Any] = {
+            "component": e.component,
+            "tokenizer": f"{e.tokenizer}/tokenizer.json",
+            "tokenizer_sha256": sha256_file(dest / "tokenizer.json"),
+            "max_length": e.max_length,
+            "pad_id": tok["pad_id"],
+            "hidden_state": e.hidden_state,
+            "pooled": e.pooled,
+            "tokenizer_kind": e.tokenizer_kind,
+            "attention_mask": e.attention_mask,
+            "sequence_group": e.sequence_group,
+            "lowercase": e.lowercase,
+        }
+        if e.tokenizer_kind == "gemma":
+            entry.update(max_length=exported.geometry["sequence"][e.component][1], max_sequence_length=e.max_length,
+                         complex_human_instruction=list(SANA_COMPLEX_HUMAN_INSTRUCTION))
+        encoders.append(entry)
     return encoders

@@ -180,13 +180,28 @@ class Session:
     ``arena`` (one of :data:`ARENAS`) says where the session's activations live: its ``own`` onnxruntime arena,
     held at their peak for the life of the session; ``none``: given back to the system after each run (the
     next run faults them in again); ``shared``: one arena for all ``shared`` sessions of the process.
+
+    ``initializers`` (name -> fp32 array): tensors that replace the graph's initializers of those names (a
+    run-time LoRA, :mod:`diffc.runtime.lora`). onnxruntime takes them as OrtValues over the arrays' own memory
+    (``SessionOptions.add_initializer``) and never reads those tensors from the file, so the session holds one
+    copy of each weight. Such a session bypasses the host cache: the cached graph's layout-optimized weights
+    are the base ones.
     """
 
     def __init__(self, path: str | os.PathLike, *, threads: int = 0, inter_threads: int = 0,
-                 cache_key: str | None = None, arena: str = "own", gate: PublishGate | None = None):
+                 cache_key: str | None = None, arena: str = "own", gate: PublishGate | None = None,
+                 initializers: dict[str, np.ndarray] | None = None):
         ort = _ort()
         path = Path(path)
         _session_options(threads, inter_threads, arena)  # a bad arena is refused before any work
+        # the arrays must outlive the session: onnxruntime uses their memory in place
+        self._initializers = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in (initializers or {}).items()}
+        # onnxruntime's NCHWc layout pass reorders Conv weights from the graph's own initializers, not from
+        # replacements (onnxruntime 1.32: a replaced Conv weight is silently ignored); without it the
+        # replacements hold, at the cost of the blocked-layout convolutions for this session
+        self._disabled = ["NchwcTransformer"] if any(a.ndim == 4 for a in (initializers or {}).values()) else []
+        if self._initializers:
+            cache_key = None
         cache = HostCache(NAME)
         key = cache.key(cache_key, cpu_signature(), CACHE_LAYOUT) if cache_key and cache.enabled else None
         entry = cache.lookup(key) if key else None
@@ -206,6 +221,8 @@ class Session:
                 # Extended optimizations were applied at build time; only the layout pass remains to do here.
                 opts = _session_options(threads, inter_threads, arena)
                 opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                for name, value in self._initializers.items():
+                    opts.add_initializer(name, value)
                 return opts
 
             def open_cached():
@@ -226,11 +243,11 @@ class Session:
         self.input_names = [i.name for i in self._sess.get_inputs()]
         self.output_names = [o.name for o in self._sess.get_outputs()]
 
-    @staticmethod
-    def _open(path: Path, opts):
+    def _open(self, path: Path, opts):
         ort = _ort()
         try:
-            return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
+                                        disabled_optimizers=getattr(self, "_disabled", None) or None)
         except Exception as e:  # onnxruntime raises its own exception types for a bad file
             raise ArtifactError(f"onnxruntime cannot load {path}: {e}; rebuild the artifact with `diffc build`") from e
 
@@ -251,6 +268,8 @@ class OnnxRuntimeBackend:
     pass_defaults = MappingProxyType({"attention": "mha", "groupnorm": "instance_norm", "layernorm": True,
                                       "gelu": True, "quick_gelu": True, "disable": ()})
     parallel_open = False
+    #: sessions open with replaced initializers (``open_session(..., weights=)``): run-time LoRAs
+    replaces_weights = True
     PRECISIONS = ("fp32", "int8")
 
     def available(self) -> str | None:
@@ -297,7 +316,9 @@ class OnnxRuntimeBackend:
                                io=engine_io(Path(artifact) / folder / info["files"][0]), shape_ranges=shape_ranges,
                                backend_options={"graph_optimization_applied": info["optimization"]})
 
-    def open_session(self, name: str, component, path: Path, options: SessionOptions) -> Session:
+    def open_session(self, name: str, component, path: Path, options: SessionOptions,
+                     weights: dict[str, np.ndarray] | None = None) -> Session:
+        """``weights``: initializers to replace (name -> fp32 array), see :class:`Session`."""
         ort_options = options.onnxruntime
         if ort_options.get("memory_arena") == "shared":
             arena = "shared"
@@ -309,7 +330,7 @@ class OnnxRuntimeBackend:
             arena = "own" if base_component(name) == "unet" else "none"
         return Session(path, threads=options.threads or ort_options.get("intra_op_num_threads", 0),
                        inter_threads=ort_options.get("inter_op_num_threads", 0), cache_key=options.cache_key,
-                       arena=arena, gate=options.gate)
+                       arena=arena, gate=options.gate, initializers=weights)
 
 
 BACKEND = register(OnnxRuntimeBackend())

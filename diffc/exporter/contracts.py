@@ -190,14 +190,17 @@ class _VaeDecoder(torch.nn.Module):
 
 
 class _VaeEncoder(torch.nn.Module):
-    """Encodes an image in [-1, 1] to the mean of the latent distribution (deterministic img2img)."""
+    """Encodes an image in [-1, 1] to the latent distribution's mean and standard deviation: diffusers' img2img
+    pipelines draw ``mean + std * randn`` (``retrieve_latents``' default ``sample_mode="sample"``), and the
+    runtime must do the same to reproduce them; ``std`` is computed here, after diffusers' logvar clamp."""
 
     def __init__(self, vae: torch.nn.Module):
         super().__init__()
         self.vae = vae
 
     def forward(self, sample):
-        return self.vae.encode(sample, return_dict=False)[0].mean
+        dist = self.vae.encode(sample, return_dict=False)[0]
+        return dist.mean, dist.std
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -336,7 +339,8 @@ CONTRACTS: dict[str, Callable[..., Contract]] = {
         name="vae_encoder",
         attribute="vae",
         inputs=(TensorSpec("sample", "float32", (BATCH, 3, IMAGE_HEIGHT, IMAGE_WIDTH)),),
-        outputs=(TensorSpec("latent_mean", "float32", (BATCH, "latent_channels", HEIGHT, WIDTH)),),
+        outputs=(TensorSpec("latent_mean", "float32", (BATCH, "latent_channels", HEIGHT, WIDTH)),
+                 TensorSpec("latent_std", "float32", (BATCH, "latent_channels", HEIGHT, WIDTH))),
         wrap=_VaeEncoder,
         make_inputs=_vae_encoder_inputs,
         atol=2e-3,

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+import onnx
 import torch
 
 from diffc.errors import ExportError, UnsupportedPipelineError
@@ -411,3 +412,56 @@ def stored_dtype(folder) -> str | None:
                 start, end = entry["data_offsets"]
                 found[entry["dtype"]] = found.get(entry["dtype"], 0) + end - start
     return max(found, key=found.get) if found else None
+
+
+# --------------------------------------------------------------------------------------------- graph fixes
+
+
+def drop_token_axis_squeeze(model) -> int:
+    """Replace TorchScript's conditional squeeze of a dynamic axis by the tensor itself; returns how many.
+
+    ``PixArtTransformer2DModel.forward`` ends with ``hidden_states.squeeze(1)`` on ``[B, tokens, D]``. With the
+    token count dynamic, the exporter writes ``If(Shape(x)[1] == 1, Squeeze(x, 1), Identity(x))``: onnxruntime
+    runs it, but TensorRT(-RTX) cannot build it (its shape analysis cannot prove the branches' shapes agree,
+    "reshape changes volume"), and no artifact has a one-token image (the unpatchify after it reshapes by the
+    token grid, which is also right for one token). Only ``If`` nodes of exactly that form, whose else branch
+    is the identity of the squeezed tensor, are replaced; the condition's nodes, then unused, are removed."""
+    graph = model.graph
+    replaced = 0
+    for index, node in enumerate(list(graph.node)):
+        if node.op_type != "If" or len(node.output) != 1:
+            continue
+        branches = {a.name: a.g for a in node.attribute}
+        then, other = branches.get("then_branch"), branches.get("else_branch")
+        if then is None or other is None:
+            continue
+        squeezes = [n for n in then.node if n.op_type == "Squeeze"]
+        ops = sorted(n.op_type for n in then.node)
+        if ops not in (["Squeeze"], ["Constant", "Squeeze"]) or len(other.node) != 1 \
+                or other.node[0].op_type != "Identity" or squeezes[0].input[0] != other.node[0].input[0]:
+            continue
+        identity = onnx.helper.make_node("Identity", [other.node[0].input[0]], list(node.output),
+                                         name=f"{node.name}/token_axis_kept")
+        graph.node[index].CopyFrom(identity)
+        replaced += 1
+    if replaced:
+        _remove_dead_nodes(graph)
+    return replaced
+
+
+def _remove_dead_nodes(graph) -> None:
+    """Drop nodes none of whose outputs reach a graph output (the If's condition chain, after the rewrite)."""
+    needed = {o.name for o in graph.output}
+    nodes = list(graph.node)
+    keep = [False] * len(nodes)
+    for i in reversed(range(len(nodes))):  # the graph is topologically sorted
+        node = nodes[i]
+        if any(o in needed for o in node.output):
+            keep[i] = True
+            needed.update(node.input)
+            for attr in node.attribute:  # inputs captured by subgraphs
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    needed.update(x for n in attr.g.node for x in n.input)
+    kept = [n for n, k in zip(nodes, keep) if k]
+    del graph.node[:]
+    graph.node.extend(kept)

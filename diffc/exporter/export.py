@@ -47,13 +47,23 @@ class ExportedComponent:
         return all(p["passed"] for p in self.parity)
 
 
+#: names that mean one of diffc's own trained demo pipelines (written into the work folder), not a folder
+BUNDLED_MODELS = ("demo", "demo-dit")
+
+
 def resolve_model(model: str | Path, workdir: Path) -> Path:
-    """``"demo"`` means diffc's bundled demo pipeline, written into ``workdir``; anything else is a folder."""
+    """``"demo"`` (UNet) and ``"demo-dit"`` (SD3-shaped transformer) mean diffc's bundled demo pipelines, written
+    into ``workdir``; anything else is a folder."""
     if str(model) == "demo":
         quiet_huggingface()
         from diffc.exporter.demo import write_demo_pipeline
 
         return write_demo_pipeline(workdir / "demo_pipeline")
+    if str(model) == "demo-dit":
+        quiet_huggingface()
+        from diffc.exporter.demo_dit import write_demo_dit_pipeline
+
+        return write_demo_dit_pipeline(workdir / "demo_dit_pipeline")
     return Path(model)
 
 
@@ -68,10 +78,15 @@ def quiet_huggingface() -> None:
     diffusers.utils.logging.disable_progress_bar()
 
 
-def load_pipeline(source: ModelSource):
+def load_pipeline(source: ModelSource, loras=()):
+    """The diffusers pipeline of ``source``, with ``loras`` (:class:`~diffc.runtime.lora.LoraSpec`) fused into its
+    weights (:mod:`diffc.exporter.lora`); a folder saved with an unfused adapter is refused before loading."""
     import diffusers
 
+    from diffc.exporter.lora import check_folder, fuse
+
     quiet_huggingface()
+    check_folder(source.path, loras)
     log.info("loading %s from %s", source.pipeline_class, source.path)
     try:
         with warnings.catch_warnings():
@@ -79,6 +94,7 @@ def load_pipeline(source: ModelSource):
             pipe = diffusers.DiffusionPipeline.from_pretrained(source.path, dtype=load_dtypes(source))
     except Exception as e:  # diffusers raises many types for a broken folder
         raise ModelError(f"diffusers could not load {source.path}: {e}") from e
+    fuse(pipe, loras)
     return pipe
 
 
@@ -163,6 +179,10 @@ def export_component(module: torch.nn.Module, contract: Contract, path: Path, *,
         except Exception as e:
             raise ExportError(f"torch.onnx.export failed for {contract.name} ({exporter}): {e}") from e
         model = load_model(raw)
+    if contract.name == "transformer":
+        from diffc.exporter.dit import drop_token_axis_squeeze
+
+        drop_token_axis_squeeze(model)
     _check_io_names(model, contract)
     return save_model(model, path)
 
@@ -280,7 +300,7 @@ def export_pipeline(model: str | Path, out: str | Path, *, force: bool = False, 
     """``diffc export``: every component of ``model`` to ``out/<component>/model.onnx`` + ``export_report.json``."""
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}; use one of {EXPORTERS}")
-    protect = [model] if str(model) != "demo" else []
+    protect = [model] if str(model) not in BUNDLED_MODELS else []
     with work_dir("diffc-model") as work, atomic_output_dir(out, force=force, what="export", protect=protect) as tmp:
         folder = resolve_model(model, Path(work))
         source = inspect_model(folder, purpose="export")

@@ -19,8 +19,10 @@ from diffc.exporter.export import component_module, sample_shapes
 
 
 def configs(pipe) -> dict[str, dict[str, Any]]:
-    """The UNet's and VAE's config as plain dicts (what the build's plan reads)."""
-    return {"unet": dict(pipe.unet.config), "vae": dict(pipe.vae.config)}
+    """The denoiser's (``unet`` or ``transformer``) and the VAE's config as plain dicts (what the build's plan
+    reads)."""
+    denoiser = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    return {denoiser: dict(getattr(pipe, denoiser).config), "vae": dict(pipe.vae.config)}
 
 
 def fp32_weight_bytes(pipe, components) -> int:
@@ -50,12 +52,30 @@ def save_fast_tokenizer(pipe, source_path: Path, folder_name: str, dest: Path) -
     """Write the pipeline's tokenizer ``folder_name`` as a fast (Rust ``tokenizers``) ``tokenizer.json`` plus
     its pad token into ``dest``, the form the runtime's tokenizer reads without transformers. Returns its
     ``pad_token``, ``pad_id`` and ``model_max_length``."""
-    from transformers import CLIPTokenizerFast
+    from transformers import AutoTokenizer, CLIPTokenizerFast
 
     tok = getattr(pipe, folder_name)
     if not getattr(tok, "is_fast", False):
-        tok = CLIPTokenizerFast.from_pretrained(source_path / folder_name)
+        # a slow (sentencepiece / python BPE) tokenizer: transformers converts the folder to the fast form
+        fast = CLIPTokenizerFast if type(tok).__name__.startswith("CLIP") else AutoTokenizer
+        tok = fast.from_pretrained(source_path / folder_name)
     dest.mkdir(parents=True, exist_ok=True)
     tok.backend_tokenizer.save(str(dest / "tokenizer.json"))
     (dest / "tokenizer_config.json").write_text(json.dumps({"pad_token": tok.pad_token}))
     return {"pad_token": tok.pad_token, "pad_id": int(tok.pad_token_id), "model_max_length": tok.model_max_length}
+
+
+def text_lengths(pipe, family) -> dict[str, list[int]]:
+    """Tokens each text encoder of a transformer family is fed, where the tokenizer decides it: Sana's Gemma-2
+    takes its complex human instruction plus ``max_sequence_length - 2`` tokens (``SanaPipeline
+    ._get_gemma_prompt_embeds``: ``len(tokenizer.encode(chat_prompt)) + max_sequence_length - 2``)."""
+    from diffc.runtime.tokenizer import SANA_COMPLEX_HUMAN_INSTRUCTION
+
+    out = {}
+    for e in family.encoders:
+        if e.tokenizer_kind == "gemma":
+            tok = getattr(pipe, e.tokenizer)
+            # the negative prompt goes without the instruction: max_sequence_length tokens
+            n = len(tok.encode("\n".join(SANA_COMPLEX_HUMAN_INSTRUCTION))) + e.max_length - 2
+            out[e.component] = [min(n, e.max_length), n, max(n, e.max_length)]
+    return out

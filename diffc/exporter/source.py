@@ -31,10 +31,14 @@ SUPPORTED_PIPELINES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("text_encoder", "tokenizer", "unet", "vae", "scheduler"),
     ),
 }
+# The image-to-image classes hold the same components (an artifact with a vae_encoder does both: diffc.runtime.img2img)
+SUPPORTED_PIPELINES["StableDiffusionImg2ImgPipeline"] = SUPPORTED_PIPELINES["StableDiffusionPipeline"]
+SUPPORTED_PIPELINES["StableDiffusionXLImg2ImgPipeline"] = SUPPORTED_PIPELINES["StableDiffusionXLPipeline"]
+SUPPORTED_PIPELINES["LatentConsistencyModelImg2ImgPipeline"] = SUPPORTED_PIPELINES["LatentConsistencyModelPipeline"]
 
-#: pipeline classes with a transformer denoiser: ``diffc export`` exports them (diffc.exporter.dit), ``diffc
-#: build`` does not build them yet (its sampler loop, passes and profiles are UNet-only). Same layout as above.
-EXPORT_ONLY_PIPELINES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+#: pipeline classes with a transformer denoiser (diffc.exporter.dit exports them, diffc.build.families says how the
+#: loop runs them); ``diffc build`` builds them too. Same layout as above.
+TRANSFORMER_PIPELINES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "FluxPipeline": (
         ("text_encoder", "text_encoder_2", "transformer", "vae_decoder"),
         ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae", "scheduler"),
@@ -112,6 +116,7 @@ _CONFIG_SCHEMAS: dict[str, dict[str, Any]] = {
             "sample_size": {"anyOf": [{"type": "integer", "minimum": 1},
                                       {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 1}}]},
             "in_channels": {"type": "integer", "minimum": 1},
+            "out_channels": {"type": "integer", "minimum": 1},
             "layers_per_block": {"anyOf": [{"type": "integer", "minimum": 1},
                                            {"type": "array", "items": {"type": "integer", "minimum": 1}}]},
             "time_cond_proj_dim": {"type": ["integer", "null"], "minimum": 1},
@@ -120,9 +125,11 @@ _CONFIG_SCHEMAS: dict[str, dict[str, Any]] = {
     },
     "vae": {
         "type": "object",
-        "required": ["block_out_channels"],
+        # AutoencoderKL has block_out_channels; Sana's AutoencoderDC encoder_block_out_channels
+        "anyOf": [{"required": ["block_out_channels"]}, {"required": ["encoder_block_out_channels"]}],
         "properties": {
             "block_out_channels": {"$ref": "#/$defs/channels"},
+            "encoder_block_out_channels": {"$ref": "#/$defs/channels"},
             "latent_channels": {"type": "integer", "minimum": 1},
             "scaling_factor": {"type": "number", "exclusiveMinimum": 0},
             "shift_factor": {"type": ["number", "null"]},
@@ -148,6 +155,14 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _scheduler_constant(name: str) -> float:
+    """diffusers writes a scheduler default of -inf as ``-Infinity`` (DPMSolverMultistepScheduler's
+    ``lambda_min_clipped``, in PixArt-Sigma's and Sana's saved configs); only NaN is refused there."""
+    if name in ("Infinity", "-Infinity"):
+        return float(name.replace("Infinity", "inf"))
+    return _refuse_constant(name)
+
+
 def _where(path) -> str:
     return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".") or "the top level"
 
@@ -158,7 +173,8 @@ def _read_json(path: Path, schema: str | None = None) -> dict:
     try:
         if path.stat().st_size > _MAX_CONFIG_BYTES:
             raise ModelError(f"{path} is {path.stat().st_size // 2**20} MiB, not a diffusers config; {fix}")
-        data = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_refuse_constant)
+        constants = _scheduler_constant if schema == "scheduler" else _refuse_constant
+        data = json.loads(path.read_bytes().decode("utf-8"), parse_constant=constants)
     except UnicodeDecodeError as e:
         raise ModelError(f"cannot read {path}: not UTF-8 text (byte {e.start}); {fix}") from None
     except RecursionError:
@@ -179,23 +195,44 @@ def _read_json(path: Path, schema: str | None = None) -> dict:
     return data
 
 
+#: what ``diffc export`` takes but ``diffc build`` does not (none at present: every exported family builds)
+EXPORT_ONLY_PIPELINES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+
+
 def _unsupported(cls: str, purpose: str) -> UnsupportedPipelineError:
-    builds = ", ".join(sorted(SUPPORTED_PIPELINES))
-    exports = ", ".join(sorted(EXPORT_ONLY_PIPELINES))
+    builds = ", ".join(sorted({**SUPPORTED_PIPELINES, **TRANSFORMER_PIPELINES}))
     if cls in EXPORT_ONLY_PIPELINES and purpose == "build":
         return UnsupportedPipelineError(
             f"pipeline class {cls!r} can be exported (diffc export) but not built yet; diffc builds: {builds}")
     return UnsupportedPipelineError(
-        f"pipeline class {cls!r} is not supported; diffc builds: {builds}; diffc exports also: {exports}. "
-        "Variants of these (inpainting / fill, Kontext, control, img2img pipeline classes) are not supported: "
-        "save the base text-to-image pipeline instead")
+        f"pipeline class {cls!r} is not supported; diffc builds: {builds}. "
+        "Variants of these (inpainting / fill, Kontext, control pipeline classes) are not supported: "
+        "save the base text-to-image (or image-to-image) pipeline instead")
+
+
+def check_unet_channels(unet_cfg: dict[str, Any]) -> None:
+    """Refuse a UNet that does not map latents to latents. The inpainting UNet (9 input channels: latents, mask,
+    masked-image latents; 4 out) saved under ``StableDiffusionPipeline`` would otherwise build, and only fail at
+    ``diffc run`` (the loop feeds it 4-channel latents). The build calls it before loading the pipeline, the plan
+    (``--dry-run``) in :func:`diffc.build.plan.geometry_from_configs`."""
+    # diffusers' UNet2DConditionModel defaults: in_channels = out_channels = 4
+    in_ch, out_ch = unet_cfg.get("in_channels", 4), unet_cfg.get("out_channels", 4)
+    if in_ch != out_ch:
+        inpainting = in_ch == 2 * out_ch + 1
+        what = (f"an inpainting UNet ({in_ch} input channels: {out_ch} latent + 1 mask + {out_ch} masked-image "
+                f"latent; {out_ch} out)" if inpainting else f"a UNet with {in_ch} input but {out_ch} output channels")
+        raise UnsupportedPipelineError(
+            f"this pipeline's unet/config.json describes {what}, which a text-to-image or image-to-image pipeline "
+            "cannot run; diffc does not build inpainting pipelines yet: build the model's text-to-image checkpoint "
+            "instead (its UNet has in_channels == out_channels)")
 
 
 def inspect_model(path: str | Path, *, purpose: str = "build") -> ModelSource:
     """Validate a diffusers pipeline folder and say what diffc will export from it.
 
-    ``purpose``: ``"build"`` accepts the pipelines diffc builds (:data:`SUPPORTED_PIPELINES`), ``"export"`` also
-    those it only exports (:data:`EXPORT_ONLY_PIPELINES`); anything else is an :class:`UnsupportedPipelineError`.
+    ``purpose``: ``"build"`` accepts the pipelines diffc builds (:data:`SUPPORTED_PIPELINES`,
+    :data:`TRANSFORMER_PIPELINES`), ``"export"`` also those it only exports (:data:`EXPORT_ONLY_PIPELINES`);
+    anything else is an :class:`UnsupportedPipelineError`.
     """
     if purpose not in ("build", "export"):
         raise ValueError(f"purpose must be 'build' or 'export', got {purpose!r}")
@@ -210,7 +247,8 @@ def inspect_model(path: str | Path, *, purpose: str = "build") -> ModelSource:
         )
     index = _read_json(index_path, "model_index.json")
     cls = index["_class_name"]
-    known = SUPPORTED_PIPELINES if purpose == "build" else {**SUPPORTED_PIPELINES, **EXPORT_ONLY_PIPELINES}
+    known = {**SUPPORTED_PIPELINES, **TRANSFORMER_PIPELINES,
+             **(EXPORT_ONLY_PIPELINES if purpose == "export" else {})}
     if cls not in known:
         raise _unsupported(cls, purpose)
     components, folders = known[cls]

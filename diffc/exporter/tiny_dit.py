@@ -62,10 +62,12 @@ FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=
 #: stabilityai/stable-diffusion-3.5-medium/scheduler/scheduler_config.json
 SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
 #: PixArt-alpha/PixArt-Sigma-XL-2-1024-MS/scheduler/scheduler_config.json (lambda_min_clipped=-inf left at
-#: its default: JSON has no infinity)
+#: its default; save_pretrained writes it as -Infinity). ``variance_type`` is null: the pipeline drops the
+#: learned-sigma half itself, and with "learned_range" the scheduler would keep 3 of the 4 latent channels
+#: (diffusers' own pipeline call fails on it)
 PIXART_SCHEDULER = dict(algorithm_type="dpmsolver++", beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
                         num_train_timesteps=1000, prediction_type="epsilon", solver_order=2, solver_type="midpoint",
-                        lower_order_final=True, timestep_spacing="linspace", variance_type="learned_range",
+                        lower_order_final=True, timestep_spacing="linspace", variance_type=None,
                         steps_offset=0)
 #: Efficient-Large-Model/Sana_1600M_1024px_diffusers/scheduler/scheduler_config.json
 SANA_SCHEDULER = dict(algorithm_type="dpmsolver++", beta_start=0.0001, beta_end=0.02, beta_schedule="linear",

@@ -5,8 +5,9 @@ into what the target backend runs fast, and refuse graphs the target cannot run 
 
 =================  ==========================================================================================
 ``cleanup``        constant folding, shape simplification, dead / identity / duplicate node elimination
-``legalize_norms`` GroupNorm into the target's fast form; LayerNorm and GELU fusions where it has kernels
-``fuse_attention`` decomposed attention -> ``MultiHeadAttention`` / opset-23 ``Attention`` (onnxruntime only)
+``legalize_norms`` GroupNorm into the target's fast form; LayerNorm, RMSNorm and GELU fusions where it has kernels
+``fuse_attention`` decomposed attention (UNet, CLIP, and the DiTs' joint / QK-normed / RoPE / key-padded
+                   attention) -> ``MultiHeadAttention`` / opset-23 ``Attention`` (onnxruntime only)
 ``check_ops``      refuse ops the target cannot run (CUDA-only contrib ops on CPU, any contrib op elsewhere)
 ``cache_split``    (profiles with ``[cache]``) the UNet cut into a full and a shallow graph, by the build's passes stage
 ``quantize``       (int8 / fp8 profiles) Q/DQ insertion with calibrated ranges, by the build's quantize stage
@@ -25,7 +26,8 @@ Options are plain keywords (a profile's ``[passes]`` table maps onto them one to
 ``groupnorm``   ``"instance_norm"`` | ``"group_normalization"`` | ``"keep"`` (onnxruntime default
                 ``"instance_norm"``: measured faster than its GroupNormalization-21 kernel; TensorRT default
                 ``"group_normalization"``)
-``layernorm``   fuse decomposed LayerNorm (default true)
+``layernorm``   fuse decomposed LayerNorm (default true); on onnxruntime also RMSNorm (the transformers' QK norm)
+                into opset-23 ``RMSNormalization`` (OpenVINO and TensorRT fuse the decomposed form themselves)
 ``gelu``        fuse the erf GELU formula into ``Gelu`` (default true on onnxruntime, false on TensorRT)
 ``quick_gelu``  ``x*sigmoid(a*x)`` -> contrib ``QuickGelu`` (onnxruntime only; default true there)
 ``disable``     names of passes to leave out, e.g. ``["fuse_attention"]``
@@ -155,8 +157,10 @@ def pass_list(target: str, **options: Any) -> list[PassSpec]:
                  CleanupPass),
         PassSpec("legalize_norms",
                  {"groupnorm": opts["groupnorm"], "layernorm": opts["layernorm"], "gelu": opts["gelu"],
-                  "quick_gelu": opts["quick_gelu"]},
-                 "GroupNorm in the target's fastest legal form; LayerNorm/GELU fused where it has kernels",
+                  "quick_gelu": opts["quick_gelu"],
+                  # RMSNorm -> opset-23 RMSNormalization: OpenVINO / TensorRT fuse the decomposed form themselves
+                  "rmsnorm": target == "onnxruntime" and opts["layernorm"]},
+                 "GroupNorm in the target's fastest legal form; LayerNorm/RMSNorm/GELU fused where it has kernels",
                  LegalizeNormsPass),
     ]
     if opts["attention"] != "none":
@@ -223,7 +227,8 @@ def run_passes(model: onnx.ModelProto, component: str, target: str, *, verify: b
                **options: Any) -> tuple[onnx.ModelProto, dict]:
     """Run ``pass_list(target, **options)`` over ``model`` (not modified) and return the new model and a report.
 
-    Report: ``{"component", "target", "options", "passes": [{"name", "fired", "modified", "seconds"}, ...],
+    Report: ``{"component", "target", "options", "passes": [{"name", "fired", "modified", "seconds"[, "found"]
+    [, "left"]}, ...],
     "op_counts_before", "op_counts_after"}``. With ``verify=True`` the onnx checker (full check) and shape
     inference run after every pass; a failure raises :class:`PassError` naming the pass.
     """
@@ -264,7 +269,9 @@ def run_passes(model: onnx.ModelProto, component: str, target: str, *, verify: b
         report["passes"].append({"name": spec.name, "fired": dict(instance.fired),
                                  "modified": any(v > 0 for v in instance.fired.values()),
                                  "seconds": round(instance.seconds, 4),
-                                 **({"found": dict(instance.found)} if instance.found else {})})
+                                 **({"found": dict(instance.found)} if instance.found else {}),
+                                 # what a fusion pass left undone, and why (fuse_attention: Softmax -> reason)
+                                 **({"left": dict(instance.left)} if getattr(instance, "left", None) else {})})
         log.info("%s: %s %s in %.2f s", component, spec.name,
                  {k: v for k, v in instance.fired.items() if v} or "nothing", instance.seconds)
     out = ir.serde.serialize_model(ir_model)

@@ -10,7 +10,8 @@ naming the ops and what to do, and runs last so it also catches what an input gr
   (ops onnxruntime registers a CPU kernel for and that diffc may emit or meet); anything else from a
   non-ONNX domain is refused. ``MultiHeadAttention`` must have separate Q/K/V (packed QKV is CUDA-only).
 * ``tensorrt`` / ``tensorrt_rtx`` / ``openvino``: ONNX-domain ops only -- their ONNX readers know no
-  onnxruntime contrib ops (OpenVINO's knows a few, not the ones diffc would emit).
+  onnxruntime contrib ops (OpenVINO's knows a few, not the ones diffc would emit) -- and not the ops onnxruntime
+  registers in the ONNX domain itself (:data:`ORT_ONNX_DOMAIN_OPS`: ``SimplifiedLayerNormalization``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ ORT_CPU_CONTRIB = frozenset({
     "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "GroupQueryAttention", "RotaryEmbedding",
     "MatMulNBits", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "FusedConv", "NchwcConv",
 })
+#: ops onnxruntime registers in the *ONNX* domain that ONNX does not define: legal on onnxruntime only (the
+#: others' ONNX readers know no such op), though their domain looks standard
+ORT_ONNX_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization"})
 #: contrib ops onnxruntime implements for CUDA/ROCm/DML only, which SD optimizers like to emit
 CUDA_ONLY_CONTRIB = frozenset({
     "GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd", "NhwcConv", "PackedAttention",
@@ -58,6 +62,8 @@ class CheckTargetOpsPass(DiffcPass):
         for node in model.graph.all_nodes():
             domain = node.domain or ""
             if domain in ("", "ai.onnx"):
+                if self.target != "onnxruntime" and node.op_type in ORT_ONNX_DOMAIN_OPS:
+                    bad[f"{node.op_type} (onnxruntime-only)"] += 1
                 continue
             key = f"{domain}::{node.op_type}"
             if self.target != "onnxruntime":
@@ -76,7 +82,7 @@ class CheckTargetOpsPass(DiffcPass):
                 why = (f"{', '.join(cuda)} run on CUDA only; " if cuda else "") + \
                     "onnxruntime's CPU provider has no kernel for these"
             else:
-                why = f"{self.target} cannot parse contrib (non-ONNX-domain) ops"
+                why = f"{self.target} cannot parse contrib (non-ONNX-domain) ops or onnxruntime-only ones"
             raise PassError(
                 f"the graph holds ops the {self.target} target cannot run: {listing} ({why}). Export the model "
                 "with diffc (not a graph optimized for another backend), or disable the pass that emitted them"

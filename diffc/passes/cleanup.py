@@ -22,6 +22,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from onnxscript import optimizer
 from onnxscript import rewriter as _rewriter
+from onnxscript.rewriter import pattern
+from onnxscript.rewriter.rules.common import _no_op
 
 from diffc.passes._base import DiffcPass, apply_rules
 
@@ -34,7 +36,43 @@ log = logging.getLogger("diffc.passes.cleanup")
 #: Private API: onnxscript exposes its default rule set only as ``rewriter._DEFAULT_REWRITE_RULES`` (its public
 #: ``rewriter.rewrite()`` applies them but returns no count, and this pass reports how often rules fired);
 #: copying the list instead would drift from onnxscript's as it gains rules.
-_RULES = tuple(_rewriter._DEFAULT_REWRITE_RULES)
+#: The no-op rules (``x + 0``, ``x * 1`` ...) are replaced by exact ones (:func:`_exact_no_op_rules`): onnxscript
+#: matches a pattern constant with ``abs_tol=1e-8``, so it removes Sana's linear-attention ``+ 1e-15`` guard
+#: from ``num / (den + eps)`` and the output turns NaN wherever the ReLU kernel's denominator is 0.
+#: (Private API: onnxscript names its no-op rules only in ``rules.common._no_op``; its Dropout rules are kept.)
+_NO_OP = frozenset(r for r in _no_op.rules.rules
+                   if r not in (_no_op.dropout_zero_rule, _no_op.dropout_inference_rule))
+
+
+def _exact_no_op_rules() -> tuple[pattern.RewriteRule, ...]:
+    """``x + 0``, ``0 + x``, ``x - 0``, ``x * 1``, ``1 * x``, ``x / 1`` -> ``x``, only for an exact 0 / 1 that
+    does not broadcast ``x`` to a larger shape or another type."""
+
+    def exact(want: float):
+        def condition(context, x, c, **_) -> bool:
+            array = None if c is None else ir.convenience.get_const_tensor(c)
+            if array is None or x.dtype is None or c.dtype != x.dtype:
+                return False
+            values = array.numpy()
+            if values.size != 1 or float(values.reshape(-1)[0]) != want:
+                return False
+            return values.ndim == 0 or (x.shape is not None and len(x.shape) >= values.ndim)
+        return condition
+
+    def identity(op, x, **_):
+        return op.Identity(x)
+
+    return (
+        pattern.RewriteRule(lambda op, x, c: op.Add(x, c), identity, exact(0.0), name="AddZero"),
+        pattern.RewriteRule(lambda op, x, c: op.Add(c, x), identity, exact(0.0), name="ZeroAdd"),
+        pattern.RewriteRule(lambda op, x, c: op.Sub(x, c), identity, exact(0.0), name="SubZero"),
+        pattern.RewriteRule(lambda op, x, c: op.Mul(x, c), identity, exact(1.0), name="MulOne"),
+        pattern.RewriteRule(lambda op, x, c: op.Mul(c, x), identity, exact(1.0), name="OneMul"),
+        pattern.RewriteRule(lambda op, x, c: op.Div(x, c), identity, exact(1.0), name="DivOne"),
+    )
+
+
+_RULES = _exact_no_op_rules() + tuple(r for r in _rewriter._DEFAULT_REWRITE_RULES if r not in _NO_OP)
 
 
 def _read_of_shape(node: ir.Node) -> np.ndarray | None:
@@ -105,6 +143,35 @@ def fold_static_shape_reads(graph: ir.Graph) -> int:
     return count
 
 
+def eliminate_identities(graph: ir.Graph) -> int:
+    """Remove the main graph's ``Identity`` nodes; returns how many.
+
+    Not onnx_ir's ``IdentityEliminationPass``: it also rewrites If / Loop bodies, and there an Identity that
+    returns an outer-scope value must stay (onnxruntime refuses a subgraph whose output *is* an outer value;
+    the legacy exporter writes exactly that for PixArt's ``squeeze(1)`` of a dynamic axis), and it renames
+    the outer value after the subgraph output, which breaks the outer graph's names too.
+    """
+    count = 0
+    for node in list(graph):
+        if node.op_type != "Identity" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 1 \
+                or len(node.outputs) != 1 or node.inputs[0] is None:
+            continue
+        x, y = node.inputs[0], node.outputs[0]
+        if y.is_graph_output() and (x.is_graph_input() or x.is_initializer() or x.is_graph_output()):
+            continue  # a graph output that must stay a distinct value
+        if x.type is None:
+            x.type = y.type
+        if x.shape is None:
+            x.shape = y.shape
+        was_output = y.is_graph_output()
+        ir.convenience.replace_all_uses_with(y, x, replace_graph_outputs=True)
+        if was_output:
+            x.name = y.name  # the graph's output keeps its name
+        graph.remove(node, safe=True)
+        count += 1
+    return count
+
+
 def _compute_nodes(graph: ir.Graph) -> int:
     return sum(1 for n in graph if n.op_type != "Constant" or n.domain not in ("", "ai.onnx"))
 
@@ -157,9 +224,7 @@ class CleanupPass(DiffcPass):
 
             step["simplified"] += apply_rules(model, _RULES, lift_constants=False)
 
-            n = _count(g, "Identity")
-            common_passes.IdentityEliminationPass()(model)
-            step["identities_removed"] += n - _count(g, "Identity")
+            step["identities_removed"] += eliminate_identities(g)
 
             n = len(g)
             common_passes.CommonSubexpressionEliminationPass()(model)

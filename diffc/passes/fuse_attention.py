@@ -30,6 +30,21 @@ Matched form (every variant either exporter writes)::
 
 The head count and size are read from the constant parts of the Reshape shapes (the clean-up pass makes them
 constant), and the softmax scale from the constant scalars; a match fails with a reason otherwise.
+
+The transformer denoisers (FLUX, SD3.5, PixArt-Sigma, Sana) work on the heads *after* the head split: QK
+RMSNorm (SD3.5, FLUX), RoPE (FLUX), and the concatenation of text and image tokens of joint attention (SD3's
+and FLUX's double blocks; the single blocks attend over an already joined sequence). The fused op must take
+Q and K after all of that, so a second rule matches the attention core on *computed* 4-D tensors --
+``Transpose(Softmax(q @ kT) @ v, [0, 2, 1, 3])`` with q / v in (B, H, S, D) and kT from (B, H, L, D) or
+(B, L, H, D) -- and feeds the fused op ``Reshape(q_bshd, [0, 0, H*D])`` views (see
+:class:`_HeadLayoutAttentionRule`). PixArt's and Sana's cross-attention carries the T5 / Gemma key-padding
+mask as an additive (B, H, 1, L) bias, expanded to what the kernels take (:func:`_bias_input`). Sana's
+self-attention is linear attention (ReLU feature maps, no Softmax): not attention this pass fuses, and left
+exactly as exported. OpenVINO fuses MatMul-Softmax-MatMul into its own MHA kernels and TensorRT-RTX into its
+attention layers, so their targets keep the decomposed form (``attention = "none"``).
+
+Reported: ``fired`` per attention class, ``found`` (how many fused attentions had QK norm / RoPE before
+them, how many Softmax nodes were left) and ``left`` (each unfused Softmax and why).
 """
 
 from __future__ import annotations
@@ -446,11 +461,7 @@ class _AttentionRule(pattern.RewriteRuleClassBase):
             elif _rank(mask) is None or _rank(mask) > 4:
                 _fail("mask rank is unknown or > 4")
             else:
-                if self.kind == "mha":
-                    # attention_bias must be (B or 1, H or 1, S, L): no broadcasting over the last two axes
-                    dims = [1] * (4 - _rank(mask)) + list(mask.shape)
-                    if not (isinstance(dims[1], int) and dims[1] in (1, heads)) or 1 in (dims[2], dims[3]):
-                        _fail(f"mask shape {dims} is not (B|1, H|1, S, L), the only form attention_bias takes")
+                _check_bias_heads(mask, heads, self.kind)
                 plan["bias"] = mask
         plan["class"] = ("causal_self_attention" if plan["causal"] else "masked_attention" if plan["bias"] is not None
                          else "self_attention" if self_attention else "cross_attention")
@@ -459,10 +470,7 @@ class _AttentionRule(pattern.RewriteRuleClassBase):
     def rewrite(self, op, q3, k3, v3, out, **_):
         plan = self._plan
         self.counts[plan["class"]] += 1
-        bias = plan["bias"]
-        if bias is not None and _rank(bias) < 4:
-            axes = op.Constant(value=ir.tensor(np.arange(4 - _rank(bias), dtype=np.int64)))
-            bias = op.Unsqueeze(bias, axes)
+        bias = _bias_input(op, plan["bias"], q3, k3)
         if self.kind == "mha":
             inputs = [q3, k3, v3] + ([None, None, bias] if bias is not None else [])
             attrs = {"num_heads": plan["heads"], "scale": float(plan["scale"])}
@@ -482,6 +490,43 @@ class _AttentionRule(pattern.RewriteRuleClassBase):
         elif q3.shape is not None:
             result.shape = ir.Shape([*list(q3.shape)[:-1], plan["out_hidden"]])
         return result
+
+
+def _check_bias_heads(mask: ir.Value, heads: int, kind: str) -> None:
+    """An additive mask's head axis must be 1 or the head count (``attention_bias`` of MultiHeadAttention takes
+    (B|1, H|1, S, L)); its query / key axes are expanded to (S, L) by :func:`_bias_input`."""
+    dims = [1] * (4 - _rank(mask)) + list(mask.shape)
+    if kind == "mha" and not (isinstance(dims[1], int) and dims[1] in (1, heads)):
+        _fail(f"mask shape {dims}: the head axis is not 1 or {heads}, which attention_bias needs")
+    if 1 in (dims[2], dims[3]):
+        # statically a broadcast over the queries / keys: neither kernel takes one, and expanding it would
+        # materialise a (B, H, S, L) tensor every call; left decomposed
+        _fail(f"mask shape {dims} broadcasts over the query or key axis, which the fused kernels do not")
+
+
+def _bias_input(op, bias: ir.Value | None, q3: ir.Value, k3: ir.Value) -> ir.Value | None:
+    """The mask as the fused op's additive bias, exactly as the decomposed graph broadcast it.
+
+    MultiHeadAttention's ``attention_bias`` must be (B|1, H|1, S, L) *without* broadcasting over the query and
+    key axes, while the legacy exporter writes PixArt's / Sana's key-padding masks (diffusers'
+    ``prepare_attention_mask``) as a (B, H, ?, ?) Reshape that is (B, H, 1, L) at run time: fused as is,
+    onnxruntime fails on the first call ("attention_bias dimension 2 should be same as sequence_length").
+    So a mask whose last two axes are not statically (S, L) is expanded to (., ., S, L) read off the 3-D
+    query and key; Expand broadcasts exactly as the Add it replaces did (the decomposed graph materialised a
+    tensor of that size too: the scores). A (B, L) ``key_padding_mask`` would need the 0/1 mask the additive
+    one was made from, which is not in the matched subgraph. onnxruntime's opset-23 ``Attention`` needs the
+    same (1.32: "inconsistent q_sequence_length (between attn_mask and Q)"), though ONNX lets ``attn_mask``
+    broadcast.
+    """
+    if bias is None:
+        return None
+    if _rank(bias) < 4:
+        bias = op.Unsqueeze(bias, op.Constant(value=ir.tensor(np.arange(4 - _rank(bias), dtype=np.int64))))
+    if bias.shape is not None and _same_symbol(bias, 2, q3, 1) and _same_symbol(bias, 3, k3, 1):
+        return bias  # already (., ., S, L): the same static or named dims
+    ones = op.Constant(value=ir.tensor(np.ones(2, dtype=np.int64)))
+    target = op.Concat(ones, op.Shape(q3, start=1, end=2), op.Shape(k3, start=1, end=2), axis=0)
+    return op.Expand(bias, target)
 
 
 def _only_shape_reads(value: ir.Value, matched: set[ir.Node], depth: int = 2) -> bool:
@@ -542,11 +587,245 @@ def _activation(v: ir.Value) -> ir.Value | None:
     return None
 
 
+# ------------------------------------------------------------------------------------------ the 4-D rule
+
+#: ops a head-split tensor passes through between its projection and the attention core in the transformer
+#: families: QK RMSNorm (Pow/ReduceMean/Sqrt/Div/Mul or a fused norm), RoPE (Slice/Neg/Concat/Mul/Add and 5-D
+#: Reshapes), the text + image Concat of joint attention, layout ops
+_HEAD_PATH_OPS = frozenset({
+    "Reshape", "Transpose", "Mul", "Div", "Add", "Sub", "Neg", "Concat", "Slice", "Unsqueeze", "Squeeze", "Split",
+    "Pow", "ReduceMean", "Sqrt", "Reciprocal", "Cast", "SimplifiedLayerNormalization", "RMSNormalization",
+    "LayerNormalization"})
+_NORM_OPS = frozenset({"ReduceMean", "SimplifiedLayerNormalization", "RMSNormalization", "LayerNormalization"})
+_TRACE_MAX_NODES = 96
+
+
+class _HeadTrace:
+    """What lies between a 4-D Q / K / V tensor and the linear projection(s) it came from.
+
+    ``heads``: head counts read off the head-split Reshapes found (3-D (B, S, C) -> 4-D with last entry D);
+    ``sources``: the projections' input activations (self- vs cross-attention); ``ops``: op types seen
+    (QK norm, RoPE); ``joint``: a Concat over a non-feature axis joins two streams (SD3 / FLUX joint attention).
+    """
+
+    def __init__(self, value: ir.Value, head_size: int) -> None:
+        self.heads: set[int] = set()
+        self.sources: set[ir.Value] = set()
+        self.ops: set[str] = set()
+        self.joint = False
+        seen: set[ir.Node] = set()
+        stack = [value]
+        while stack and len(seen) < _TRACE_MAX_NODES:
+            node = stack.pop().producer()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if node.op_type in ("MatMul", "Gemm") and len(node.inputs) > 1 and node.inputs[1] is not None \
+                    and node.inputs[1].const_value is not None:
+                self.sources.add(node.inputs[0])
+                continue
+            if node.op_type not in _HEAD_PATH_OPS:
+                continue  # the RoPE tables, shape arithmetic: not on the activation path
+            self.ops.add(node.op_type)
+            if node.op_type == "Reshape":
+                self._read_split(node, head_size)
+            elif node.op_type == "Concat" and node.outputs[0].shape is not None:
+                rank = len(node.outputs[0].shape)
+                live = [i for i in node.inputs if i is not None and ir.convenience.get_const_tensor(i) is None]
+                if rank in (3, 4) and len(live) >= 2 and node.attributes.get_int("axis", 0) % rank != rank - 1:
+                    self.joint = True
+            stack.extend(i for i in node.inputs if i is not None and i.const_value is None)
+
+    def _read_split(self, node: ir.Node, head_size: int) -> None:
+        src, out = node.inputs[0], node.outputs[0]
+        if src is None or _rank(src) != 3 or _rank(out) != 4:
+            return
+        entries = shape_entries(node.inputs[1])
+        if entries is None or len(entries) != 4 or entries[3] != head_size:
+            return
+        heads, hidden = entries[2], _last_dim(src)
+        if heads == -1 and hidden is not None and hidden % head_size == 0:
+            heads = hidden // head_size
+        if heads is not None and heads > 0:
+            self.heads.add(heads)
+
+
+def _static(value: ir.Value, axis: int) -> int | None:
+    if value.shape is None or len(value.shape) <= axis:
+        return None
+    d = value.shape[axis]
+    return d if isinstance(d, int) else None
+
+
+def _bshd_source(value: ir.Value) -> ir.Value | None:
+    """``x`` if ``value`` is ``Transpose(x, [0, 2, 1, 3])`` (so the BSHD tensor exists already), else None."""
+    node = value.producer()
+    if node is not None and node.op_type == "Transpose" and node.domain in ("", "ai.onnx") \
+            and list(node.attributes.get_ints("perm", [])) == [0, 2, 1, 3]:
+        return node.inputs[0]
+    return None
+
+
+class _HeadLayoutAttentionRule(pattern.RewriteRuleClassBase):
+    """Attention whose Q / K / V are *computed* 4-D tensors, not a Reshape of a projection: the transformer
+    families normalize (QK RMSNorm), rotate (RoPE) and concatenate (joint text + image attention) the heads
+    after the head split, so the fused op must start after all of that.
+
+    Matched: ``Transpose(Softmax(q @ kT [* s] [+ mask]) @ v, [0, 2, 1, 3])`` with q, v (B, H, S, D) and kT either
+    ``Transpose(k (B, H, L, D), [0, 1, 3, 2])``, ``Transpose(k (B, L, H, D), [0, 2, 3, 1])`` or the dynamo
+    exporter's 3-D reshape form. Rewritten to ``Reshape(MHA(Reshape(q_bshd, [0, 0, H*D]), ...), [0, 0, H, Dv])``:
+    the (B, S, H, D) -> (B, S, H*D) Reshapes are free views, the BSHD tensor is taken from before the exporter's
+    own Transpose when it exists. A wrong head count could not pass silently: ``[0, 0, H*D]`` only reshapes a
+    tensor whose head axis really is H (D is static), anything else fails at run time.
+    """
+
+    def __init__(self, kind: str, probe: _CausalProbe, counts: collections.Counter,
+                 features: collections.Counter, reasons: dict[int, str]) -> None:
+        super().__init__(name=f"fuse_attention_heads_{kind}", remove_nodes=False)
+        self.kind, self.probe, self.counts, self.features = kind, probe, counts, features
+        #: id(Softmax node) -> why its match failed the checks (for the report's ``left``)
+        self.reasons = reasons
+        self._plan: dict[str, Any] = {}
+
+    def pattern(self, op, q_h, k_h, v_h, mask, q_scale, k_scale, s_scale, k_shape3, k_shape4):
+        k_t = pattern.OrValue(
+            [
+                op.Transpose(k_h, perm=[0, 1, 3, 2]),
+                op.Transpose(k_h, perm=[0, 2, 3, 1]),
+                op.Reshape(op.Transpose(op.Reshape(k_h, k_shape3), perm=[0, 2, 1]), k_shape4),
+            ],
+            tag_var="k_form",
+            tag_values=["bhsd", "bshd", "reshape3d"],
+        )
+        q = pattern.OrValue([op.Mul(q_h, q_scale), op.Div(q_h, q_scale), q_h], tag_var="q_op",
+                            tag_values=["Mul", "Div", None])
+        k_t = pattern.OrValue([op.Mul(k_t, k_scale), op.Div(k_t, k_scale), k_t], tag_var="k_op",
+                              tag_values=["Mul", "Div", None])
+        scores = op.MatMul(q, k_t)
+        scores = pattern.OrValue([op.Mul(scores, s_scale), op.Div(scores, s_scale), scores], tag_var="s_op",
+                                 tag_values=["Mul", "Div", None])
+        scores = pattern.OrValue([op.Add(scores, mask), scores], tag_var="has_mask", tag_values=[True, False])
+        probs = op.Softmax(scores, _outputs=["probs"])
+        probs = pattern.OrValue([op.Where(op.IsNaN(probs), 0.0, probs), probs], tag_var="nan_guard",
+                                tag_values=[True, False])
+        pv = op.MatMul(probs, v_h)
+        return op.Transpose(pv, perm=[0, 2, 1, 3], _outputs=["ctx"])
+
+    def check(self, context, q_h, k_h, v_h, mask, q_scale, k_scale, s_scale, probs, ctx, k_form, q_op, k_op, s_op,
+              has_mask, nan_guard, k_shape3=None, k_shape4=None, **_):
+        result = pattern.MatchResult()
+        matched = set(context.nodes)
+        for node in matched:
+            for value in node.outputs:
+                if value is not ctx and (value.is_graph_output() or not _only_shape_reads(value, matched)):
+                    self.reasons[id(probs.producer())] = f"intermediate {value.name} is used outside the attention"
+                    return result.fail(self.reasons[id(probs.producer())])
+        try:
+            self._plan = self._analyse(q_h, k_h, v_h, mask, q_scale, k_scale, s_scale, probs, k_form, q_op, k_op,
+                                       s_op, has_mask, nan_guard, k_shape3, k_shape4)
+        except _Fail as f:
+            self.reasons[id(probs.producer())] = f.reason
+            return result.fail(f.reason)
+        return result
+
+    def _analyse(self, q_h, k_h, v_h, mask, q_scale, k_scale, s_scale, probs, k_form, q_op, k_op, s_op, has_mask,
+                 nan_guard, k_shape3, k_shape4) -> dict[str, Any]:
+        if any(x.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+               for x in (q_h, k_h, v_h)):
+            _fail("Q/K/V are not known to be floating point")
+        if any(_rank(x) != 4 for x in (q_h, k_h, v_h)):
+            _fail("Q/K/V are not known to be 4-D")
+        axis = probs.producer().attributes.get_int("axis", -1)
+        if axis not in (-1, 3):
+            _fail(f"Softmax over axis {axis}, not the key axis")
+        # (B, H, S, D) for q and v; k as its form says
+        k_head_axis = 2 if k_form == "bshd" else 1
+        size, k_size, v_size = _static(q_h, 3), _static(k_h, 3), _static(v_h, 3)
+        if size is None or v_size is None or k_size != size:
+            _fail(f"head sizes are not static and equal: q={size} k={k_size} v={v_size}")
+        if k_form == "reshape3d":
+            e3, e4 = shape_entries(k_shape3), shape_entries(k_shape4)
+            if e3 is None or len(e3) != 3 or e3[2] not in (size, None) or e4 is None or len(e4) != 4 \
+                    or e4[2] not in (size, None):
+                _fail(f"dynamo key transpose reshapes are not (BH, L, D) -> (B, H, D, L): {e3} {e4}")
+        traces = {"q": _HeadTrace(q_h, size), "k": _HeadTrace(k_h, size), "v": _HeadTrace(v_h, v_size)}
+        heads = {h for t in traces.values() for h in t.heads}
+        heads |= {d for d in (_static(q_h, 1), _static(k_h, k_head_axis), _static(v_h, 1)) if d is not None}
+        if len(heads) != 1:
+            _fail(f"head count not readable or not the same for Q/K/V: {sorted(heads) or 'none found'}")
+        n_heads = heads.pop()
+        scale = 1.0
+        for op_kind, value, what in ((q_op, q_scale, "query"), (k_op, k_scale, "key"), (s_op, s_scale, "score")):
+            if op_kind is None:
+                continue
+            c = const_scalar(value)
+            if c is None or c == 0.0:
+                _fail(f"{what} scale is not a constant scalar")
+            scale *= c if op_kind == "Mul" else 1.0 / c
+        plan: dict[str, Any] = {"heads": n_heads, "size": size, "v_size": v_size, "scale": scale,
+                                "causal": False, "bias": None, "k_bshd": k_form == "bshd"}
+        if has_mask:
+            if self.probe.is_causal(mask):
+                plan["causal"] = True
+            elif nan_guard:
+                _fail("mask is not provably causal and the graph zeroes fully-masked rows (IsNaN guard), "
+                      "which the fused kernels do not")
+            elif mask.dtype not in (None, q_h.dtype):
+                _fail("mask is not an additive float mask of the query's dtype")
+            elif _rank(mask) is None or _rank(mask) > 4:
+                _fail("mask rank is unknown or > 4")
+            else:
+                _check_bias_heads(mask, n_heads, self.kind)
+                plan["bias"] = mask
+        q_src, k_src = traces["q"].sources, traces["k"].sources
+        plan["class"] = ("causal_self_attention" if plan["causal"] else "masked_attention"
+                         if plan["bias"] is not None else "joint_attention" if traces["q"].joint
+                         else "self_attention" if q_src and q_src == k_src else "cross_attention")
+        plan["features"] = [f for f, ok in (
+            ("qk_norm", bool(_NORM_OPS & (traces["q"].ops | traces["k"].ops))),
+            ("rope", "Neg" in traces["q"].ops and "Neg" in traces["k"].ops)) if ok]
+        return plan
+
+    def rewrite(self, op, q_h, k_h, v_h, **_):
+        plan = self._plan
+        self.counts[plan["class"]] += 1
+        self.features.update(plan["features"])
+        heads, size, v_size = plan["heads"], plan["size"], plan["v_size"]
+
+        def to_3d(x: ir.Value, bshd: bool, width: int) -> ir.Value:
+            src = x if bshd else (_bshd_source(x) or op.Transpose(x, perm=[0, 2, 1, 3]))
+            return op.Reshape(src, op.Constant(value=ir.tensor(np.array([0, 0, width], dtype=np.int64))))
+
+        q3 = to_3d(q_h, False, heads * size)
+        k3 = to_3d(k_h, plan["k_bshd"], heads * size)
+        v3 = to_3d(v_h, False, heads * v_size)
+        bias = _bias_input(op, plan["bias"], q3, k3)
+        if self.kind == "mha":
+            attrs = {"num_heads": heads, "scale": float(plan["scale"])}
+            if plan["causal"]:
+                attrs["unidirectional"] = 1
+            fused = op.MultiHeadAttention(q3, k3, v3, *([None, None, bias] if bias is not None else []),
+                                          _domain=MS_DOMAIN, **attrs)
+        else:
+            attrs = {"q_num_heads": heads, "kv_num_heads": heads, "scale": float(plan["scale"])}
+            if plan["causal"]:
+                attrs["is_causal"] = 1
+            fused = op.Attention(q3, k3, v3, *([bias] if bias is not None else []), **attrs)
+        fused.dtype = q_h.dtype
+        return op.Reshape(fused, op.Constant(value=ir.tensor(np.array([0, 0, heads, v_size], dtype=np.int64))))
+
+
 class FuseAttentionPass(DiffcPass):
     """Fuse scaled-dot-product attention into ``MultiHeadAttention`` (contrib) or opset-23 ``Attention``.
 
     Fire counts: ``self_attention``, ``cross_attention``, ``causal_self_attention`` (mask recognised as causal
-    and dropped for the kernel's own causal mode), ``masked_attention`` (other additive masks, passed on).
+    and dropped for the kernel's own causal mode), ``masked_attention`` (other additive masks, passed on: the
+    key-padding masks of PixArt / Sana cross-attention), ``joint_attention`` (text + image tokens concatenated
+    after the head split: SD3's and FLUX's double blocks).
+
+    :attr:`found`: ``qk_norm`` / ``rope`` (fused attentions whose Q and K were RMS-normalized / rotated before
+    the match, which is where the fused op starts) and ``softmax_left`` (Softmax nodes not fused);
+    :attr:`left` says why each of those was not (the build report carries it).
     """
 
     name = "fuse_attention"
@@ -556,17 +835,36 @@ class FuseAttentionPass(DiffcPass):
         if kind not in ATTENTION_KINDS:
             raise PassOptionError(f"[passes].attention must be one of {list(ATTENTION_KINDS)}, got {kind!r}")
         self.kind = kind
+        #: Softmax node name -> why it was left decomposed (last run)
+        self.left: dict[str, str] = {}
 
     def run(self, model: ir.Model) -> dict[str, int]:
         counts: collections.Counter[str] = collections.Counter()
+        features: collections.Counter[str] = collections.Counter()
+        self.left = {}
         if self.kind != "none":
-            rule = _AttentionRule.rule(self.kind, _CausalProbe(model), counts)
-            apply_rules(model, [rule])
+            probe = _CausalProbe(model)
+            # the 3-D rule first: it fuses straight onto the projections (no Reshape views); the head-layout
+            # rule then takes what the transformer families compute after the head split
+            apply_rules(model, [_AttentionRule.rule(self.kind, probe, counts)])
+            reasons: dict[int, str] = {}
+            apply_rules(model, [_HeadLayoutAttentionRule.rule(self.kind, probe, counts, features, reasons)])
             if sum(counts.values()):
                 if self.kind == "mha":
                     model.opset_imports.setdefault(MS_DOMAIN, 1)
                 elif onnx_opset(model) < 23:
                     model.opset_imports[""] = 23
                     model.opset_imports.pop("ai.onnx", None)
-        keys = ("self_attention", "cross_attention", "causal_self_attention", "masked_attention")
+            self.left = _leftover_reasons(model, reasons)
+            for name, reason in self.left.items():
+                log.info("fuse_attention: %s left decomposed: %s", name, reason)
+        self.found = {"qk_norm": features["qk_norm"], "rope": features["rope"], "softmax_left": len(self.left)}
+        keys = ("self_attention", "cross_attention", "causal_self_attention", "masked_attention", "joint_attention")
         return {k: counts[k] for k in keys}
+
+
+def _leftover_reasons(model: ir.Model, reasons: dict[int, str]) -> dict[str, str]:
+    """Each Softmax still in the graph -> why the head-layout rule refused it where its pattern matched, else
+    the structural reason."""
+    return {node.name: reasons.get(id(node), "not the MatMul-Softmax-MatMul attention form the exporters write")
+            for node in model.graph if node.op_type == "Softmax" and node.domain in ("", "ai.onnx")}

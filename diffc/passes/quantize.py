@@ -59,8 +59,9 @@ log = logging.getLogger("diffc.passes.quantize")
 ROLES = tuple(r for r in QUANTIZE_ROLES if r != "attention_softmax")
 #: layer roles left in float unless the profile says otherwise ([quantize].keep_float)
 DEFAULT_KEEP_FLOAT = ("conv_in", "conv_out", "time_embedding", "skip_concat")
-#: graph inputs that carry the timestep (the time-embedding path depends on them and not on the sample)
-TIME_INPUTS = ("timestep", "timestep_cond", "time_ids", "text_embeds")
+#: graph inputs that carry the timestep and the other per-image conditioning vectors (SDXL's pooled text and
+#: size ids, FLUX's guidance, SD3 / FLUX's pooled projections): the time-embedding path depends on them only
+TIME_INPUTS = ("timestep", "timestep_cond", "time_ids", "text_embeds", "guidance", "pooled_projections")
 TEXT_INPUTS = ("encoder_hidden_states",)
 FP8_E4M3_MAX = 448.0
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
@@ -115,14 +116,25 @@ def activation_qparams(lo: float, hi: float, qtype: QType) -> tuple[np.float32, 
 
 
 def roles(graph: ir.Graph) -> dict[str, str]:
-    """Role of every Conv/MatMul/Gemm node (by name), from which graph inputs its activation depends on."""
+    """Role of every Conv/MatMul/Gemm node (by name), from which graph inputs its activation depends on.
+
+    The transformer denoisers map onto the same roles, so a profile's ``keep_float`` means the same for every
+    family: ``conv_in`` is any layer reading the latent input itself (the UNet's conv_in, the DiTs' patch
+    embedding: a Conv for SD3 / PixArt / Sana, FLUX's ``x_embedder`` Linear); ``conv_out`` is the last layer
+    before the output (the UNet's conv_out, the DiTs' ``proj_out``: no Conv / MatMul / Gemm after it, only
+    bias, unpatchify reshapes, slices); ``time_embedding`` is every layer whose input depends on the
+    conditioning vectors alone (:data:`TIME_INPUTS`): the timestep / guidance / pooled-text embedders *and*
+    the AdaLN modulation linears of every block and of ``norm_out``, which read ``silu(temb)``. Those run on
+    one row per image (M = batch), a negligible share of the MACs, so float costs nothing there.
+    """
     deps: dict[int, frozenset[str]] = {}
     for v in graph.inputs:
         deps[id(v)] = frozenset([v.name])
-    outputs = {id(v) for v in graph.outputs}
     out: dict[str, str] = {}
     resizes = [n for n in graph if n.op_type == "Resize"]
     after_last_upsampler = _descendants(resizes[-1]) if resizes else set()
+    last = _last_layers(graph)
+    conditioning = set(TIME_INPUTS) | set(TEXT_INPUTS)
     for node in graph:
         inputs = [v for v in node.inputs if v is not None and node.op_type not in ("Shape", "Size")]
         # (a shape read is not a data dependency: diffusers broadcasts the timestep to sample.shape[0])
@@ -133,9 +145,9 @@ def roles(graph: ir.Graph) -> dict[str, str]:
             continue
         x = node.inputs[0]
         xd = deps.get(id(x), frozenset()) if x is not None else frozenset()
-        if node.op_type == "Conv" and x is not None and x.is_graph_input():
+        if x is not None and x.is_graph_input() and x.name not in conditioning:
             role = "conv_in"
-        elif node.op_type == "Conv" and any(id(o) in outputs for o in node.outputs):
+        elif id(node) in last:
             role = "conv_out"
         elif xd and xd <= set(TIME_INPUTS):
             role = "time_embedding"
@@ -150,6 +162,33 @@ def roles(graph: ir.Graph) -> dict[str, str]:
             role = "layer"
         out[node.name] = role
     return out
+
+
+def _last_layers(graph: ir.Graph) -> set[int]:
+    """ids of the Conv/MatMul/Gemm nodes that reach a graph output with no Conv/MatMul/Gemm after them.
+
+    A use inside an If / Loop body counts as a use by that node (PixArt's legacy export squeezes the
+    ``proj_out`` output in an If)."""
+    owner: dict[int, ir.Node] = {}
+    for node in graph:
+        for attr in node.attributes.values():
+            if attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
+                for sub in ([attr.value] if attr.type == ir.AttributeType.GRAPH else attr.value):
+                    for inner in ir.traversal.RecursiveGraphIterator(sub):
+                        owner[id(inner)] = node
+    outputs = {id(v) for v in graph.outputs}
+    # reverse graph order: a node's users are settled before it
+    gemm_after: dict[int, bool] = {}
+    reaches_out: dict[int, bool] = {}
+    last: set[int] = set()
+    for node in reversed(list(graph)):
+        users = {id(owner.get(id(u), u)): owner.get(id(u), u) for o in node.outputs for u, _ in o.uses()}
+        after = any(u.op_type in QUANTIZED_OPS or gemm_after.get(k, False) for k, u in users.items())
+        reaches = any(id(o) in outputs for o in node.outputs) or any(reaches_out.get(k, False) for k in users)
+        gemm_after[id(node)], reaches_out[id(node)] = after, reaches
+        if node.op_type in QUANTIZED_OPS and reaches and not after:
+            last.add(id(node))
+    return last
 
 
 def _descendants(start: ir.Node) -> set[int]:

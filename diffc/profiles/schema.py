@@ -44,7 +44,7 @@ class Precision(str, enum.Enum):
     FP8 = "fp8"
 
 
-SAMPLER_KINDS = ("auto", "ddim", "euler", "dpmpp_2m", "lcm", "flow_euler")
+SAMPLER_KINDS = ("auto", "ddim", "euler", "dpmpp_2m", "lcm", "flow_euler", "scm")
 #: TensorRT hardware-compatibility levels (``[tensorrt].hardware_compat``); TensorRT-RTX uses compute capabilities
 HARDWARE_COMPAT = ("none", "ampere_plus", "same_compute_capability")
 _TRT_BACKENDS = ("tensorrt", "tensorrt_rtx")

@@ -27,11 +27,13 @@ from diffc._fs import sha256_matches
 from diffc.errors import IntegrityError, ManifestError
 
 MANIFEST_NAME = "manifest.json"
-SCHEMA_VERSION = 1
+#: 2 adds the optional ``denoiser`` section and the transformer families' text-encoder fields (docs/manifest.md);
+#: a schema-1 manifest (a UNet artifact) reads the same as before
+SCHEMA_VERSION = 2
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 REQUIRED_KEYS = ("schema_version", "diffc_version", "source", "profile", "components", "text_encoders", "latent",
                  "image", "guidance", "sampler")
-REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+REQUIRED_COMPONENTS = ("text_encoder", "vae_decoder")
 #: a manifest is a few kB (sampler tables of up to 1000 steps: ~200 kB); anything far larger is not one, and is
 #: refused before it is parsed into memory
 MAX_MANIFEST_BYTES = 16 * 2**20
@@ -147,6 +149,9 @@ def _check_engine_io(m: dict[str, Any]) -> None:
     """The tensors the loop feeds and reads must be the ones the engines' records name, with agreeing static
     sizes: a manifest edited to disagree would otherwise fail inside the backend with its own exception."""
     comps = m["components"]
+    denoiser = m.get("denoiser")
+    if denoiser is not None:
+        return _check_transformer_io(m, denoiser)
     unets = [n for n in comps if n == "unet" or n in (m.get("step_variants") or {}).get("components", ())]
     if m.get("cache"):
         unets.append(m["cache"]["shallow_component"])
@@ -159,6 +164,8 @@ def _check_engine_io(m: dict[str, Any]) -> None:
     for name in unets:
         needed[name] = (unet_inputs, {"out_sample"})
     for enc in m["text_encoders"]:
+        if enc["hidden_state"] is None:
+            raise ManifestError(f"text encoder {enc['component']!r} has no hidden_state, which a UNet artifact needs")
         needed[enc["component"]] = ({"input_ids"}, {enc["hidden_state"], "pooled_output"})
     for name, (inputs, outputs) in needed.items():
         have_in, have_out = set(_io(comps[name], "inputs")), set(_io(comps[name], "outputs"))
@@ -179,6 +186,34 @@ def _check_engine_io(m: dict[str, Any]) -> None:
         if dim is not None and dim != m["guidance"]["embedding_dim"]:
             raise ManifestError(f"guidance.embedding_dim is {m['guidance']['embedding_dim']} but the unet's "
                                 f"{m['guidance']['input']} takes {dim}")
+
+
+def _check_transformer_io(m: dict[str, Any], denoiser: dict[str, Any]) -> None:
+    """:func:`_check_engine_io` for a manifest with a ``denoiser`` section: the inputs it names by role, the
+    guidance input, and what the text encoder entries read and feed."""
+    comps = m["components"]
+    name = denoiser["component"]
+    needed: dict[str, tuple[set, set]] = {"vae_decoder": ({"latent_sample"}, {"sample"})}
+    inputs = {v for v in denoiser["inputs"].values() if v}
+    if m["guidance"]["mode"] in ("embedded", "scale_input"):
+        inputs.add(m["guidance"]["input"])
+    needed[name] = (inputs, {denoiser["output"]})
+    for enc in m["text_encoders"]:
+        feeds = {"input_ids"} | ({"attention_mask"} if enc.get("attention_mask", "none") != "none" else set())
+        reads = {o for o in (enc["hidden_state"], enc.get("pooled")) if o}
+        needed[enc["component"]] = (feeds, reads)
+    if not any(e["hidden_state"] for e in m["text_encoders"]):
+        raise ManifestError("no text encoder entry names a hidden_state, so the denoiser would get no text states")
+    if denoiser["inputs"].get("text_mask") and not any(e.get("attention_mask") == "tokens"
+                                                        for e in m["text_encoders"]):
+        raise ManifestError("denoiser.inputs.text_mask is set but no text encoder entry has attention_mask 'tokens'")
+    for comp, (want_in, want_out) in needed.items():
+        if comp not in comps:
+            raise ManifestError(f"component {comp!r} is missing from the manifest's components {sorted(comps)}")
+        have_in, have_out = set(_io(comps[comp], "inputs")), set(_io(comps[comp], "outputs"))
+        if not want_in <= have_in or not want_out <= have_out:
+            raise ManifestError(f"component {comp!r} records inputs {sorted(have_in)} and outputs {sorted(have_out)}; "
+                                f"the runtime feeds {sorted(want_in)} and reads {sorted(want_out)}")
 
 
 def _check_consistency(m: dict[str, Any]) -> None:
@@ -205,8 +240,11 @@ def _check_consistency(m: dict[str, Any]) -> None:
         bad = [v for v in m["image"][key] if v % mult]
         if bad:
             raise ManifestError(f"image.{key} values {bad} are not multiples of image.multiple_of = {mult}")
+    denoiser = (m.get("denoiser") or {}).get("component", "unet")
+    if denoiser not in comps:
+        raise ManifestError(f"the denoiser component {denoiser!r} is not among the components {sorted(comps)}")
     if m["guidance"]["mode"] == "embedded":
-        unet_inputs = [i["name"] for i in comps["unet"]["inputs"]]
+        unet_inputs = [i["name"] for i in comps[denoiser]["inputs"]]
         if m["guidance"]["input"] not in unet_inputs:
             raise ManifestError(f"guidance.input {m['guidance']['input']!r} is not an input of the unet "
                                 f"({unet_inputs})")
@@ -274,8 +312,10 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
     if missing:
         raise ManifestError(f"{path} lacks {missing}; {_REBUILD}")
     comps = manifest["components"]
+    denoiser = manifest.get("denoiser")
+    denoiser = denoiser.get("component") if isinstance(denoiser, dict) else "unet"
     if isinstance(comps, dict):
-        for name in REQUIRED_COMPONENTS:
+        for name in REQUIRED_COMPONENTS + ((denoiser,) if isinstance(denoiser, str) else ()):
             if name not in comps:
                 raise ManifestError(f"{path}: component {name!r} is missing from the manifest; {_REBUILD}")
     for rel in _named_paths(manifest):

@@ -21,10 +21,11 @@ from diffc.engines import SessionOptions, get_backend, opt_shapes  # noqa: F401 
 from diffc.engines.host_cache import PublishGate
 from diffc.errors import BackendUnavailableError, InputError, ManifestError, ProfileError
 from diffc.names import GUIDANCE_MAX, MEMORY_ARENAS, SEED_MAX, max_threads
+from diffc.runtime import img2img
 from diffc.runtime.cache import full_steps
 from diffc.runtime.manifest import artifact_path, read_manifest, verify_files
+from diffc.runtime.denoiser import Conditioning, Feeds, TextEncoders, denoiser_spec, image_seq_len
 from diffc.runtime.sampler import SamplerTables, guidance_embedding, step
-from diffc.runtime.tokenizer import PromptTokenizer
 
 log = logging.getLogger("diffc.runtime")
 
@@ -113,8 +114,9 @@ def unet_for_timestep(step_variants: dict[str, Any] | None, timestep: float) -> 
 
 
 #: the manifest's ``guidance.mode``: ``cfg`` classifier-free guidance (uncond + cond halves in one denoiser batch),
-#: ``embedded`` the scale is a UNet input (LCM), ``none`` the model takes no guidance
-GUIDANCE_MODES = ("cfg", "embedded", "none")
+#: ``embedded`` the scale is a UNet input (LCM), ``scale_input`` the scale itself is a denoiser input (FLUX-dev's
+#: ``guidance``, one per row, no uncond half), ``none`` the model takes no guidance
+GUIDANCE_MODES = ("cfg", "embedded", "scale_input", "none")
 
 
 def _is_int(value: Any) -> bool:
@@ -192,12 +194,17 @@ class Pipeline:
 
     def __init__(self, root: str | Path, *, threads: int = 0, verify: bool = True, cache: bool = True,
                  progress: bool = True, memory_arena: str | None = None, height: int | None = None,
-                 width: int | None = None):
+                 width: int | None = None, loras: dict[str, float] | None = None):
         """``height`` / ``width``: the image size the caller will ask for, when it is not the artifact's default:
         engines specialized by shape at load (OpenVINO) are compiled for it instead of the default, and calls
         that give no size produce it (:attr:`default_size`). ``threads``: 0 (the profile's) up to
-        :func:`~diffc.profiles.schema.max_threads`; anything else is an :class:`InputError`."""
+        :func:`~diffc.profiles.schema.max_threads`; anything else is an :class:`InputError`. ``loras``: ``{file:
+        scale}`` applied on top of the artifact's weights, as :meth:`set_loras`."""
         check_threads(threads)
+        if loras:
+            from diffc.runtime.lora import specs
+
+            specs(loras)  # a missing file or a bad scale is refused before the engines load
         height, width = check_size_arg("height", height), check_size_arg("width", width)
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
@@ -212,15 +219,27 @@ class Pipeline:
         if height or width:
             h, w = self.default_size
             self.check_size(h, w)
-            dims = {"height": h // self.latent["vae_scale_factor"], "width": w // self.latent["vae_scale_factor"]}
+            dims = {"height": h // self.latent["vae_scale_factor"], "width": w // self.latent["vae_scale_factor"],
+                    "image_height": h, "image_width": w}  # the vae_encoder's pixel axes
         self.sessions = open_sessions(self.root, m, threads=threads, verify=verify, cache=cache,
                                       memory_arena=memory_arena, dims=dims, vouched=False)
-        self.tokenizers = [PromptTokenizer(artifact_path(self.root, e["tokenizer"]), max_length=e["max_length"],
-                                           pad_id=e["pad_id"]) for e in m["text_encoders"]]
+        #: how the sessions were opened (set_loras reopens some), and which engines hold run-time LoRA weights
+        self.session_args = {"threads": threads, "memory_arena": memory_arena, "dims": dims, "cache": cache,
+                             "verified": verify}
+        self.lora_engines: set[str] = set()
+        #: the run-time LoRAs applied (name, sha256, scale); the build's own are the manifest's ``loras``
+        self.loras: list[dict[str, Any]] = []
+        #: the text encoders' tokenizers and how their outputs combine (diffc.runtime.denoiser)
+        self.text = TextEncoders(self.root, m["text_encoders"])
+        self.tokenizers = self.text.tokenizers
+        #: the denoiser: its component, input names, latent layout (the manifest's ``denoiser``; UNet without one)
+        self.denoiser = denoiser_spec(m)
         self.guidance = m["guidance"]
         #: the manifest's cache-reuse entry (None: the artifact has no shallow UNet)
         self.cache = m.get("cache")
         self.cache_schedule = self.cache["schedule"] if self.cache else None
+        if loras:
+            self.set_loras(loras)
 
     def close(self) -> None:
         """Release every engine session now instead of at garbage collection: a TensorRT session saves its
@@ -252,6 +271,18 @@ class Pipeline:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+    def set_loras(self, loras: dict[str, float] | None) -> None:
+        """Apply LoRAs without a rebuild: ``{file: scale}`` (kohya / A1111 / peft / diffusers safetensors) on top
+        of the artifact's weights, replacing the LoRAs set before; ``{}`` or None: back to the artifact's weights,
+        exactly. Only the engines whose weights change are reopened (:func:`diffc.runtime.lora.swap`); a bad file,
+        a LoRA for another model or a non-finite scale raises :class:`~diffc.runtime.lora.LoraError` and changes
+        nothing."""
+        from diffc.runtime.lora import swap
+
+        if self.closed:
+            self.sessions["unet"]  # raises the closed-pipeline InputError
+        self.loras = [lo.record() for lo in swap(self, loras)]
 
     def set_cache_schedule(self, schedule: dict[str, Any] | None) -> None:
         """Change which steps run the full UNet: a schedule as in the manifest's ``cache.schedule``
@@ -291,18 +322,20 @@ class Pipeline:
                 raise InputError(f"{label} {v} is outside this artifact's range [{lo}, {hi}]; pick a size in range or "
                                  f"rebuild with a profile whose [shapes].{label} covers {v}")
             if v % mult:
-                raise InputError(f"{label} {v} is not a multiple of {mult} (VAE factor x UNet downsampling); "
+                raise InputError(f"{label} {v} is not a multiple of {mult} (VAE factor x the denoiser's "
+                                 f"downsampling or patch); "
                                  f"use {v - v % mult or mult} or {v - v % mult + mult}")
 
     def encode_text(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
-        """Prompts -> (encoder_hidden_states, pooled) as the UNet wants them (SDXL: both encoders, concatenated)."""
-        hidden, pooled = [], None
-        for enc, tok in zip(self.manifest["text_encoders"], self.tokenizers):
-            ids = tok(list(prompts))
-            out = self.sessions[enc["component"]].run({"input_ids": ids})
-            hidden.append(out[enc["hidden_state"]])
-            pooled = out["pooled_output"]
-        return np.concatenate(hidden, axis=-1), pooled
+        """Prompts -> (encoder_hidden_states, pooled) as the denoiser wants them (SDXL: both encoders, concatenated;
+        SD3: CLIP-L + CLIP-G, then T5). :meth:`encode_prompts` also gives the text mask."""
+        c = self.encode_prompts(prompts)
+        return c.hidden, c.pooled
+
+    def encode_prompts(self, prompts: Sequence[str], *, negative: bool = False) -> Conditioning:
+        """Prompts -> the denoiser's text conditioning (states, pooled, mask), as the manifest's ``text_encoders``
+        say; ``negative``: tokenized as the pipeline tokenizes its negative prompt (Sana: no instruction)."""
+        return self.text.encode(self.sessions, list(prompts), negative=negative)
 
     def initial_noise(self, seed: int | None, batch: int, height: int, width: int) -> np.ndarray:
         f = self.latent["vae_scale_factor"]
@@ -320,7 +353,8 @@ class Pipeline:
                  seed: int | None | Sequence[int | None] = 0,
                  guidance: float | None | Sequence[float | None] = None, height: int | None = None,
                  width: int | None = None, latents: np.ndarray | None = None,
-                 noise: Sequence[np.ndarray] | None = None) -> np.ndarray:
+                 noise: Sequence[np.ndarray] | None = None, image: Any = None, strength: float | None = None,
+                 encoder_noise: np.ndarray | None = None) -> np.ndarray:
         """Generate images.
 
         Every argument is checked before any engine runs (an :class:`InputError` names it): ``prompt`` a string or
@@ -340,6 +374,11 @@ class Pipeline:
         ``latents``: the initial standard-normal latents (B, C, h, w) instead of drawing them from ``seed``;
         ``noise``: per-step noise for samplers that inject it (LCM), instead of drawing it from ``seed``.
         Both exist so a caller can reproduce another implementation's random stream exactly.
+
+        Image-to-image (artifacts with a ``vae_encoder``; :mod:`diffc.runtime.img2img`): ``image`` a path, PIL image
+        or ``(H, W, 3)`` array (uint8, or float in [0, 1]), one for all prompts or a list with one per prompt;
+        ``strength`` in (0, 1] (default 0.8) how much of it is redrawn. ``latents`` is then the noise added to the
+        encoded image, ``encoder_noise`` the draw of the encoder's latent sample (both from ``seed`` if not given).
         """
         prompts = check_prompts("prompt", prompt)
         negs = None if negative_prompt is None else check_prompts("negative_prompt", negative_prompt)
@@ -360,6 +399,10 @@ class Pipeline:
             negs = negs * batch
         if negs is not None and len(negs) != batch:
             raise InputError(f"{len(negs)} negative prompts for {batch} prompts; give one per prompt or one for all")
+        init = None
+        if image is not None or strength is not None:  # image-to-image: the image sets the size unless one is asked
+            init = img2img.prepare(self, image, strength, batch, height, width, encoder_noise)
+            height, width = init.height, init.width
         height = self.default_size[0] if height is None else height
         width = self.default_size[1] if width is None else width
         self.check_size(height, width)
@@ -380,23 +423,24 @@ class Pipeline:
                                 "rebuild the artifact or upgrade diffc")
         # guidance <= 1 skips the uncond half (as diffusers does), unless the UNet engine has a static batch that
         # expects it (TensorRT static shapes): then run it anyway; m_u + g * (m_c - m_u) is still exact.
-        unet_min_batch = self.manifest["components"]["unet"].get("shape_ranges", {}).get("batch", [1])[0]
+        unet_min_batch = self.manifest["components"][self.denoiser["component"]].get("shape_ranges", {}).get(
+            "batch", [1])[0]
         forced = unet_min_batch > batch
         use_cfg = mode == "cfg" and (max(scales) > 1.0 or forced)
         # per row: the scale, or NaN for a row whose own call would skip the uncond half (it takes m_cond alone)
         row_guidance = np.array([v if v > 1.0 or forced else np.nan for v in scales], np.float32)
 
-        cond, pooled = self.encode_text(prompts)
+        cond = self.encode_prompts(prompts)
         extra: dict[str, np.ndarray] = {}
         if use_cfg:
             negs = [""] * batch if negs is None else negs
             if negative_prompt is None and self.guidance.get("zero_uncond_for_empty_negative"):
-                uncond, upooled = np.zeros_like(cond), (None if pooled is None else np.zeros_like(pooled))
+                uncond = cond.zeros_like()
             else:
-                uncond, upooled = self.encode_text(negs)
-            cond = np.concatenate([uncond, cond])
-            pooled = None if pooled is None else np.concatenate([upooled, pooled])
-        unet_batch = cond.shape[0]
+                uncond = self.encode_prompts(negs, negative=True)
+            cond = Conditioning.cat([uncond, cond])
+        pooled = cond.pooled
+        unet_batch = cond.hidden.shape[0]
         added = self.manifest.get("added_conditions") or {}
         if "text_embeds" in added:
             extra["text_embeds"] = pooled.astype(np.float32)
@@ -404,11 +448,17 @@ class Pipeline:
         if mode == "embedded":
             w = np.array([v - 1.0 for v in scales], dtype=np.float32)
             extra[self.guidance.get("input", "timestep_cond")] = guidance_embedding(w, self.guidance["embedding_dim"])
+        elif mode == "scale_input":
+            extra[self.guidance["input"]] = np.array(scales, dtype=np.float32)
 
         if latents is None:
             latents = np.concatenate([self.initial_noise(s, 1, height, width) for s in seed]) if per_row_seed \
                 else self.initial_noise(seed, batch, height, width)
-        x = self.denoise(latents, cond, extra, guidance=row_guidance if use_cfg else None, seed=seed, noise=noise)
+        start = None
+        if init is not None:
+            latents, start = init.start_latents(self, latents, seed, per_row_seed), init.start
+        x = self.denoise(latents, cond, extra, guidance=row_guidance if use_cfg else None, seed=seed, noise=noise,
+                         start=start)
         images = self.decode(x)
         if not np.isfinite(images).all():
             # NaN would pass np.clip and become black pixels: say so instead of writing a black image
@@ -417,18 +467,31 @@ class Pipeline:
                              "scale, and if that does not help, rebuild the artifact")
         return images
 
-    def denoise(self, latents: np.ndarray, cond: np.ndarray, extra: dict[str, np.ndarray] | None = None, *,
+    def tables_for(self, h: int, w: int) -> SamplerTables:
+        """The sampler tables of a call at latent size ``h`` x ``w``: the built ones, or for a resolution-dependent
+        shift (FLUX's ``mu``) the ones recomputed for that size's image sequence length."""
+        return self.tables.for_image_seq_len(image_seq_len(self.denoiser, h, w))
+
+    def denoise(self, latents: np.ndarray, cond: np.ndarray | Conditioning,
+                extra: dict[str, np.ndarray] | None = None, *,
                 guidance: float | np.ndarray | None = None, seed: int | None | Sequence[int | None] = 0,
-                noise: Sequence[np.ndarray] | None = None) -> np.ndarray:
+                noise: Sequence[np.ndarray] | None = None, start: int | None = None) -> np.ndarray:
         """The denoising loop: standard-normal ``latents`` -> final latents. ``cond`` (and ``extra``) are the
         UNet's conditioning for the whole denoiser batch; ``guidance`` not None: classifier-free guidance, with
         ``cond`` holding the uncond half first, at one scale or one per row (NaN: that row takes the conditional
         prediction alone). ``seed``: one seed, or one per row (each row's injected noise from its own stream).
-        Full or shallow UNet per step as :meth:`full_steps` says."""
-        t = self.tables
+        Full or shallow UNet per step as :meth:`full_steps` says. ``cond``: the text states alone, or a
+        :class:`~diffc.runtime.denoiser.Conditioning` (with the pooled states and mask a transformer takes).
+        ``start`` (image-to-image): ``latents`` are already the sampler's state at step ``start`` (not scaled by
+        ``init_noise_sigma``), and steps ``start ..`` run."""
+        if not isinstance(cond, Conditioning):
+            cond = Conditioning(cond, None, None)
+        h, w = latents.shape[-2:]
+        t = self.tables_for(h, w)
         use_cfg = guidance is not None
-        unet_batch = cond.shape[0]
-        x = latents.astype(np.float32) * np.float32(t.init_noise_sigma)
+        feeder = Feeds(self.denoiser, cond, dict(extra or {}), h, w)
+        x = latents.astype(np.float32) * np.float32(t.init_noise_sigma) if start is None \
+            else latents.astype(np.float32)
         # injected noise (LCM): from seed + 1, one stream for the batch, or one per row for per-row seeds
         seeds = list(seed) if is_per_row(seed) else [seed]
         rngs = [np.random.default_rng(None if s is None else s + 1) for s in seeds]
@@ -442,13 +505,14 @@ class Pipeline:
         # image's feature. It holds the whole denoiser batch (uncond and cond halves under CFG).
         feature = None
         feature_name = self.cache["feature"] if self.cache else None
-        for i in tqdm(range(t.num_steps), desc="sampling", unit="step", disable=not self.progress, leave=False):
+        for i in tqdm(range(start or 0, t.num_steps), desc="sampling", unit="step", disable=not self.progress,
+                      leave=False):
             model_in = (x * np.float32(t.c_in[i])).astype(np.float32)
             if use_cfg:
                 model_in = np.concatenate([model_in, model_in])
-            unet = self.sessions[unet_for_timestep(variants, t.timesteps[i])]
-            feeds = {"sample": model_in, "timestep": np.full((unet_batch,), t.timesteps[i], dtype=np.float32),
-                     "encoder_hidden_states": cond, **(extra or {})}
+            unet = self.sessions[unet_for_timestep(variants, t.timesteps[i]) if variants
+                                 else self.denoiser["component"]]
+            feeds = feeder.step(model_in, t.timesteps[i])
             if feature is not None and not full[i]:
                 m = self.sessions[self.cache["shallow_component"]].run({**feeds, feature_name: feature},
                                                                        ["out_sample"])["out_sample"]
@@ -456,7 +520,7 @@ class Pipeline:
                 out = unet.run(feeds, ["out_sample", feature_name])
                 m, feature = out["out_sample"], out[feature_name]
             else:
-                m = unet.run(feeds, ["out_sample"])["out_sample"]
+                m = feeder.output(unet.run(feeds, [self.denoiser["output"]])[self.denoiser["output"]])
             if use_cfg:
                 m_uncond, m_cond = np.split(m, 2)
                 guided = m_uncond + np.nan_to_num(g, nan=1.0) * (m_cond - m_uncond)
@@ -469,7 +533,7 @@ class Pipeline:
                     step_noise = rngs[0].standard_normal(x.shape, dtype=np.float32)
                 else:
                     step_noise = np.concatenate([r.standard_normal((1, *x.shape[1:]), dtype=np.float32) for r in rngs])
-            x, prev_x0 = step(t, i, x, m, prev_x0, step_noise)
+            x, prev_x0 = step(t, i, x, m, prev_x0, step_noise, entry=i == (start or 0))
         return x
 
 

@@ -258,7 +258,7 @@ def test_int8_build_runs_int8_kernels_and_passes_its_gate(int8_artifact, pipes):
     m = json.loads((int8_artifact / "manifest.json").read_text())
     jsonschema.validate(m, json.loads(SCHEMA.read_text()))
     assert {n: c["precision"] for n, c in m["components"].items()} == {
-        "text_encoder": "bf16", "unet": "int8", "unet_shallow": "int8", "vae_decoder": "int8"}
+        "text_encoder": "bf16", "unet": "int8", "unet_shallow": "int8", "vae_decoder": "int8", "vae_encoder": "bf16"}
     report = json.loads((int8_artifact / "build_report.json").read_text())
     gate = report["quality_gate"]
     assert gate["passed"] and gate["evaluated_with"] == "artifact" and gate["psnr_db_mean"] >= 28.0

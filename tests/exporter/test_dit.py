@@ -203,15 +203,25 @@ def test_variants_get_the_typed_error_with_the_supported_list(tmp_path, variant)
         assert variant in message and "StableDiffusionPipeline" in message and "FluxPipeline" in message
 
 
-def test_build_refuses_the_exported_families_with_a_typed_error(tmp_path):
-    import diffc
+@pytest.mark.parametrize("kind", ["flux", "sd3", "pixart"])
+def test_build_accepts_the_families_and_plans_them(tmp_path, kind):
+    """``diffc build`` takes every exported family now; its dry run (torch-free) shows the denoiser entry the
+    manifest will hold, the guidance policy and the transformer's shape ranges (tests/runtime/test_dit_parity.py
+    builds and runs them)."""
+    from diffc.build.plan import plan
 
-    folder = write_tiny_dit_pipeline(tmp_path / "flux", "flux", seed=0)
-    with pytest.raises(UnsupportedPipelineError, match="can be exported .* but not built"):
-        inspect_model(folder)  # what diffc build calls
-    with pytest.raises(UnsupportedPipelineError, match="FluxPipeline"):
-        diffc.build(folder, profile="cpu", out=tmp_path / "never")
-    assert not (tmp_path / "never").exists()
+    folder = write_tiny_dit_pipeline(tmp_path / kind, kind, seed=0)
+    assert inspect_model(folder).pipeline_class == PIPELINE_CLASS[kind]  # what diffc build calls
+    out = plan(folder, "cpu-fp32")
+    assert out["family"] == kind and out["denoiser"]["component"] == "transformer"
+    ranges = out["components"]["transformer"]["shape_ranges"]
+    if kind == "flux":  # 2x2-packed tokens of latents 8..32 (VAE factor 2): (h/2)(w/2)
+        assert out["guidance"]["mode"] == "scale_input" and out["denoiser"]["latent_layout"] == "packed_2x2"
+        assert ranges["image_sequence"] == [16, 64, 256] and ranges["sequence"] == [512] * 3
+        assert ranges["batch"] == [1, 1, 4]  # no CFG batch
+    else:
+        assert out["guidance"]["mode"] == "cfg" and ranges["batch"] == [1, 2, 8]
+        assert ranges["sequence"] == [333 if kind == "sd3" else 300] * 3
 
 
 def test_tiny_pipelines_are_reproducible(tmp_path):

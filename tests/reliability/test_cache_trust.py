@@ -85,7 +85,7 @@ def test_tampered_copy_leaves_no_entry_and_the_genuine_artifact_stays_genuine(ar
         load(bad, progress=False)
     assert _entries(cache) == [] and _leftovers(cache) == []
     first = load(artifact, progress=False)
-    assert not any(s.from_cache for s in first.sessions.values()) and len(_entries(cache)) == 3
+    assert not any(s.from_cache for s in first.sessions.values()) and len(_entries(cache)) == len(first.sessions)
     assert _same(first(PROMPT, seed=4), genuine)
     second = load(artifact, progress=False)
     assert all(s.from_cache for s in second.sessions.values())
@@ -93,7 +93,7 @@ def test_tampered_copy_leaves_no_entry_and_the_genuine_artifact_stays_genuine(ar
     # and the refused copy, run again with the genuine entries in place, is still refused
     with pytest.raises(IntegrityError):
         load(bad, progress=False)
-    assert len(_entries(cache)) == 3
+    assert len(_entries(cache)) == len(first.sessions)
 
 
 def test_engine_swap_leaves_no_entry(artifact, genuine, cache, tmp_path):
@@ -138,7 +138,8 @@ def test_a_tampered_entry_is_discarded_and_made_again(artifact, genuine, cache, 
     os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
     with caplog.at_level(logging.WARNING, logger="diffc.engines.host_cache"):
         pipe = load(artifact, progress=False)
-    assert "does not match its sha256" in caplog.text and sum(s.from_cache for s in pipe.sessions.values()) == 2
+    assert "does not match its sha256" in caplog.text
+    assert sum(s.from_cache for s in pipe.sessions.values()) == len(pipe.sessions) - 1
     assert _same(pipe(PROMPT, seed=4), genuine)
     assert all(s.from_cache for s in load(artifact, progress=False).sessions.values())
 

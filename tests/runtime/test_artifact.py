@@ -62,7 +62,7 @@ def _uses_shared_arena(options) -> bool:
 def test_layout_and_schema(artifact):
     manifest = read_manifest(artifact)
     jsonschema.validate(manifest, json.loads(SCHEMA.read_text()))
-    assert set(manifest["components"]) == {"text_encoder", "unet", "vae_decoder"}
+    assert set(manifest["components"]) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}  # + image-to-image
     assert (artifact / "build_report.json").is_file() and (artifact / "export_report.json").is_file()
     unet = manifest["components"]["unet"]
     assert [i["name"] for i in unet["inputs"]] == ["sample", "timestep", "encoder_hidden_states"]
@@ -205,7 +205,7 @@ def test_host_engine_cache(artifact, tmp_path, monkeypatch):
     first = load(artifact, progress=False)
     assert not any(s.from_cache for s in first.sessions.values())
     entries = list((tmp_path / "cache" / "onnxruntime").iterdir())
-    assert len(entries) == 3 and all((e / "complete").is_file() for e in entries)
+    assert len(entries) == len(first.sessions) == 4 and all((e / "complete").is_file() for e in entries)
     # every entry keeps its weights beside the graph, to be mapped rather than parsed, whether or not the
     # artifact's graph holds them inline (the demo's text encoder and VAE decoder do)
     assert {len(list(artifact.glob(f"{c}/*"))) for c in ("text_encoder", "vae_decoder")} == {1}
@@ -234,7 +234,7 @@ def test_host_cache_size_limit_and_damaged_entries(artifact, tmp_path, monkeypat
     monkeypatch.setenv("DIFFC_CACHE_DIR", str(tmp_path / "cache"))
     load(artifact, progress=False)
     entries = {e.name: e for e in cache.iterdir()}
-    assert len(entries) == 3
+    assert len(entries) == 4  # text encoder, UNet, VAE decoder and encoder
     # damage the largest entry: the next load warns and makes it again
     def size(e):
         return sum(f.stat().st_size for f in e.rglob("*") if f.is_file())
@@ -242,9 +242,9 @@ def test_host_cache_size_limit_and_damaged_entries(artifact, tmp_path, monkeypat
     largest = max(entries.values(), key=size)
     (largest / "model.onnx.data").write_bytes(b"cut short")
     again = load(artifact, progress=False)
-    assert sum(s.from_cache for s in again.sessions.values()) == 2
+    assert sum(s.from_cache for s in again.sessions.values()) == 3
     assert (largest / "complete").is_file() and (largest / "model.onnx.data").stat().st_size > 1000
-    # a limit that holds the largest entry but not all three: loads keep working, the cache stays under it
+    # a limit that holds the largest entry but not all four: loads keep working, the cache stays under it
     # (or holds just the entry written last, when that alone is larger)
     limit = size(largest) + 1
     monkeypatch.setenv("DIFFC_CACHE_MAX_GB", str(limit / 1e9))
@@ -252,7 +252,7 @@ def test_host_cache_size_limit_and_damaged_entries(artifact, tmp_path, monkeypat
         shutil.rmtree(e)
     image = load(artifact, progress=False)("a handwritten digit four", seed=4)
     left = list(cache.iterdir())
-    assert 1 <= len(left) < 3 and (sum(map(size, left)) <= limit or len(left) == 1)
+    assert 1 <= len(left) < 4 and (sum(map(size, left)) <= limit or len(left) == 1)
     monkeypatch.setenv("DIFFC_CACHE_DIR", "off")
     assert np.abs(image - load(artifact, progress=False)("a handwritten digit four", seed=4)).max() <= 1e-6
 

@@ -448,6 +448,7 @@ def test_default_kind_for():
     assert C.default_kind_for("DPMSolverMultistepScheduler") == "dpmpp_2m"
     assert C.default_kind_for("LCMScheduler") == "lcm"
     assert C.default_kind_for("FlowMatchEulerDiscreteScheduler") == "flow_euler"
+    assert C.default_kind_for("SCMScheduler") == "scm"
     with pytest.raises(ProfileError, match="PNDMScheduler"):
         C.default_kind_for("KDPM2DiscreteScheduler")
 
