@@ -136,11 +136,13 @@ RUNS: list[dict[str, Any]] = [
 COLD_START = "cold_start_2026-12-01.json"
 ROOFLINE = "openvino_roofline_512px_int8_cache_2026-12-02.json"
 SERVE = "serve_demo_2026-12-03.json"
+DIT_STEP = "dit_step_pixart_512px_2026-12-03.json"
+FLUX_EXPORT_MEMORY = "flux_export_memory_2026-12-03.json"
 
 
 def cited() -> list[str]:
     """Every results file the page is made from."""
-    return [*LATEST["files"], *(r["file"] for r in RUNS), COLD_START, ROOFLINE, SERVE]
+    return [*LATEST["files"], *(r["file"] for r in RUNS), COLD_START, ROOFLINE, SERVE, DIT_STEP, FLUX_EXPORT_MEMORY]
 
 
 def _load(name: str) -> dict[str, Any]:
@@ -268,6 +270,36 @@ def roofline_section(run: dict[str, Any]) -> list[str]:
     return lines
 
 
+def dit_step_section(run: dict[str, Any]) -> list[str]:
+    lines = ["## One transformer step (`benchmarks/dit_step.py`)", "",
+             f"{run['what']}. diffc's graphs: {run['diffc_graphs']}. `cpu-openvino`: {run['cpu_openvino']}. "
+             f"{run['cycles']} cycle(s), {run['reps_per_process']} timed call(s) per process; machine: "
+             f"{run['machine']['cpus']}-core {run['machine']['cpu']}, shared with other jobs. "
+             f"File: `benchmarks/results/{DIT_STEP}`.", "",
+             "| model | px | variant | seconds | over torch bf16 |", "|---" * 5 + "|"]
+    for model, m in run["models"].items():
+        for variant, by_size in m["seconds"].items():
+            for px, sec in by_size.items():
+                lines.append(f"| {model} (batch {m['batch']}) | {px} | {variant} | {sec:g} | "
+                             f"{m['ratios_vs_torch_bf16'][variant][px]:g}x |")
+    return lines + [""]
+
+
+def flux_memory_section(run: dict[str, Any]) -> list[str]:
+    full = run["full_depth"]
+    fit = full["extrapolated_export_with_parity"]
+    lines = ["## Exporting a FLUX-width transformer (`benchmarks/flux_export_memory.py`)", "",
+             f"{run['what']}. Full depth ({full['double_blocks']} double + {full['single_blocks']} single blocks, "
+             f"{full['parameters'] / 1e9:.1f} B parameters, {full['fp32_weights_gib']} GiB of fp32 weights), "
+             f"extrapolated linearly: {fit['bytes_per_parameter']} bytes per parameter + {fit['intercept_gib']} GiB "
+             f"= {fit['predicted_gib']} GiB peak RSS. {full['note']}. File: `benchmarks/results/{FLUX_EXPORT_MEMORY}`.",
+             "", "| double + single blocks | parameters | export peak RSS GiB | export s |", "|---" * 4 + "|"]
+    for r in run["runs"]:
+        lines.append(f"| {r['double_blocks']} + {r['single_blocks']} | {r['parameters'] / 1e9:.2f} B | "
+                     f"{r['export_peak_rss_gib']} | {r['export_seconds']} |")
+    return lines + [""]
+
+
 def serve_section(run: dict[str, Any]) -> list[str]:
     base = run["in_process"]
     load = run["load_average_1min"]
@@ -334,7 +366,8 @@ def render() -> str:
         lines += [f"## {entry['title']}", "", *end_to_end_table([run]), "", *_run_facts([run], [entry["file"]]), "",
                   entry["note"], ""]
     lines += [*cold_start_section(_load(COLD_START)), "", *roofline_section(_load(ROOFLINE)), "",
-              *serve_section(_load(SERVE))]
+              *serve_section(_load(SERVE)), "", *dit_step_section(_load(DIT_STEP)),
+              *flux_memory_section(_load(FLUX_EXPORT_MEMORY))]
     return "\n".join(lines) + "\n"
 
 

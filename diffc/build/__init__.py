@@ -58,12 +58,13 @@ def build(model: str | Path, profile: Any = "cpu", out: str | Path | None = None
     out = Path(out)
     t_start = time.perf_counter()
     report: dict[str, Any] = {"profile": prof.name, "components": {}, "timings": {}}
-    protect = () if str(model) == "demo" else (model,)  # --force never replaces the model folder itself
+    protect = () if str(model) in ("demo", "demo-dit") else (model,)  # --force never replaces the model folder itself
 
     with work_dir("diffc-build") as work, \
             atomic_output_dir(out, force=force, what="artifact", protect=protect) as tmp:
         exported = export.export(model, prof, work, tmp, exporter=exporter, progress=progress, report=report,
                                  loras=loras)
+        prof = plan.for_denoiser(prof, exported.denoiser)  # [precision].unet is a transformer's precision too
         quantized = prof.quantized_components(tuple(exported.components))
 
         report["pass_order"] = passes.pass_order(prof)
@@ -77,7 +78,7 @@ def build(model: str | Path, profile: Any = "cpu", out: str | Path | None = None
                                    verify_passes=verify_passes, progress=progress)
         if quantized:
             quantize.quantize(prof, quantized, reference, graphs, work, report, progress=progress)
-            at = names.index("unet") + 1  # the step-group variants unet_g1, ...: right after the UNet
+            at = names.index(exported.denoiser) + 1  # the step-group variants unet_g1, ...: right after the UNet
             names[at:at] = [n for n in graphs if n not in names]
 
         components = engines.build(exported, prof, graphs, names, tmp, report, no_cache=no_cache, progress=progress)

@@ -135,10 +135,12 @@ def calibrate(reference: Path, graphs: dict[str, tuple[Path, Sequence[str]]], op
               progress: bool = True) -> dict[str, tuple[list[dict[str, tuple[float, float]]], dict[str, Any]]]:
     """Run the reference artifact's loop over the calibration prompts and seeds once, with a
     :class:`RangeRecorder` in the place of every component in ``graphs`` (component -> (graph to quantize, its
-    target tensors)): the UNet's ranges per step and CFG half, the VAE decoder's from the final latents it
-    decodes. Returns, per component, (ranges per step group -- one dict unless it is the UNet and
-    ``options.step_groups`` > 1 --, report)."""
+    target tensors)): the denoiser's ranges per step and CFG half, the VAE decoder's from the final latents it
+    decodes. The denoiser is the one the reference's manifest names (``unet``, or a DiT family's
+    ``transformer``: its ``denoiser`` section). Returns, per component, (ranges per step group -- one dict
+    unless it is the UNet and ``options.step_groups`` > 1 --, report)."""
     pipe = Pipeline(reference, progress=False, cache=False)
+    denoiser = pipe.denoiser["component"]
     cfg = pipe.guidance["mode"] == "cfg" and float(pipe.guidance["default_scale"]) > 1.0
     steps = pipe.tables.num_steps
     recorders: dict[str, RangeRecorder] = {}
@@ -147,16 +149,17 @@ def calibrate(reference: Path, graphs: dict[str, tuple[Path, Sequence[str]]], op
     jobs = [(p, s) for p in options.calibration_prompts for s in options.calibration_seeds]
     try:
         for name, (graph, targets) in graphs.items():
-            denoiser = name == "unet"  # called once per step, on the CFG batch; the decoder once per image
-            recorders[name] = RangeRecorder(graph, targets, num_steps=steps if denoiser else 1,
-                                            cfg=cfg and denoiser, method=options.method,
+            per_step = name == denoiser  # called once per step, on the CFG batch; the decoder once per image
+            recorders[name] = RangeRecorder(graph, targets, num_steps=steps if per_step else 1,
+                                            cfg=cfg and per_step, method=options.method,
                                             percentile=options.percentile)
             pipe.sessions[name] = recorders[name]
         for prompt, seed in tqdm(jobs, desc="calibration", unit="image", disable=not progress):
             pipe(prompt, seed=seed)
         out = {}
         for name, recorder in recorders.items():
-            groups = step_groups(steps, options.step_groups) if name == "unet" else [[0]]
+            # per-step-group variants are the UNet's (the runtime selects unet_g1...); any other: every call
+            groups = step_groups(steps, options.step_groups) if name == "unet" else [list(range(recorder.num_steps))]
             ranges = [recorder.ranges(g) for g in groups]
             report = {"method": options.method, "percentile": options.percentile, "images": len(jobs),
                       "steps": steps, "calls": recorder.calls, "cfg_halves": recorder.cfg,
@@ -166,7 +169,7 @@ def calibrate(reference: Path, graphs: dict[str, tuple[Path, Sequence[str]]], op
                                          for g in groups]
             out[name] = (ranges, report)
             log.info("calibration of %s: %d tensors over %d images%s", name, len(ranges[0]), len(jobs),
-                     f" x {steps} steps" + (" x 2 CFG halves" if recorder.cfg else "") if name == "unet" else "")
+                     f" x {steps} steps" + (" x 2 CFG halves" if recorder.cfg else "") if name == denoiser else "")
     finally:
         for recorder in recorders.values():
             recorder.close()

@@ -21,7 +21,6 @@ from diffc.build.plan import shape_ranges
 from diffc.engines import BuiltEngine, get_backend
 from diffc.profiles import Profile
 from diffc.names import base_component
-from diffc.profiles.schema import Backend
 
 log = logging.getLogger("diffc.build")
 
@@ -55,15 +54,9 @@ def build(exported: Exported, profile: Profile, graphs: dict[str, Path], names: 
     return components
 
 
-#: backends whose sessions derive per-host files worth making at build time (onnxruntime's layout-optimized
-#: graphs, OpenVINO's models compiled for the default shapes); a TensorRT engine may be for a GPU this machine
-#: lacks
-WARM_HOST_CACHE = (Backend.ONNXRUNTIME, Backend.OPENVINO)
-
-
 def warm_host_cache(profile: Profile, artifact: Path, components: dict[str, Any], report: dict[str, Any]) -> None:
     """Fill this host's engine cache now, so the first ``diffc run`` here starts as fast as later ones."""
-    if profile.backend not in WARM_HOST_CACHE:
+    if not get_backend(profile.backend).warm_host_cache:
         return
     from diffc.runtime.pipeline import open_sessions
 

@@ -8,6 +8,7 @@ the sampling loop will feed them, the cache-reuse plan, the components in build 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,26 @@ SEQUENCE = 77
 #: a large share of a few-step generation (SD 1.5 at 256x256: ~0.6 TFLOP per image, as much as ~1.7 UNet steps
 #: with CFG); the text encoder runs once per prompt on 77 tokens and is not worth its error
 QUANTIZABLE = ("unet", "vae_decoder")
+#: what int8 builds for a transformer denoiser: the backends whose gate runs here (onnxruntime and OpenVINO run the
+#: int8 artifact itself, TensorRT-RTX's Q/DQ graph runs on onnxruntime's CPU kernels); fp8 Q/DQ has no CPU kernels,
+#: so a transformer's fp8 build could not be gated on this machine and is refused
+TRANSFORMER_QUANTIZED = (Precision.INT8,)
+
+
+def for_denoiser(profile: Profile, denoiser: str) -> Profile:
+    """``profile`` as the build of a pipeline whose denoiser is ``denoiser`` reads it: a profile's
+    ``[precision].unet`` is the denoiser's precision whichever architecture it is, so one profile (cpu-int8,
+    rtx-int8...) builds the UNet and every transformer family, and the transformer's engine, manifest entry and
+    quantization all see the same precision."""
+    if denoiser == "unet" or denoiser in profile.precision or "unet" not in profile.precision:
+        return profile
+    return dataclasses.replace(profile, precision={**profile.precision, denoiser: profile.precision["unet"]})
+
+
+def quantized_components(profile: Profile, components, denoiser: str = "unet") -> dict[str, Precision]:
+    """``{component: precision}`` the build quantizes among ``components`` (the denoiser's precision is the
+    profile's ``[precision].unet``: :func:`for_denoiser`)."""
+    return for_denoiser(profile, denoiser).quantized_components(tuple(components))
 
 
 #: reduced float precisions the build gates against the fp32 twin when the build machine runs them (the CPU
@@ -111,7 +132,7 @@ def describe_quantization(profile: Profile, precision: Precision, component: str
     """What a build will do to quantize a component (for ``diffc build --dry-run``)."""
     q = profile.quantize
     groups = q.step_groups if component == "unet" else 1
-    calls = f"{profile.steps} steps" if component == "unet" else "the final latents of each image"
+    calls = f"{profile.steps} steps" if component in DENOISERS else "the final latents of each image"
     return {"activations": activation_type(profile, precision), "keep_float": list(q.keep_float),
             "step_groups": groups,
             **({"step_group_engines": step_group_components(groups)} if groups > 1 else {}),
@@ -151,17 +172,24 @@ def geometry_from_configs(unet_cfg: dict[str, Any], vae_cfg: dict[str, Any], pro
 
 def check_transformer_profile(profile: Profile, family: families.Family) -> None:
     """Refuse, before any export, what diffc does not build for a transformer denoiser yet: cache reuse (its
-    split is written for the UNet's skip connections) and int8 / fp8 (the quantize pass and its calibration are
-    written for the UNet's graphs)."""
+    split is written for the UNet's skip connections), fp8 (its gate cannot run on this machine:
+    :data:`TRANSFORMER_QUANTIZED`) and per-step-group int8 variants (the runtime picks ``unet_g1``... by name).
+    int8 builds: calibrated in the fp32 twin's loop and gated as for the UNet."""
     where = f"profile {profile.name!r}"
     if profile.cache.enabled:
         raise ProfileError(f"{where} reuses cached UNet features ([cache].enabled), which diffc does not build for "
                            f"transformer denoisers ({family.name}); use cpu, cpu-fp32 or cpu-openvino")
-    quantized = profile.quantized_components()
-    if quantized:
-        raise ProfileError(f"{where} quantizes {sorted(quantized)} to {sorted({p.value for p in quantized.values()})}"
-                           f", which diffc does not build for transformer denoisers ({family.name}) yet; use a "
-                           "float profile (cpu, cpu-fp32, cpu-openvino, rtx-fp16)")
+    quantized = quantized_components(profile, (families.TRANSFORMER, "vae_decoder"), families.TRANSFORMER)
+    refused = {c: p for c, p in quantized.items() if p not in TRANSFORMER_QUANTIZED}
+    if refused:
+        raise ProfileError(f"{where} quantizes {sorted(refused)} to {sorted({p.value for p in refused.values()})}"
+                           f", which diffc does not build for transformer denoisers ({family.name}) yet (no CPU "
+                           "kernels to gate it with); use an int8 profile (cpu-int8, cpu-openvino-int8, rtx-int8) or "
+                           "a float one (cpu, cpu-fp32, cpu-openvino, rtx-fp16)")
+    if quantized and profile.quantize.step_groups > 1:
+        raise ProfileError(f"{where}: [quantize].step_groups = {profile.quantize.step_groups}, but per-step-group "
+                           f"variants are built for the UNet only, not for transformer denoisers ({family.name}) yet; "
+                           "set step_groups = 1")
 
 
 def transformer_geometry(family: families.Family, transformer_cfg: dict[str, Any], vae_cfg: dict[str, Any],
@@ -277,6 +305,14 @@ def plan(model: str | Path, profile: str | Path | Profile = "cpu", *, steps: int
         unet_cfg, vae_cfg, present = configs["unet"], configs["vae"], ("text_encoder", "unet", "vae_decoder",
                                                                          "vae_encoder")
     else:
+        if str(model) == "demo-dit":  # the bundled transformer demo: plan from its configs (no weights, no torch)
+            import tempfile
+
+            from diffc.exporter.demo_dit import write_demo_dit_configs
+
+            with tempfile.TemporaryDirectory(prefix="diffc-demo-dit-plan-") as tmp:
+                source = inspect_model(write_demo_dit_configs(tmp))
+                return _plan_transformer(model, prof, source, families.family_of(source.pipeline_class))
         source = inspect_model(model)
         family = families.family_of(source.pipeline_class)
         if family is not None:
@@ -308,13 +344,15 @@ def _plan_transformer(model: str | Path, prof: Profile, source, family: families
     denoiser entry and every component's build. (Sana's Gemma-2 length with its instruction is known only to
     the tokenizer, so the plan shows ``max_sequence_length`` there; the build uses the exact count.)"""
     check_transformer_profile(prof, family)
+    prof = for_denoiser(prof, families.TRANSFORMER)
     tcfg, vae_cfg = source.config(families.TRANSFORMER), source.config("vae")
     geometry = transformer_geometry(family, tcfg, vae_cfg, prof)
     out: dict[str, Any] = {"model": str(model), "profile": prof.name, "backend": prof.backend.value,
                            "family": family.name, "image": {k: geometry[k] for k in ("height", "width")},
                            "batch": prof.batch.to_list(), "denoiser": families.denoiser_entry(family, tcfg),
                            "guidance": families.guidance_mode(family, tcfg, prof.guidance), "components": {}}
-    if gated(prof):
+    quantized = quantized_components(prof, source.components, families.TRANSFORMER)
+    if gated(prof) and not quantized:
         q = prof.quantize
         out["quality_gate"] = {"images": len(q.gate_prompts) * len(q.gate_seeds), "min_psnr_db": q.min_psnr_db,
                                "max_abs_error": q.max_abs_error,
@@ -322,4 +360,6 @@ def _plan_transformer(model: str | Path, prof: Profile, source, family: families
     for name in build_components(source.components, None):
         ranges = shape_ranges(name, prof, geometry, cfg=families.uses_cfg(family, tcfg))
         out["components"][name] = describe_component(prof, name, ranges)
+        if name in quantized:
+            out["components"][name]["quantization"] = describe_quantization(prof, quantized[name], name)
     return out

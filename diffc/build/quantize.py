@@ -110,7 +110,9 @@ def quantize(profile: Profile, quantized: dict[str, Precision], reference: Path,
              work: Path, report: dict[str, Any], *, progress: bool) -> None:
     """Calibrate on the fp32 ``reference`` artifact's loop and swap Q/DQ graphs into ``graphs`` (written under
     ``work/quantized``); with ``[quantize].step_groups`` > 1 also add one graph per further step group
-    (``unet_g1``, ...: same weights, scales from that group's steps). Records each component's quantization,
+    (``unet_g1``, ...: same weights, scales from that group's steps; the UNet only -- a transformer denoiser is
+    one graph calibrated on every step, :func:`diffc.build.plan.check_transformer_profile` refuses more groups).
+    Records each component's quantization,
     the quantize pass's fire counts in its pass report, and ``timings.quantize_s``."""
     t0 = time.perf_counter()
     opts = profile.quantize

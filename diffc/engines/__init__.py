@@ -15,6 +15,9 @@ The protocol (:class:`Backend`; a new backend is one module that implements it a
 ``parallel_open: bool``
     whether :func:`diffc.runtime.pipeline.open_sessions` may open this backend's sessions on a worker thread
     (OpenVINO compiles without the GIL, largely on one core).
+``warm_host_cache: bool``
+    whether the build opens the new artifact's sessions once, so this host's engine cache holds their per-host
+    files (layout-optimized graphs, compiled models) before the first ``diffc run``.
 ``available() -> str | None``
     the installed version, or None when the backend is not importable (asking imports nothing heavy).
 ``version() -> str``
@@ -106,6 +109,7 @@ class Backend(Protocol):
     name: str
     pass_defaults: Mapping[str, Any]
     parallel_open: bool
+    warm_host_cache: bool
 
     def available(self) -> str | None: ...
 

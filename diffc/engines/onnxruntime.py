@@ -268,6 +268,8 @@ class OnnxRuntimeBackend:
     pass_defaults = MappingProxyType({"attention": "mha", "groupnorm": "instance_norm", "layernorm": True,
                                       "gelu": True, "quick_gelu": True, "disable": ()})
     parallel_open = False
+    #: its sessions keep a layout-optimized graph per host: worth making at build time
+    warm_host_cache = True
     #: sessions open with replaced initializers (``open_session(..., weights=)``): run-time LoRAs
     replaces_weights = True
     PRECISIONS = ("fp32", "int8")
@@ -323,11 +325,11 @@ class OnnxRuntimeBackend:
         if ort_options.get("memory_arena") == "shared":
             arena = "shared"
         else:
-            # "denoiser": only the UNet, which runs every step, keeps an arena of its own: the text encoder and the
+            # "denoiser": only the denoiser (UNet or transformer), which runs every step, keeps an arena of its own: the text encoder and the
             # VAE decoder run once per image, and their arenas would hold their peak activations (the 512x512
             # decoder's are large) while the UNet runs (SD 1.5 at 512x512: 6.9 GiB peak with every arena on, 5.3
             # without theirs, same speed)
-            arena = "own" if base_component(name) == "unet" else "none"
+            arena = "own" if base_component(name) in ("unet", "transformer") else "none"
         return Session(path, threads=options.threads or ort_options.get("intra_op_num_threads", 0),
                        inter_threads=ort_options.get("inter_op_num_threads", 0), cache_key=options.cache_key,
                        arena=arena, gate=options.gate, initializers=weights)

@@ -324,6 +324,8 @@ class OnnxRuntimeCudaBackend:
     pass_defaults = MappingProxyType({"attention": "none", "groupnorm": "instance_norm", "layernorm": True,
                                       "gelu": False, "quick_gelu": False, "disable": ()})
     parallel_open = False
+    #: the build machine may have no GPU (or another one): nothing to warm there
+    warm_host_cache = False
 
     def available(self) -> str | None:
         """The onnxruntime that builds (any machine); running needs the GPU wheel (:func:`cuda_provider_problem`)."""

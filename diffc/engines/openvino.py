@@ -299,6 +299,8 @@ class OpenVINOBackend:
     #: OpenVINO compiles without the GIL and largely on one core: two components at a time (SD-1.5 int8 + cache
     #: reuse on 2 cores: 8.8 s for the four instead of 11.6 one after another)
     parallel_open = True
+    #: models compiled for the default shapes are kept per host: worth making at build time
+    warm_host_cache = True
 
     def available(self) -> str | None:
         return available()

@@ -70,6 +70,7 @@ from diffc.engines._trt_common import (
     version,
 )
 from diffc.engines import BuiltEngine, InputProfile, SessionOptions, input_profiles, register
+from diffc.engines._trt_autocast import AUTOCAST_VERSION
 from diffc.engines._trt_graph import GraphInfo, content_hash, inspect_graph
 from diffc.engines.host_cache import HostCache
 from diffc.engines._trt_plan import check_precision, describe_build, options_from_profile
@@ -133,6 +134,8 @@ def _settings(flavour: str, ver: str, precision: str, plan: dict[str, Any], prof
         "opt_level": opt_level, "workspace_bytes": workspace_bytes, "refit": refit,
         "weight_streaming": weight_streaming, "compute_capabilities": compute_capabilities,
         "hardware_compat": hardware_compat, "version_compat": version_compat, "build_gpu": build_gpu,
+        # the fp16 conversion decides the engine's bytes too: a changed conversion must not reuse old engines
+        **({"autocast_version": AUTOCAST_VERSION} if plan["autocast"] else {}),
     }
 
 
@@ -539,6 +542,8 @@ class TensorRTBackend:
     pass_defaults = MappingProxyType({"attention": "none", "groupnorm": "group_normalization", "layernorm": True,
                                       "gelu": False, "quick_gelu": False, "disable": ()})
     parallel_open = False
+    #: an engine may be for a GPU the build machine lacks: nothing to warm there
+    warm_host_cache = False
 
     def __init__(self, flavour: str):
         self.name = _check_flavour(flavour)

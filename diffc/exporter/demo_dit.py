@@ -258,6 +258,42 @@ def build_demo_dit_pipeline(weights=DEMO_DIT_WEIGHTS, demo_weights=None):
     )
 
 
+#: model_index.json entries of the demo-dit folder (library, class) per component folder
+_INDEX = {
+    "transformer": ["diffusers", "SD3Transformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+    "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "text_encoder_3": ["transformers", "T5EncoderModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "tokenizer_3": ["transformers", "T5TokenizerFast"],
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+}
+
+
+def write_demo_dit_configs(out_dir) -> Path:
+    """The demo-dit folder's configs only (model_index.json, each component's config, no weights), without torch:
+    what ``diffc build demo-dit --dry-run`` plans from (the plan reads configs, never weights)."""
+    from tokenizers import Tokenizer
+
+    out = Path(out_dir)
+    t5 = Path(DEMO_DIT_WEIGHTS) / T5_TOKENIZER_DIR / "tokenizer.json"
+    if not t5.is_file():
+        raise ModelError(f"demo-dit's T5 tokenizer is missing ({t5}); restore diffc/assets/demo_dit_weights from the "
+                         "repository or run tools/train_demo_dit.py")
+    configs = demo_dit_configs(Tokenizer.from_file(str(t5)).get_vocab_size())
+    configs["scheduler"] = {"_class_name": "FlowMatchEulerDiscreteScheduler", **DEMO_DIT_SCHEDULER}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline", **_INDEX}))
+    for folder, (_, cls) in _INDEX.items():
+        (out / folder).mkdir(exist_ok=True)
+        if folder in configs:
+            name = "scheduler_config.json" if folder == "scheduler" else "config.json"
+            (out / folder / name).write_text(json.dumps({"_class_name": cls, **configs[folder]}))
+    return out
+
+
 def write_demo_dit_pipeline(out_dir) -> Path:
     """Write the demo-dit diffusers pipeline folder to ``out_dir`` (must not exist, or be empty); returns it.
 

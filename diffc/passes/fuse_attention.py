@@ -223,6 +223,23 @@ def _split_heads(reshape_out: ir.Value, src: ir.Value, seq_refs: set[tuple[ir.Va
     return heads, size
 
 
+
+def _scaled_masked_softmax(op, q, k_t, mask, q_scale, k_scale, s_scale):
+    """The pattern both attention rules share: ``Softmax((q [*|/ q_scale]) @ (k_t [*|/ k_scale]) [*|/ s_scale]
+    [+ mask])`` with the optional NaN guard; the tags (``q_op``, ``k_op``, ``s_op``, ``has_mask``, ``nan_guard``)
+    say which form matched."""
+    q = pattern.OrValue([op.Mul(q, q_scale), op.Div(q, q_scale), q], tag_var="q_op",
+                        tag_values=["Mul", "Div", None])
+    k_t = pattern.OrValue([op.Mul(k_t, k_scale), op.Div(k_t, k_scale), k_t], tag_var="k_op",
+                          tag_values=["Mul", "Div", None])
+    scores = op.MatMul(q, k_t)
+    scores = pattern.OrValue([op.Mul(scores, s_scale), op.Div(scores, s_scale), scores], tag_var="s_op",
+                             tag_values=["Mul", "Div", None])
+    scores = pattern.OrValue([op.Add(scores, mask), scores], tag_var="has_mask", tag_values=[True, False])
+    probs = op.Softmax(scores, _outputs=["probs"])
+    return pattern.OrValue([op.Where(op.IsNaN(probs), 0.0, probs), probs], tag_var="nan_guard",
+                           tag_values=[True, False])
+
 class _Fail(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -365,17 +382,7 @@ class _AttentionRule(pattern.RewriteRuleClassBase):
             tag_var="k_form",
             tag_values=["transpose", "reshape3d", "two_transposes"],
         )
-        q = pattern.OrValue([op.Mul(q, q_scale), op.Div(q, q_scale), q], tag_var="q_op",
-                            tag_values=["Mul", "Div", None])
-        k_t = pattern.OrValue([op.Mul(k_t, k_scale), op.Div(k_t, k_scale), k_t], tag_var="k_op",
-                              tag_values=["Mul", "Div", None])
-        scores = op.MatMul(q, k_t)
-        scores = pattern.OrValue([op.Mul(scores, s_scale), op.Div(scores, s_scale), scores], tag_var="s_op",
-                                 tag_values=["Mul", "Div", None])
-        scores = pattern.OrValue([op.Add(scores, mask), scores], tag_var="has_mask", tag_values=[True, False])
-        probs = op.Softmax(scores, _outputs=["probs"])
-        probs = pattern.OrValue([op.Where(op.IsNaN(probs), 0.0, probs), probs], tag_var="nan_guard",
-                                tag_values=[True, False])
+        probs = _scaled_masked_softmax(op, q, k_t, mask, q_scale, k_scale, s_scale)
         v = op.Transpose(op.Reshape(v3, v_shape, _outputs=["v4"]), perm=[0, 2, 1, 3])
         pv = op.MatMul(probs, v, _outputs=["pv"])
         # transformers' CLIP (legacy export) re-states the context's (B, H, S, D) shape with a Reshape
@@ -697,17 +704,7 @@ class _HeadLayoutAttentionRule(pattern.RewriteRuleClassBase):
             tag_var="k_form",
             tag_values=["bhsd", "bshd", "reshape3d"],
         )
-        q = pattern.OrValue([op.Mul(q_h, q_scale), op.Div(q_h, q_scale), q_h], tag_var="q_op",
-                            tag_values=["Mul", "Div", None])
-        k_t = pattern.OrValue([op.Mul(k_t, k_scale), op.Div(k_t, k_scale), k_t], tag_var="k_op",
-                              tag_values=["Mul", "Div", None])
-        scores = op.MatMul(q, k_t)
-        scores = pattern.OrValue([op.Mul(scores, s_scale), op.Div(scores, s_scale), scores], tag_var="s_op",
-                                 tag_values=["Mul", "Div", None])
-        scores = pattern.OrValue([op.Add(scores, mask), scores], tag_var="has_mask", tag_values=[True, False])
-        probs = op.Softmax(scores, _outputs=["probs"])
-        probs = pattern.OrValue([op.Where(op.IsNaN(probs), 0.0, probs), probs], tag_var="nan_guard",
-                                tag_values=[True, False])
+        probs = _scaled_masked_softmax(op, q_h, k_t, mask, q_scale, k_scale, s_scale)
         pv = op.MatMul(probs, v_h)
         return op.Transpose(pv, perm=[0, 2, 1, 3], _outputs=["ctx"])
 

@@ -236,7 +236,7 @@ def test_packing_round_trips_and_ids_match_diffusers():
     np.testing.assert_array_equal(image_ids(6, 10), ids)
 
 
-@pytest.mark.parametrize("profile", ["cpu-cache", "cpu-openvino-int8", "rtx-int8"])
+@pytest.mark.parametrize("profile", ["cpu-cache", "rtx-fp8"])
 def test_unbuilt_profiles_are_refused_before_export(tmp_path, profile):
     folder = write_tiny_dit_pipeline(tmp_path / "pixart", "pixart", seed=0)
     with pytest.raises(ProfileError, match="transformer denoisers"):
