@@ -26,8 +26,10 @@ from diffc.runtime import load  # noqa: E402
 def binaries(tmp_path_factory):
     build = tmp_path_factory.mktemp("cpp-build")
     subprocess.run(["cmake", "-S", str(ROOT / "cpp"), "-B", str(build), f"-DPython_EXECUTABLE={sys.executable}"],
-                   check=True, capture_output=True, text=True)
-    subprocess.run(["cmake", "--build", str(build), "-j", "2"], check=True, capture_output=True, text=True)
+                   check=True, capture_output=True, text=True, encoding="utf-8", errors="replace")
+    # compiler warnings quote names in UTF-8 whatever the locale: decode them as such, never as ASCII
+    subprocess.run(["cmake", "--build", str(build), "-j", "2"], check=True, capture_output=True, text=True,
+                   encoding="utf-8", errors="replace")
     return build
 
 
@@ -37,7 +39,7 @@ def artifact(demo_cpu_artifact):
 
 
 def _run(args, **kw):
-    return subprocess.run([str(a) for a in args], capture_output=True, text=True, env={**os.environ}, **kw)
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, encoding="utf-8", env={**os.environ}, **kw)
 
 
 @pytest.mark.parametrize("seed, extra", [(0, []), (5, ["--guidance", "3.0", "--negative", "blurry"]),
