@@ -147,6 +147,20 @@ def _round_to(v: int, m: int) -> int:
     return max(m, (v // m) * m)
 
 
+def _size_ranges(profile: Profile, derived: Range, multiple: int, why: str) -> dict[str, list[int]]:
+    """``height`` / ``width`` ranges: the profile's ``[shapes]`` or ``derived``, each value a multiple of ``multiple``
+    (``why`` says what makes it one)."""
+    out = {}
+    for key in ("height", "width"):
+        rng = getattr(profile, key) or derived
+        bad = [v for v in rng.to_list() if v % multiple]
+        if bad:
+            raise ProfileError(f"profile {profile.source or profile.name}: [shapes].{key} values {bad} are not "
+                               f"multiples of {multiple} ({why})")
+        out[key] = rng.to_list()
+    return out
+
+
 def geometry_from_configs(unet_cfg: dict[str, Any], vae_cfg: dict[str, Any], profile: Profile) -> dict[str, Any]:
     """Pixel size ranges from the UNet's and VAE's config.json, checked against what they can tile: every size a
     multiple of the VAE factor x the UNet's downsampling. Without ``[shapes]`` in the profile: half, one and
@@ -160,13 +174,7 @@ def geometry_from_configs(unet_cfg: dict[str, Any], vae_cfg: dict[str, Any], pro
     native = _round_to(native, multiple)
     derived = Range(_round_to(native // 2, multiple), native, native * 2)
     out = {"vae_scale_factor": vae_factor, "multiple_of": multiple}
-    for key in ("height", "width"):
-        rng = getattr(profile, key) or derived
-        bad = [v for v in rng.to_list() if v % multiple]
-        if bad:
-            raise ProfileError(f"profile {profile.source or profile.name}: [shapes].{key} values {bad} are not "
-                               f"multiples of {multiple} (VAE factor {vae_factor} x UNet downsampling {unet_mult})")
-        out[key] = rng.to_list()
+    out.update(_size_ranges(profile, derived, multiple, f"VAE factor {vae_factor} x UNet downsampling {unet_mult}"))
     return out
 
 
@@ -205,13 +213,7 @@ def transformer_geometry(family: families.Family, transformer_cfg: dict[str, Any
                            "packed": family.latent_layout == "packed_2x2",
                            "sequence": {e.component: e.max_length for e in family.encoders}}
     out["sequence"][families.TRANSFORMER] = families.text_sequence(family)
-    for key in ("height", "width"):
-        rng = getattr(profile, key) or derived
-        bad = [v for v in rng.to_list() if v % multiple]
-        if bad:
-            raise ProfileError(f"profile {profile.source or profile.name}: [shapes].{key} values {bad} are not "
-                               f"multiples of {multiple} (VAE factor {vae_factor} x transformer patch {patch})")
-        out[key] = rng.to_list()
+    out.update(_size_ranges(profile, derived, multiple, f"VAE factor {vae_factor} x transformer patch {patch}"))
     return out
 
 

@@ -224,6 +224,23 @@ def _split_heads(reshape_out: ir.Value, src: ir.Value, seq_refs: set[tuple[ir.Va
 
 
 
+def _plan_mask(plan: dict[str, Any], probe, kind: str, mask, nan_guard: bool, q_dtype, heads: int) -> None:
+    """Both attention rules' mask decision: a provably causal mask -> ``plan["causal"]``; an additive float mask
+    of rank <= 4 whose head axis fits -> ``plan["bias"]``; anything else fails the match with the reason."""
+    if probe.is_causal(mask):
+        plan["causal"] = True
+    elif nan_guard:
+        _fail("mask is not provably causal and the graph zeroes fully-masked rows (IsNaN guard), "
+              "which the fused kernels do not")
+    elif mask.dtype not in (None, q_dtype):
+        _fail("mask is not an additive float mask of the query's dtype")
+    elif _rank(mask) is None or _rank(mask) > 4:
+        _fail("mask rank is unknown or > 4")
+    else:
+        _check_bias_heads(mask, heads, kind)
+        plan["bias"] = mask
+
+
 def _scaled_masked_softmax(op, q, k_t, mask, q_scale, k_scale, s_scale):
     """The pattern both attention rules share: ``Softmax((q [*|/ q_scale]) @ (k_t [*|/ k_scale]) [*|/ s_scale]
     [+ mask])`` with the optional NaN guard; the tags (``q_op``, ``k_op``, ``s_op``, ``has_mask``, ``nan_guard``)
@@ -458,18 +475,7 @@ class _AttentionRule(pattern.RewriteRuleClassBase):
         plan: dict[str, Any] = {"heads": heads, "scale": scale, "causal": False, "bias": None,
                                 "out_hidden": heads * v_size}
         if has_mask:
-            if self.probe.is_causal(mask):
-                plan["causal"] = True
-            elif nan_guard:
-                _fail("mask is not provably causal and the graph zeroes fully-masked rows (IsNaN guard), "
-                      "which the fused kernels do not")
-            elif mask.dtype not in (None, q3.dtype):
-                _fail("mask is not an additive float mask of the query's dtype")
-            elif _rank(mask) is None or _rank(mask) > 4:
-                _fail("mask rank is unknown or > 4")
-            else:
-                _check_bias_heads(mask, heads, self.kind)
-                plan["bias"] = mask
+            _plan_mask(plan, self.probe, self.kind, mask, nan_guard, q3.dtype, heads)
         plan["class"] = ("causal_self_attention" if plan["causal"] else "masked_attention" if plan["bias"] is not None
                          else "self_attention" if self_attention else "cross_attention")
         return plan
@@ -762,18 +768,7 @@ class _HeadLayoutAttentionRule(pattern.RewriteRuleClassBase):
         plan: dict[str, Any] = {"heads": n_heads, "size": size, "v_size": v_size, "scale": scale,
                                 "causal": False, "bias": None, "k_bshd": k_form == "bshd"}
         if has_mask:
-            if self.probe.is_causal(mask):
-                plan["causal"] = True
-            elif nan_guard:
-                _fail("mask is not provably causal and the graph zeroes fully-masked rows (IsNaN guard), "
-                      "which the fused kernels do not")
-            elif mask.dtype not in (None, q_h.dtype):
-                _fail("mask is not an additive float mask of the query's dtype")
-            elif _rank(mask) is None or _rank(mask) > 4:
-                _fail("mask rank is unknown or > 4")
-            else:
-                _check_bias_heads(mask, n_heads, self.kind)
-                plan["bias"] = mask
+            _plan_mask(plan, self.probe, self.kind, mask, nan_guard, q_h.dtype, n_heads)
         q_src, k_src = traces["q"].sources, traces["k"].sources
         plan["class"] = ("causal_self_attention" if plan["causal"] else "masked_attention"
                          if plan["bias"] is not None else "joint_attention" if traces["q"].joint
