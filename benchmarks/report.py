@@ -138,11 +138,16 @@ ROOFLINE = "openvino_roofline_512px_int8_cache_2026-12-02.json"
 SERVE = "serve_demo_2026-12-03.json"
 DIT_STEP = "dit_step_pixart_512px_2026-12-03.json"
 FLUX_EXPORT_MEMORY = "flux_export_memory_2026-12-03.json"
+#: benchmarks/stream.py: the stream batch against frame-by-frame image-to-image (issue 32)
+STREAM = "stream_demo_2026-12-03.json"
+#: benchmarks/quality.py's savings rows (issue 31), one file per model
+SAVINGS = ["quality_savings_quick_demo_2026-12-03.json"]
 
 
 def cited() -> list[str]:
     """Every results file the page is made from."""
-    return [*LATEST["files"], *(r["file"] for r in RUNS), COLD_START, ROOFLINE, SERVE, DIT_STEP, FLUX_EXPORT_MEMORY]
+    return [*LATEST["files"], *(r["file"] for r in RUNS), COLD_START, ROOFLINE, SERVE, DIT_STEP, FLUX_EXPORT_MEMORY,
+            *SAVINGS, STREAM]
 
 
 def _load(name: str) -> dict[str, Any]:
@@ -300,6 +305,20 @@ def flux_memory_section(run: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def stream_section(run: dict[str, Any]) -> list[str]:
+    load = run["load_average_1min"]
+    return ["## Streaming image-to-image (`benchmarks/stream.py`)", "",
+            f"The `{run['artifact']}` artifact at {run['size'][0]}x{run['size'][1]}, strength {run['strength']} "
+            f"({run['steps_per_frame']} of {run['steps']} steps per frame), no classifier-free guidance, "
+            f"{run['frames']} timed frames: StreamDiffusion's stream batch (`pipe.stream`, the frames in flight "
+            "denoised as one batch, the prompt encoded once) against `pipe(prompt, image=frame)` frame by frame; "
+            "both give the same images. Machine: "
+            f"{_machine([run])}, 1-minute load average {load['before']} before and {load['after']} after. "
+            f"File: `benchmarks/results/{STREAM}`.", "",
+            "| frame by frame fps | stream fps | stream / frame by frame |", "|---|---|---|",
+            f"| {run['fps']['frame_by_frame']:g} | {run['fps']['stream']:g} | {run['ratio']:g} |", ""]
+
+
 def serve_section(run: dict[str, Any]) -> list[str]:
     base = run["in_process"]
     load = run["load_average_1min"]
@@ -324,6 +343,57 @@ def serve_section(run: dict[str, Any]) -> list[str]:
             lines.append(f"| {instances} | {c} | {lv['images_per_s']:g} | {lv['p50_s']:g} | "
                          f"{lv['p99_s']:g} | {lv['mean_batch']} | {ratios['over_in_process'][c]} | "
                          f"{ratios['over_one_client'][c]} |")
+    return lines
+
+
+def savings_section(run: dict[str, Any], name: str) -> list[str]:
+    """The savings rows of one quality.py run: per technique and setting, against the same loop without savings."""
+    sv = run["savings"]
+    lines = [f"## Step savings on {run['model'].split(' ')[0]} (`benchmarks/quality.py --savings`)", "",
+             f"{run['model']}; {run['images_per_row']} images a row (10 digits x {run['seeds_per_digit']} seeds), "
+             f"guidance {run['guidance']}. Quality against the same sampler and step count without savings and "
+             "against the 20-step image; full evaluations per image count steps that ran the whole denoiser "
+             "(a conditional-only step as half; DeepCache shallow and step-cache head-only steps not counted), "
+             "from `Pipeline.last_trace`. The plot is `docs/savings.png`. Machine: "
+             f"{_machine([run])}. File: `benchmarks/results/{name}`.", "",
+             "| technique | setting | sampler | steps | accuracy (vs none) | PSNR vs none dB | PSNR vs 20 steps dB "
+             "| full evaluations | batch rows | ms/image |", "|---" * 10 + "|"]
+    for r in sv["rows"]:
+        def db(v: Any) -> str:
+            return "-" if v is None else f"{v:g}"
+
+        lines.append(f"| {r['technique'].replace('_', ' ')} | {r['setting']} | {r['sampler']} | {r['steps']} | "
+                     f"{r['prompt_accuracy']:g} ({r['accuracy_vs_no_savings']:+g}) | "
+                     f"{db(r['psnr_vs_no_savings_db'])} | "
+                     f"{db(r['psnr_vs_20_steps_db'])} | {r['full_evaluations_per_image']:g} | "
+                     f"{r['batch_rows_per_image']:g} | {r['latency_ms_per_image']:g} |")
+    goals = sv["goals"]
+    lines += ["", f"Goals (>= {goals['min_psnr_vs_no_savings_db']:g} dB against no savings, accuracy at most "
+                  f"{goals['accuracy_tolerance']:g} below):"]
+    for tech, entry in goals["per_technique"].items():
+        parts = []
+        for key, what in (("20_steps", f"{goals['evaluations_ratio_at_20_steps']:g}x fewer evaluations at 20 steps"),
+                          ("8_steps", f"{goals['evaluations_ratio_at_8_steps']:g}x at 8 steps"),
+                          ("batch_rows", f"{goals['adaptive_guidance_min_row_saving']:.0%} fewer batch rows"),
+                          ("vs_20_step_default", f"{goals['evaluations_ratio_at_20_steps']:g}x fewer steps than "
+                                                 "the 20-step default at >= 30 dB against its image")):
+            if key in entry:
+                row = entry[key]["row"]
+                if row is None:
+                    got = "no row within the bounds"
+                elif key == "batch_rows":
+                    got = f"{row['setting']}, {row['steps']} steps: {row['batch_row_saving']:.0%} fewer rows, " \
+                          f"{row['psnr_vs_no_savings_db']:g} dB"
+                elif key == "vs_20_step_default":
+                    got = f"{row['steps']} steps: {entry[key]['evaluations_ratio']:g}x, " \
+                          f"{row['psnr_vs_20_steps_db']:g} dB against the 20-step image"
+                else:
+                    got = f"{row['setting']}, {row['steps']} steps: {row['evaluations_ratio']:g}x, " \
+                          f"{row['psnr_vs_no_savings_db']:g} dB"
+                parts.append(f"{what} {'met' if entry[key]['met'] else 'not met'} ({got})")
+        lines.append(f"- {tech.replace('_', ' ')}: " + "; ".join(parts) + ".")
+    if run.get("not_built"):
+        lines += ["", "Not measured: " + "; ".join(f"{k}: {v}" for k, v in run["not_built"].items()) + "."]
     return lines
 
 
@@ -368,6 +438,9 @@ def render() -> str:
     lines += [*cold_start_section(_load(COLD_START)), "", *roofline_section(_load(ROOFLINE)), "",
               *serve_section(_load(SERVE)), "", *dit_step_section(_load(DIT_STEP)),
               *flux_memory_section(_load(FLUX_EXPORT_MEMORY))]
+    for name in SAVINGS:
+        lines += ["", *savings_section(_load(name), name)] if lines[-1] else savings_section(_load(name), name)
+    lines += ["", *stream_section(_load(STREAM))]
     return "\n".join(lines) + "\n"
 
 

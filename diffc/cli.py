@@ -166,11 +166,33 @@ def build(obj, model, profile, out, force, steps, sampler, exporter, verify_pass
                    "to --height x --width (default: its own size) when its aspect ratio matches, else refused.")
 @click.option("--strength", type=float, default=None,
               help="With --image: how much of it is redrawn, in (0, 1] (default 0.8); more steps run the higher it is.")
+@click.option("--mask", "mask_image", type=click.Path(path_type=Path), default=None,
+              help="Inpainting, with --image: a mask of the image's size, white where it is redrawn, black where it "
+                   "is kept (--strength then defaults to 1.0).")
+@click.option("--control-image", "control_images", multiple=True, type=click.Path(path_type=Path),
+              help="ControlNet artifacts: the control image (edges, depth, pose... as the ControlNet was trained on), "
+                   "resized to the output size; repeat it once per ControlNet, in the artifact's order.")
+@click.option("--control-scale", "control_scales", multiple=True, type=float,
+              help="With --control-image: the ControlNet conditioning scale (default 1.0); once for all, or once per "
+                   "--control-image.")
+@click.option("--guidance-from-step", type=int, default=None, metavar="S",
+              help="Adaptive guidance, static: steps S.. run the conditional half of classifier-free guidance only "
+                   "(S = the step count: never). Overrides the artifact's [savings].")
+@click.option("--guidance-threshold", type=float, default=None, metavar="X",
+              help="Adaptive guidance, dynamic: cond-only after the first step whose uncond / cond cosine "
+                   "similarity reaches X (e.g. 0.995) on every image. Overrides the artifact's [savings].")
+@click.option("--extrapolation-order", type=int, default=None, metavar="K",
+              help="Artifacts with cached values ([cache]): extrapolate them to each reusing step from the last K+1 "
+                   "cached ones (0: reuse as is, up to 3).")
+@click.option("--step-cache-threshold", type=float, default=None, metavar="X",
+              help="Artifacts built with [savings.step_cache]: run the denoiser's tail only once the first block's "
+                   "accumulated relative change reaches X (0: every step runs it all). Overrides the artifact's.")
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
               help="Apply a LoRA at SCALE (default 1.0) on top of the artifact's weights, without a rebuild; repeatable (onnxruntime artifacts).")
 @click.pass_obj
 def run(obj, artifact, prompt, negative_prompt, seed, guidance, height, width, out, threads, memory_arena,
-        cache_interval, init_image, strength, loras):
+        cache_interval, init_image, strength, mask_image, control_images, control_scales, guidance_from_step,
+        guidance_threshold, extrapolation_order, step_cache_threshold, loras):
     """Generate an image from ARTIFACT (torch-free)."""
     from diffc.runtime import check_image_path, load, save_image
     from diffc.runtime.pipeline import check_guidance, check_prompts, check_seed, check_size_arg, check_threads
@@ -185,10 +207,29 @@ def run(obj, artifact, prompt, negative_prompt, seed, guidance, height, width, o
     check_size_arg("--width", width)
     check_threads(threads, "--threads")
     check_image_path(out)
+    from diffc.runtime.savings import Savings
+
+    savings = {"guidance_from_step": guidance_from_step, "guidance_threshold": guidance_threshold,
+               "extrapolation_order": extrapolation_order}
+    savings = {k: v for k, v in savings.items() if v is not None}
+    Savings().with_overrides(**savings)  # types and ranges before the artifact loads; the artifact's fit after
+    if step_cache_threshold is not None:
+        from diffc.errors import InputError
+        from diffc.runtime.step_cache import check_threshold
+
+        savings["step_cache_threshold"] = check_threshold(step_cache_threshold, InputError, "--step-cache-threshold")
     if init_image is not None or strength is not None:
         from diffc.runtime.img2img import check_image_args
 
         check_image_args(init_image, strength)  # readable image, strength in (0, 1]: before the artifact loads
+    if mask_image is not None:
+        from diffc.runtime.inpaint import check_mask_args
+
+        check_mask_args(init_image, mask_image)  # an image with it, readable, of the image's size
+    if control_images or control_scales:
+        from diffc.runtime.controlnet import check_args as check_control_args
+
+        check_control_args(control_images, control_scales)  # readable images, scales in range
     lora_scales = None
     if loras:
         from diffc.runtime.lora import parse_spec, specs
@@ -199,8 +240,12 @@ def run(obj, artifact, prompt, negative_prompt, seed, guidance, height, width, o
                 width=width, loras=lora_scales)
     if cache_interval is not None:
         pipe.set_cache_schedule({"kind": "interval", "interval": cache_interval})
+    if savings:
+        pipe.set_savings(**savings)
     images = pipe(prompt, negative_prompt=negative_prompt, seed=seed, guidance=guidance, height=height, width=width,
-                  image=init_image, strength=strength)
+                  image=init_image, strength=strength, mask_image=mask_image,
+                  control_image=_control_image_arg(control_images), controlnet_scale=_control_scale_arg(control_scales))
+    log.info("denoiser evaluations: %s", pipe.last_trace.summary())
     save_image(images[0], out)
     click.echo(f"wrote {out}")
 
@@ -254,6 +299,12 @@ def inspect(artifact):
         summary["cache"] = {"branch": c["branch"], "feature": c["feature"], "schedule": c["schedule"],
                             "full_steps": schedule_summary(c["full_steps"]),
                             "components": [c["full_component"], c["shallow_component"]]}
+    if m.get("savings"):
+        summary["savings"] = m["savings"]
+    if m.get("controlnets"):
+        cn = m["controlnets"]
+        summary["controlnets"] = {k: cn[k] for k in ("components", "conditioning_scale", "guidance_start",
+                                                     "guidance_end")}
     click.echo(json.dumps(summary, indent=2))
 
 
@@ -305,3 +356,17 @@ def serve(artifact, port, grpc_port, name, instances, max_batch, threads):
 
 if __name__ == "__main__":
     main()
+
+
+def _control_image_arg(paths: tuple[Path, ...]):
+    """``--control-image`` given once: the image (for every prompt); several times: one per ControlNet."""
+    if not paths:
+        return None
+    return paths[0] if len(paths) == 1 else list(paths)
+
+
+def _control_scale_arg(scales: tuple[float, ...]):
+    """``--control-scale`` given once: the scale of every ControlNet; several times: one per ControlNet."""
+    if not scales:
+        return None
+    return scales[0] if len(scales) == 1 else list(scales)

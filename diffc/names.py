@@ -30,7 +30,11 @@ def max_threads() -> int:
 
 def base_component(name: str) -> str:
     """The model component an engine is built from: cache reuse's ``unet_shallow`` and the per-step-group
-    quantized variants ``unet_g1``, ``unet_g2``... are all the UNet."""
+    quantized variants ``unet_g1``, ``unet_g2``... are all the UNet; the dynamic step cache's ``<denoiser>_head`` /
+    ``<denoiser>_tail`` are their denoiser."""
+    head_tail = re.fullmatch(r"(unet|transformer)_(head|tail)", name)
+    if head_tail:
+        return head_tail.group(1)
     return "unet" if name == "unet_shallow" or re.fullmatch(r"unet_g[1-9][0-9]*", name) else name
 
 

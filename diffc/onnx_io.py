@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import onnx
 import onnx.helper
@@ -26,11 +27,15 @@ DATA_SUFFIX = ".data"
 
 def min_ir_version(model: onnx.ModelProto) -> int:
     """The lowest IR version whose release supports every opset the model imports."""
+    return _min_ir_version({o.domain: o.version for o in model.opset_import})
+
+
+def _min_ir_version(opsets: dict[str, int]) -> int:
     ir = 3
-    for opset in model.opset_import:
-        if opset.domain not in ("", "ai.onnx"):
+    for domain, version in opsets.items():
+        if domain not in ("", "ai.onnx"):
             continue
-        candidates = [row[1] for row in onnx.helper.VERSION_TABLE if row[2] >= opset.version]
+        candidates = [row[1] for row in onnx.helper.VERSION_TABLE if row[2] >= version]
         if candidates:
             ir = max(ir, min(candidates))
     return ir
@@ -80,6 +85,40 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external: boo
         )
     else:
         onnx.save_model(model, str(path))
+    return path
+
+
+def save_ir_model(model: Any, path: str | os.PathLike, *, external: bool | None = None) -> Path:
+    """:func:`save_model` for an ``onnx_ir`` model (the build's stages hold one ``ir.Model`` through their passes
+    and write it once): the same readable IR version and the same weights layout.
+
+    Weights the model still reads lazily from another file (``ir.load``) are written into this one -- inline, or
+    into ``<path>.data`` when large -- so the saved graph never points at a work folder's files; the in-memory
+    model keeps reading them from where they were.
+    """
+    import onnx_ir as ir
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.ir_version = _min_ir_version(dict(model.opset_imports))
+    if external is None:
+        external = sum(v.const_value.nbytes for v in model.graph.initializers.values()
+                       if v.const_value is not None) > EXTERNAL_DATA_THRESHOLD
+    data_path = path.with_name(path.name + DATA_SUFFIX)
+    if external:
+        ir.save(model, str(path), external_data=data_path.name, size_threshold_bytes=1024)
+        return path
+    if data_path.exists():
+        data_path.unlink()
+    lazy = {name: v.const_value for name, v in model.graph.initializers.items()
+            if isinstance(v.const_value, ir.ExternalTensor)}
+    try:  # inline: read the lazy weights for this save only
+        for name, tensor in lazy.items():
+            model.graph.initializers[name].const_value = ir.Tensor(tensor.numpy(), name=tensor.name)
+        ir.save(model, str(path))
+    finally:
+        for name, tensor in lazy.items():
+            model.graph.initializers[name].const_value = tensor
     return path
 
 

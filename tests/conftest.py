@@ -24,26 +24,32 @@ def _isolated_engine_cache(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _shared_artifact(tmp_path_factory, profile: str, **build_options) -> Path:
-    """Build ``demo`` with ``profile`` once per test run, not once per file and per xdist worker.
-
-    Session fixtures run once per pytest-xdist worker, so the artifact lives in the folder the workers share
-    (the parent of each worker's basetemp) and a file lock makes the first worker build it while the others
-    wait. Each artifact sits alone in its own folder, so a test may check that nothing else is left beside it.
-    The build itself is atomic (temporary folder, then rename): a folder that exists is complete.
-    """
-    import filelock
-
-    import diffc
-
+def _shared_dir(tmp_path_factory) -> Path:
+    """The folder every pytest-xdist worker of this run sees: the parent of each worker's basetemp (without
+    xdist, the basetemp itself). Session fixtures run once per worker; what they make here is made once per run."""
     base = tmp_path_factory.getbasetemp()
     shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared-artifacts"
     shared.mkdir(exist_ok=True)
-    out = shared / profile / "demo.diffc"
-    with filelock.FileLock(shared / f"{profile}.lock"):
+    return shared
+
+
+def _made_once(tmp_path_factory, key: str, name: str, make) -> Path:
+    """``make(out)`` for ``shared-artifacts/<key>/<name>`` once per test run, whichever worker asks first.
+
+    A file lock per key makes the first worker build while the others wait (with ``--dist loadscope`` two
+    modules that need the same build run on different workers at the same time). ``make`` must write ``out``
+    atomically (diffc's build, export and tiny-pipeline writers do: temporary folder, then rename), so a folder
+    that exists is complete. Each output sits alone in its own folder, so a test may check that nothing else is
+    left beside it.
+    """
+    import filelock
+
+    shared = _shared_dir(tmp_path_factory)
+    out = shared / key / name
+    with filelock.FileLock(shared / f"{key}.lock"):
         if not out.exists():
             out.parent.mkdir(exist_ok=True)
-            diffc.build("demo", profile, out, progress=False, **build_options)
+            make(out)
     return out
 
 
@@ -53,19 +59,33 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 
 
 @pytest.fixture(scope="session")
-def _read_only_artifact(tmp_path_factory, _isolated_engine_cache):
-    """Returns a getter for shared artifacts; at the end of the session, fails if a test changed one (a test
-    that modifies an artifact must ``shutil.copytree`` it first)."""
+def _read_only_shared(tmp_path_factory, _isolated_engine_cache):
+    """``get(key, name, make) -> Path``: :func:`_made_once`, remembered; at the end of the session, fails if a
+    test changed one of the folders it handed out (a test that modifies one must ``shutil.copytree`` it first)."""
     seen: dict[Path, dict[str, tuple[int, int]]] = {}
 
-    def get(profile: str, **build_options) -> Path:
-        out = _shared_artifact(tmp_path_factory, profile, **build_options)
+    def get(key: str, name: str, make) -> Path:
+        out = _made_once(tmp_path_factory, key, name, make)
         seen.setdefault(out, _snapshot(out))
         return out
 
     yield get
     changed = [str(out) for out, before in seen.items() if _snapshot(out) != before]
-    assert not changed, f"a test modified the shared artifact(s) {changed}: copy it first (shutil.copytree)"
+    assert not changed, f"a test modified the shared folder(s) {changed}: copy it first (shutil.copytree)"
+
+
+@pytest.fixture(scope="session")
+def _read_only_artifact(_read_only_shared):
+    """Returns a getter for shared demo artifacts: ``get(profile, **build_options)`` builds ``demo`` with
+    ``profile`` once per test run (not once per file and per xdist worker), read-only as
+    :func:`_read_only_shared` checks."""
+    import diffc
+
+    def get(profile: str, **build_options) -> Path:
+        return _read_only_shared(profile, "demo.diffc",
+                                 lambda out: diffc.build("demo", profile, out, progress=False, **build_options))
+
+    return get
 
 
 @pytest.fixture(scope="session")
@@ -88,3 +108,102 @@ def demo_cpu_int8_artifact(_read_only_artifact) -> Path:
     """``diffc build demo --profile cpu-int8`` (quality gate included), shared by the whole run: read it only."""
     pytest.importorskip("torch", reason="building the demo artifact needs the export extra")
     return _read_only_artifact("cpu-int8")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tiny UNet pipelines (diffc.exporter.tiny) and their cpu-fp32 artifacts, once per test run
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(_read_only_shared):
+    """``tiny_folder(kind) -> Path``: ``write_tiny_pipeline(out, kind, seed=0)`` (``sd``, ``sdxl``, ``lcm``, ...)
+    once per run. Read it (diffusers' ``from_pretrained``, ``diffc.build``), never write it: copy it first."""
+    pytest.importorskip("torch", reason="writing the tiny pipelines needs the export extra")
+
+    def get(kind: str) -> Path:
+        from diffc.exporter.tiny import write_tiny_pipeline
+
+        return _read_only_shared(f"tiny-{kind}-pipeline", "pipeline",
+                                 lambda out: write_tiny_pipeline(out, kind, seed=0))
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(_read_only_shared, tiny_folder):
+    """``tiny_artifact(kind, steps=4, sampler=None) -> Path``: ``diffc build`` of ``tiny_folder(kind)`` with
+    the cpu-fp32 profile (onnxruntime, exact fp32: what parity tests compare against diffusers), ``steps`` steps
+    and ``sampler`` (None: the pipeline's own scheduler), once per run. Read it only."""
+
+    def get(kind: str, steps: int = 4, sampler: str | None = None) -> Path:
+        from diffc.build import build
+
+        folder = tiny_folder(kind)
+        return _read_only_shared(f"tiny-{kind}-cpu-fp32-{steps}-steps-{sampler or 'own'}", "artifact.diffc",
+                                 lambda out: build(folder, "cpu-fp32", out, steps=steps, sampler=sampler,
+                                                   progress=False))
+
+    return get
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tiny transformer (DiT) pipelines, their export and their cpu-fp32 artifacts, once per test run
+# ---------------------------------------------------------------------------------------------------------
+# Writing a tiny DiT pipeline trains its T5 / Gemma tokenizers and exporting one checks every component against
+# torch: several test modules need the same ones, so they are made once per run in the folder the xdist workers
+# share (keyed by what makes them), and handed out read-only (the end-of-session check above).
+
+
+def _dit_key(kind: str, guidance: bool, what: str) -> str:
+    """One folder (and lock) per output: ``dit-flux-no-guidance-pipeline``, ``dit-sd3-cpu-fp32-4-steps``."""
+    return f"dit-{kind}" + ("" if guidance else "-no-guidance") + f"-{what}"
+
+
+@pytest.fixture(scope="session")
+def tiny_dit_folder(_read_only_shared):
+    """``tiny_dit_folder(kind, guidance=True) -> Path``: ``write_tiny_dit_pipeline(out, kind, seed=0,
+    guidance=guidance)`` once per run (``guidance=False``: FLUX.1-schnell). Read it (diffusers'
+    ``from_pretrained``, ``diffc.build``), never write it: copy it first to change it."""
+    pytest.importorskip("torch", reason="writing the tiny pipelines needs the export extra")
+    pytest.importorskip("sentencepiece")  # the tiny T5 / Gemma tokenizers are trained when the pipeline is written
+
+    def get(kind: str, guidance: bool = True) -> Path:
+        from diffc.exporter.tiny_dit import write_tiny_dit_pipeline
+
+        return _read_only_shared(_dit_key(kind, guidance, "pipeline"), "pipeline",
+                                 lambda out: write_tiny_dit_pipeline(out, kind, seed=0, guidance=guidance))
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_dit_onnx(_read_only_shared, tiny_dit_folder):
+    """``tiny_dit_onnx(kind) -> Path``: ``diffc export`` of ``tiny_dit_folder(kind)``, every component, parity
+    checked against torch (the default ``export_pipeline``), once per run: ``<component>/model.onnx`` and
+    ``export_report.json``. Read it only."""
+
+    def get(kind: str) -> Path:
+        from diffc.exporter import export_pipeline
+
+        folder = tiny_dit_folder(kind)
+        return _read_only_shared(_dit_key(kind, True, "onnx"), "onnx",
+                                 lambda out: export_pipeline(folder, out, progress=False))
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_dit_artifact(_read_only_shared, tiny_dit_folder):
+    """``tiny_dit_artifact(kind, guidance=True, steps=4) -> Path``: ``diffc build`` of ``tiny_dit_folder(kind,
+    guidance)`` with the cpu-fp32 profile (onnxruntime, exact fp32: what parity tests compare against diffusers)
+    for ``steps`` steps, once per run. Read it only."""
+
+    def get(kind: str, guidance: bool = True, steps: int = 4) -> Path:
+        from diffc.build import build
+
+        folder = tiny_dit_folder(kind, guidance)
+        return _read_only_shared(_dit_key(kind, guidance, f"cpu-fp32-{steps}-steps"), "artifact.diffc",
+                                 lambda out: build(folder, "cpu-fp32", out, steps=steps, progress=False))
+
+    return get

@@ -23,7 +23,6 @@ pytest.importorskip("sentencepiece")  # the tiny T5 tokenizers are trained when 
 from diffc.build import build  # noqa: E402
 from diffc.build.plan import plan  # noqa: E402
 from diffc.errors import ProfileError  # noqa: E402
-from diffc.exporter.tiny_dit import write_tiny_dit_pipeline  # noqa: E402
 from diffc.runtime import load  # noqa: E402
 
 log = logging.getLogger("diffc.tests")
@@ -32,17 +31,9 @@ PROMPT = "a red cat on a table"
 
 
 @pytest.fixture(scope="module")
-def pipelines(tmp_path_factory):
-    """kind -> the tiny pipeline folder, written once per module."""
-    root = tmp_path_factory.mktemp("dit-int8")
-    cache = {}
-
-    def get(kind):
-        if kind not in cache:
-            cache[kind] = write_tiny_dit_pipeline(root / kind, kind, seed=0)
-        return cache[kind]
-
-    return get
+def pipelines(tiny_dit_folder):
+    """kind -> the tiny pipeline folder, written once per test run (tests/conftest.py; read-only)."""
+    return tiny_dit_folder
 
 
 def _check_int8(artifact, kind: str, profile: str, *, evaluated_with: str) -> dict:

@@ -47,7 +47,8 @@ def build(model: str | Path, profile: Any = "cpu", out: str | Path | None = None
     weights before export, and recorded in the manifest (:mod:`diffc.build.lora`).
     """
     from diffc._fs import atomic_output_dir, work_dir
-    from diffc.build import engines, export, lora, manifest, passes, plan, quantize, tokenizers, twin
+    from diffc.build import (engines, export, lora, manifest, passes, plan, quantize, schedule_search, step_cache,
+                             tokenizers, twin)
     from diffc.build.report import write_json
 
     prof = plan.resolve_profile(profile, steps=steps, sampler=sampler)
@@ -65,17 +66,24 @@ def build(model: str | Path, profile: Any = "cpu", out: str | Path | None = None
         exported = export.export(model, prof, work, tmp, exporter=exporter, progress=progress, report=report,
                                  loras=loras)
         prof = plan.for_denoiser(prof, exported.denoiser)  # [precision].unet is a transformer's precision too
+        if prof.schedule == "optimized":  # refuse a sampler the search cannot serve before the passes run
+            schedule_search.check(exported.tables.kind, exported.tables, exported.tables.num_steps)
         quantized = prof.quantized_components(tuple(exported.components))
 
         report["pass_order"] = passes.pass_order(prof)
         report["passes_reused"] = False
         graphs = passes.run(exported, prof, work / "passed", report, verify=verify_passes, progress=progress)
         names = plan.build_components(exported.components, exported.cache)
+        if exported.step_marks:  # the dynamic step cache's head and tail (diffc.build.step_cache)
+            names = step_cache.components(names, exported.denoiser)
 
         reference = None
         if plan.gated(prof):
             reference = twin.build(exported, prof, graphs, report, work, exporter=exporter,
                                    verify_passes=verify_passes, progress=progress)
+        if prof.schedule == "optimized":  # before calibration: it and the gate run the chosen schedule
+            schedule_search.stage(exported, prof, graphs, reference, work, report, exporter=exporter,
+                                  verify_passes=verify_passes, progress=progress)
         if quantized:
             quantize.quantize(prof, quantized, reference, graphs, work, report, progress=progress)
             at = names.index(exported.denoiser) + 1  # the step-group variants unet_g1, ...: right after the UNet

@@ -42,6 +42,11 @@ def build(exported: Exported, profile: Profile, graphs: dict[str, Path], names: 
         group = {"unet": graphs["unet"], "unet_shallow": graphs["unet_shallow"]}
         built.update(backend.build_engine_group(group, artifact, "unet", profile=profile,
                                                 shape_ranges={n: ranges[n] for n in group}, no_cache=no_cache))
+    if exported.step_marks:  # the whole denoiser, its head and tail: one weights file (diffc.build.step_cache)
+        d = exported.denoiser
+        group = {n: graphs[n] for n in (d, f"{d}_head", f"{d}_tail")}
+        built.update(backend.build_engine_group(group, artifact, d, profile=profile,
+                                                shape_ranges={n: ranges[n] for n in group}, no_cache=no_cache))
     components: dict[str, Any] = {}
     for name in tqdm(names, desc="engines", unit="component", disable=not progress):
         engine = built.get(name) or backend.build_engine(name, graphs[name], artifact, profile=profile,

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from diffc._fs import folder_hash
-from diffc.build import families
-from diffc.build.plan import (IMAGE_INPUT_COMPONENTS, TXT2IMG_COMPONENTS, cache_plan, check_transformer_profile,
-                              geometry_from_configs, transformer_geometry, uses_cfg)
+from diffc.build import controlnet, families, step_cache
+from diffc.build.plan import (build_components, cache_plan, check_transformer_profile, geometry_from_configs,
+                              transformer_geometry, uses_cfg)
 from diffc.errors import DiskSpaceError
 from diffc.profiles import Profile
 
@@ -52,6 +52,8 @@ class Exported:
     #: the transformer family (diffc.build.families); None for a UNet pipeline, whose ``unet_config`` is the UNet's
     #: (for a transformer pipeline ``unet_config`` holds the transformer's config)
     family: Any = None
+    #: the denoiser was exported with its first block's results marked (dynamic step caching: diffc.build.step_cache)
+    step_marks: bool = False
 
     @property
     def denoiser(self) -> str:
@@ -62,7 +64,7 @@ class Exported:
     def cfg(self) -> bool:
         """Whether the loop runs classifier-free guidance batches."""
         if self.family is not None:
-            return families.uses_cfg(self.family, self.unet_config)
+            return families.uses_cfg(self.family, self.unet_config, self.source.model_index)
         return uses_cfg(self.unet_config)
 
     @property
@@ -121,9 +123,10 @@ def export(model: str | Path, profile: Profile, work: Path, artifact: Path, *, e
     if family is not None:
         check_transformer_profile(profile, family)
     else:  # before loading: an inpainting UNet saved as text-to-image would load, build, and fail only at run time
-        check_unet_channels(source.config("unet"))
+        check_unet_channels(source.config("unet"), source.pipeline_class)
+        controlnet.check_profile(profile, source.components)  # int8 / cache reuse with ControlNet: refused
     pipe = load_pipeline(source, loras or ())  # LoRAs (diffc.build.lora.check) fused before export
-    components = [c for c in TXT2IMG_COMPONENTS + IMAGE_INPUT_COMPONENTS if c in source.components]
+    components = build_components(source.components, None)  # the ControlNets after the UNet
     report["disk"] = check_disk(pipeline_data.fp32_weight_bytes(pipe, components), work, artifact)
 
     sched_cfg = scheduler_config(source)
@@ -131,7 +134,8 @@ def export(model: str | Path, profile: Profile, work: Path, artifact: Path, *, e
     cfgs = pipeline_data.configs(pipe)
     if family is None:
         tables = compile_sampler(kind, sched_cfg, profile.steps)
-        geometry = geometry_from_configs(cfgs["unet"], cfgs["vae"], profile)
+        geometry = geometry_from_configs(cfgs["unet"], cfgs["vae"], profile, source.pipeline_class)
+        controlnet.add_geometry(geometry, cfgs["unet"], components)
         cache = cache_plan(cfgs["unet"], profile)
     else:
         geometry = transformer_geometry(family, cfgs["transformer"], cfgs["vae"], profile)
@@ -146,10 +150,12 @@ def export(model: str | Path, profile: Profile, work: Path, artifact: Path, *, e
     t0 = time.perf_counter()
     onnx_dir = work / "onnx"
     export_report = export_pipeline_to(pipe, source, onnx_dir, components=components, exporter=exporter,
-                                       progress=progress, cache_marks=cache is not None)
+                                       progress=progress, cache_marks=cache is not None,
+                                       step_marks=step_cache.enabled(profile))
     export_report["source"] = {"model": str(model), "sha256": folder_hash(folder)}
     report["timings"]["export_s"] = round(time.perf_counter() - t0, 3)
     return Exported(model=str(model), source=source, pipe=pipe, components=components, onnx_dir=onnx_dir,
                     report=export_report, unet_config=cfgs.get("unet") or cfgs["transformer"], vae_config=cfgs["vae"],
-                    scheduler_config=sched_cfg, geometry=geometry, cache=cache, tables=tables, family=family)
+                    scheduler_config=sched_cfg, geometry=geometry, cache=cache, tables=tables, family=family,
+                    step_marks=step_cache.enabled(profile))
 

@@ -16,7 +16,17 @@ FluxPipeline               CLIP-L pooled + T5's 512 states; 2x2-packed latents w
                            timestep = sigma (t / 1000); dev: ``guidance`` input = the scale, no CFG batch
 SanaPipeline               Gemma-2 with Sana's complex-human-instruction prefix and token selection, its mask
                            to the transformer; CFG batch; timestep x ``timestep_scale``
+SanaSprintPipeline         Sana's text side; ``guidance`` input = the scale (the graph multiplies it by
+                           ``guidance_embeds_scale``), no CFG batch; the SCM sampler's timestep as is
+Flux2KleinPipeline         Qwen3 states of layers 9 / 18 / 27 stacked along the features, prompt wrapped in the
+                           tokenizer's chat template, 512 tokens; FLUX.1's 2x2 packing (the same token order as
+                           FLUX.2's patchify + pack) with 4-axis ids; timestep = sigma; CFG with an empty negative
+                           prompt unless ``is_distilled`` (model_index.json)
 =========================  =============================================================================
+
+``Flux2Pipeline`` (FLUX.2 [dev]) is not built: its text encoder is Mistral-Small-3.1
+(``Mistral3ForConditionalGeneration``, a vision-language model driven through a ``PixtralProcessor`` chat with a
+system message), which diffc has no export contract or run-time tokenizer for; :data:`REFUSED` says so at build.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from diffc.errors import ProfileError
+from diffc.errors import ModelError, ProfileError
 
 #: the denoiser component of a transformer pipeline (a UNet pipeline's is ``unet``)
 TRANSFORMER = "transformer"
@@ -43,7 +53,7 @@ class EncoderPlan:
 
     component: str
     tokenizer: str
-    tokenizer_kind: str  # clip | t5 | gemma
+    tokenizer_kind: str  # clip | t5 | gemma | qwen_chat
     max_length: int
     hidden_state: str | None
     pooled: str | None
@@ -62,6 +72,13 @@ class Family:
     inputs: dict[str, str | None]
     #: the pipeline's ``guidance_scale`` default
     default_guidance: float
+    #: the transformer's timestep = the sampler's x this (None: the transformer config's ``timestep_scale``)
+    timestep_scale: float | None = None
+    #: the position ids of a packed layout: ``flux`` (0, row, column) / zeros, ``flux2`` (t, row, column, layer)
+    #: = (0, row, column, 0) for the image and (0, 0, 0, token) for the text
+    position_ids: str = "flux"
+    #: how guidance works without a guidance embedding: ``cfg`` (a batch of uncond + cond) or ``none``
+    unembedded_guidance: str = "cfg"
 
 
 def _clip(component: str, tokenizer: str, hidden: str | None, pooled: str | None, group: int = 0) -> EncoderPlan:
@@ -98,6 +115,28 @@ FAMILIES: dict[str, Family] = {
         "sana",
         (EncoderPlan("text_encoder", "tokenizer", "gemma", 300, "last_hidden_state", None, "tokens"),),
         "nchw", {**_NCHW_INPUTS, "text_mask": "encoder_attention_mask"}, 4.5),
+    # SanaSprintPipeline: SanaPipeline's encode_prompt; the transformer gets the SCM timestep as is (no
+    # timestep_scale) and guidance_scale x guidance_embeds_scale (the scale is the graph input, see
+    # diffc.exporter.dit._Sana), never a CFG batch
+    "SanaSprintPipeline": Family(
+        "sana",
+        (EncoderPlan("text_encoder", "tokenizer", "gemma", 300, "last_hidden_state", None, "tokens"),),
+        "nchw", {**_NCHW_INPUTS, "text_mask": "encoder_attention_mask"}, 4.5, timestep_scale=1.0,
+        unembedded_guidance="none"),
+    # Flux2KleinPipeline._get_qwen3_prompt_embeds: the chat template around the prompt, 512 tokens padded, the
+    # tokenizer's mask to Qwen3 (not to the transformer); hidden_states[9], [18], [27] stacked on the features
+    "Flux2KleinPipeline": Family(
+        "flux2",
+        (EncoderPlan("text_encoder", "tokenizer", "qwen_chat", 512, "stacked_hidden_states", None, "tokens"),),
+        "packed_2x2", {**_NCHW_INPUTS, "latents": "hidden_states", "image_ids": "img_ids", "text_ids": "txt_ids"},
+        4.0, timestep_scale=0.001, position_ids="flux2"),
+}
+
+#: pipeline classes of a supported family that diffc refuses to build, and why (the build's typed error says it)
+REFUSED = {
+    "Flux2Pipeline": "FLUX.2 [dev]'s text encoder is Mistral-Small-3.1 (Mistral3ForConditionalGeneration behind a "
+                     "PixtralProcessor chat template with a system message), which diffc has no export contract or "
+                     "run-time tokenizer for; build FLUX.2 [klein] (Flux2KleinPipeline) instead",
 }
 
 
@@ -139,21 +178,29 @@ def native_latent(transformer_cfg: dict[str, Any], vae_cfg: dict[str, Any]) -> i
     return int(native[0] if isinstance(native, (list, tuple)) else native)
 
 
-def guidance_mode(family: Family, transformer_cfg: dict[str, Any], profile_guidance: float | None) -> dict[str, Any]:
-    """The manifest's ``guidance``: FLUX-dev embeds the scale (``scale_input``: fed to the ``guidance`` input, no
-    CFG batch); FLUX-schnell takes none; the others run classifier-free guidance (uncond first)."""
+def guidance_mode(family: Family, transformer_cfg: dict[str, Any], profile_guidance: float | None,
+                  pipeline_cfg: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest's ``guidance``: FLUX-dev and Sana-Sprint embed the scale (``scale_input``: fed to the
+    ``guidance`` input, no CFG batch); FLUX-schnell takes none, nor a step-distilled FLUX.2 [klein]
+    (``is_distilled`` in ``pipeline_cfg``, model_index.json: the pipeline ignores its guidance scale); the others
+    run classifier-free guidance (uncond first)."""
+    if family.name == "flux2" and transformer_cfg.get("guidance_embeds"):
+        raise ModelError("the FLUX.2 [klein] transformer config sets guidance_embeds=true, but Flux2KleinPipeline "
+                         "never feeds a guidance embedding (only FLUX.2 [dev] has one, which diffc does not build); "
+                         "check that the transformer folder belongs to this klein pipeline")
     if family.name in ("flux", "sana") and transformer_cfg.get("guidance_embeds"):
         return {"mode": "scale_input", "default_scale": profile_guidance if profile_guidance is not None
                 else family.default_guidance, "input": "guidance"}
-    if family.name == "flux" or profile_guidance is None:
+    if family.name == "flux" or family.unembedded_guidance == "none" or profile_guidance is None \
+            or (pipeline_cfg or {}).get("is_distilled"):
         return {"mode": "none", "default_scale": 1.0}
     return {"mode": "cfg", "default_scale": profile_guidance, "batch_order": ["uncond", "cond"],
             "zero_uncond_for_empty_negative": False}
 
 
-def uses_cfg(family: Family, transformer_cfg: dict[str, Any]) -> bool:
+def uses_cfg(family: Family, transformer_cfg: dict[str, Any], pipeline_cfg: dict[str, Any] | None = None) -> bool:
     """Whether the loop runs classifier-free guidance batches (FLUX never does)."""
-    return guidance_mode(family, transformer_cfg, 1.0)["mode"] == "cfg"
+    return guidance_mode(family, transformer_cfg, 1.0, pipeline_cfg)["mode"] == "cfg"
 
 
 def text_sequence(family: Family) -> int:
@@ -171,7 +218,11 @@ def denoiser_entry(family: Family, transformer_cfg: dict[str, Any]) -> dict[str,
     if guidance_mode(family, transformer_cfg, 1.0)["mode"] == "scale_input":
         inputs["guidance"] = "guidance"
     # FLUX feeds sigma (FluxPipeline: timestep / 1000); Sana multiplies by its config's timestep_scale
-    scale = 0.001 if family.name == "flux" else float(transformer_cfg.get("timestep_scale") or 1.0)
-    return {"component": TRANSFORMER, "family": family.name, "latent_layout": family.latent_layout,
-            "patch_size": patch_size(family, transformer_cfg), "timestep_scale": scale, "inputs": inputs,
-            "output": "out_sample"}
+    scale = family.timestep_scale if family.timestep_scale is not None else \
+        0.001 if family.name == "flux" else float(transformer_cfg.get("timestep_scale") or 1.0)
+    entry = {"component": TRANSFORMER, "family": family.name, "latent_layout": family.latent_layout,
+             "patch_size": patch_size(family, transformer_cfg), "timestep_scale": scale, "inputs": inputs,
+             "output": "out_sample"}
+    if family.position_ids != "flux":
+        entry["position_ids"] = family.position_ids
+    return entry

@@ -13,8 +13,9 @@ Two things go into the manifest (docs/lora.md):
     weight found nowhere (folded into another tensor, quantized) is recorded with no location, and a LoRA
     that touches it at run time is refused with a message saying to fuse it at build time instead.
 
-Only backends that can open an engine with replaced initializers (``replaces_weights``: onnxruntime) get
-locations; the check of the files happens before the export so a bad LoRA costs a second, not a build.
+Only backends that can open an engine with replaced weights (``replaces_weights``: onnxruntime, and OpenVINO,
+whose IR constants are matched as fp16 when the IR stores them so) get locations, read by the backend's
+``weight_tensors``; the check of the files happens before the export so a bad LoRA costs a second, not a build.
 """
 
 from __future__ import annotations
@@ -39,40 +40,13 @@ def check(loras: Any) -> list[LoraSpec]:
     return out
 
 
-def _graph_prints(path: Path, artifact: Path) -> dict[str, dict[str, Any]]:
-    """fingerprint -> {initializer, dims, file, offset} of every fp32 initializer (2-D and up) of the graph at
-    ``path``. ``file`` / ``offset``: where its bytes lie in the artifact (its external data file, or the raw
-    bytes inside the graph file itself), so the runtime reads the base weight with one seek, without onnx."""
-    import onnx
-    from onnx import numpy_helper
-
+def _graph_prints(backend, path: Path, artifact: Path) -> dict[str, dict[str, Any]]:
+    """fingerprint -> location record of every weight the built engine at ``path`` holds
+    (``backend.weight_tensors``); the first of identical tensors wins."""
     from diffc.exporter.lora import fingerprint
 
-    model = onnx.load(str(path), load_external_data=False)
-    blob, resume = None, 0
     out: dict[str, dict[str, Any]] = {}
-    for init in model.graph.initializer:
-        if init.data_type != onnx.TensorProto.FLOAT or len(init.dims) < 2:
-            continue
-        record: dict[str, Any] = {"initializer": init.name, "dims": list(init.dims)}
-        count = int(np.prod(init.dims))
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            info = {e.key: e.value for e in init.external_data}
-            data = path.parent / info["location"]
-            offset = int(info.get("offset", 0))
-            array = np.fromfile(data, dtype=np.float32, count=count, offset=offset)
-            record.update(file=data.relative_to(artifact).as_posix(), offset=offset)
-        else:
-            array = numpy_helper.to_array(init)
-            if init.raw_data:
-                # the bytes at any place they are found are the tensor's own; initializers are serialized in
-                # order, so the search resumes after the last one found (one pass over the file in all)
-                blob = path.read_bytes() if blob is None else blob
-                at = blob.find(init.raw_data, resume)
-                at = blob.find(init.raw_data) if at < 0 else at
-                if at >= 0:
-                    record.update(file=path.relative_to(artifact).as_posix(), offset=at)
-                    resume = at + len(init.raw_data)
+    for array, record in backend.weight_tensors(path, artifact):
         out.setdefault(fingerprint(array), record)
     return out
 
@@ -91,7 +65,8 @@ def targets(pipe, components: dict[str, Any], artifact: Path) -> dict[str, Any] 
     records, by_print = weight_fingerprints(pipe)
     for engine in replaceable:
         entry = components[engine]
-        for digest, where in _graph_prints(artifact_path(artifact, entry["file"]), artifact).items():
+        backend = get_backend(entry["backend"])
+        for digest, where in _graph_prints(backend, artifact_path(artifact, entry["file"]), artifact).items():
             owners = by_print.get(digest, [])
             if len(owners) != 1:
                 # identical weights in two modules: replacing the one initializer would change both
@@ -106,7 +81,7 @@ def targets(pipe, components: dict[str, Any], artifact: Path) -> dict[str, Any] 
                 rec["at"] = []
             elif not rec["at"]:
                 rec["why"] = ("its fp32 weight is in no engine graph that can take replaced weights: quantized, "
-                              "folded into another tensor, or built for a backend other than onnxruntime")
+                              "folded into another tensor, or built for a backend that cannot replace weights")
     found = sum(1 for c in records.values() for r in c.values() if r["at"])
     total = sum(len(c) for c in records.values())
     log.info("LoRA targets: %d of %d weights addressable in the engines", found, total)

@@ -15,21 +15,22 @@ from pathlib import Path
 from typing import Any
 
 from diffc import __version__
-from diffc.build import families
+from diffc.build import controlnet, families
 from diffc.build.export import Exported
 from diffc.build.report import write_json
 from diffc.engines import get_backend
 from diffc.errors import ManifestError
 from diffc.profiles import Profile
 from diffc.names import step_group_components
-from diffc.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, read_manifest
+from diffc.runtime.inpaint import manifest_entry as inpaint_entry
+from diffc.runtime.manifest import MANIFEST_NAME, read_manifest, written_schema_version
 
 #: packages whose versions a manifest records (what a rebuild needs to reproduce the build)
 VERSIONED = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxscript", "numpy")
 
 
 #: fields left out of the file when None
-OPTIONAL = ("step_variants", "cache", "denoiser", "loras", "lora_targets")
+OPTIONAL = ("step_variants", "cache", "denoiser", "loras", "lora_targets", "inpaint", "controlnets", "savings")
 
 
 def _now() -> str:
@@ -57,14 +58,24 @@ class Manifest:
     #: LoRAs fused at build and where each LoRA-addressable weight lives in the engines (diffc.build.lora)
     loras: list[dict[str, Any]] | None = None
     lora_targets: dict[str, Any] | None = None
-    schema_version: int = SCHEMA_VERSION
+    #: an inpainting UNet's sample layout (diffc.runtime.inpaint.manifest_entry); None: the UNet takes latents alone
+    inpaint: dict[str, Any] | None = None
+    #: the ControlNets and how the loop feeds their residuals to the UNet (diffc.build.controlnet.manifest_entry)
+    controlnets: dict[str, Any] | None = None
+    #: training-free step savings (the profile's [savings]; diffc.runtime.savings); None: none
+    savings: dict[str, Any] | None = None
+    #: None: the oldest schema that holds the fields used (diffc.runtime.manifest.written_schema_version)
+    schema_version: int | None = None
     diffc_version: str = __version__
     created: str = dataclasses.field(default_factory=_now)
 
     def to_dict(self) -> dict[str, Any]:
         head = {"schema_version": self.schema_version, "diffc_version": self.diffc_version, "created": self.created}
         body = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in head}
-        return {**head, **{k: v for k, v in body.items() if v is not None or k not in OPTIONAL}}
+        body = {k: v for k, v in body.items() if v is not None or k not in OPTIONAL}
+        if head["schema_version"] is None:
+            head["schema_version"] = written_schema_version(body)
+        return {**head, **body}
 
     def write(self, artifact: Path) -> Path:
         """Write ``artifact/manifest.json`` and check it with the runtime's reader."""
@@ -96,7 +107,7 @@ def guidance(exported: Exported, profile: Profile) -> dict[str, Any]:
     transformer family's as :func:`diffc.build.families.guidance_mode` says."""
     unet_cfg = exported.unet_config
     if exported.family is not None:
-        return families.guidance_mode(exported.family, unet_cfg, profile.guidance)
+        return families.guidance_mode(exported.family, unet_cfg, profile.guidance, exported.source.model_index)
     if unet_cfg.get("time_cond_proj_dim") is not None:
         return {"mode": "embedded", "default_scale": profile.guidance if profile.guidance is not None else 8.5,
                 "embedding_dim": int(unet_cfg["time_cond_proj_dim"]), "input": "timestep_cond"}
@@ -140,6 +151,30 @@ def _strict_json(config: dict[str, Any]) -> dict[str, Any]:
     return {k: fix(v) for k, v in config.items()}
 
 
+def savings(profile: Profile, guidance_entry: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest's ``savings`` section from the profile's ``[savings]``; adaptive guidance on a model that does
+    not guide with classifier-free guidance (LCM's embedded scale, a guidance-distilled transformer) is refused
+    here, the first stage that knows the guidance mode."""
+    from diffc.errors import ProfileError
+
+    section = profile.savings.manifest_section()
+    if section is not None and section["adaptive_guidance"]["mode"] != "off" and guidance_entry["mode"] != "cfg":
+        raise ProfileError(f"profile {profile.name!r}: [savings].adaptive_guidance drops the uncond half of "
+                           f"classifier-free guidance, but this model guides with mode {guidance_entry['mode']!r}; "
+                           "set adaptive_guidance = \"off\"")
+    return section
+
+
+def _with_step_cache(section: dict[str, Any] | None, exported: Exported, profile: Profile,
+                     report: dict[str, Any]) -> dict[str, Any] | None:
+    """``section`` with the profile's ``[savings.step_cache]`` table replaced by what the build made of it."""
+    if section is None or not exported.step_marks:
+        return section
+    from diffc.build import step_cache
+
+    return {**section, "step_cache": step_cache.manifest_entry(profile, report, exported.denoiser)}
+
+
 def compose(exported: Exported, profile: Profile, components: dict[str, Any], text_encoders: list[dict[str, Any]],
             report: dict[str, Any], *, exporter: str) -> Manifest:
     """The manifest of an artifact from the stages' results."""
@@ -157,7 +192,8 @@ def compose(exported: Exported, profile: Profile, components: dict[str, Any], te
         components=components,
         text_encoders=text_encoders,
         added_conditions=added_conditions(unet_cfg),
-        latent={"channels": int(unet_cfg["in_channels"]) if exported.family is None
+        # a UNet's output channels: an inpainting UNet takes more than the latents (the inpaint entry)
+        latent={"channels": int(unet_cfg.get("out_channels") or unet_cfg["in_channels"]) if exported.family is None
                 else families.latent_channels(exported.family, unet_cfg, vae_cfg),
                 "scaling_factor": float(vae_cfg["scaling_factor"]),
                 "shift_factor": float(vae_cfg.get("shift_factor") or 0.0),
@@ -168,5 +204,8 @@ def compose(exported: Exported, profile: Profile, components: dict[str, Any], te
         sampler=exported.tables.to_dict(),
         step_variants=step_variants(exported, report),
         cache=cache,
+        savings=_with_step_cache(savings(profile, guidance(exported, profile)), exported, profile, report),
         denoiser=None if exported.family is None else families.denoiser_entry(exported.family, unet_cfg),
+        inpaint=inpaint_entry(unet_cfg) if exported.family is None else None,
+        controlnets=controlnet.manifest_entry(unet_cfg, exported.components) if exported.family is None else None,
     )

@@ -4,6 +4,11 @@ The passed graph is what ships, so it is checked against PyTorch once more, at t
 a pass that changes the numbers fails the build naming the passes that fired. With cache reuse, the UNet
 (exported with its cache-branch features as outputs) is then cut into the full and the shallow graph, and
 the cut is checked: the shallow graph fed the full graph's feature must give the full graph's output.
+
+Each component is one ``onnx_ir`` model from load to save: the graph passes run on it in place
+(:func:`diffc.passes.run_pass_list`), the stage passes that cut it (``cache_split``) take it as it is, and
+each graph is written once (:func:`diffc.onnx_io.save_ir_model`) -- no protobuf round trip between passes. A
+stage pass is recorded in the component's pass list like a graph pass: name, rewrite counts, seconds.
 """
 
 from __future__ import annotations
@@ -14,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from diffc.build.export import Exported
 from diffc.errors import ParityError
-from diffc.onnx_io import load_model, save_model
-from diffc.passes import pass_list, profile_pass_list, run_passes
+from diffc.onnx_io import save_ir_model
+from diffc.passes import pass_list, profile_pass_list, run_pass_list
 from diffc.profiles import Profile
 from diffc.exporter.unet_blocks import feature_dims
 
@@ -49,13 +55,14 @@ def run(exported: Exported, profile: Profile, dest: Path, report: dict[str, Any]
     pipe, cache = exported.pipe, exported.cache
     graphs: dict[str, Path] = {}
     for name in tqdm(exported.components, desc="passes", unit="component", disable=not progress):
-        graph, pass_report = run_passes(load_model(exported.onnx_dir / name / "model.onnx"), name,
-                                        profile.backend.value, verify=verify, **profile.passes)
-        passed = save_model(graph, dest / name / "model.onnx")
-        del graph
+        model = ir.load(exported.onnx_dir / name / "model.onnx")
+        pass_report = run_pass_list(model, name, profile.backend.value, verify=verify, **profile.passes)
+        passed = save_ir_model(model, dest / name / "model.onnx")
         module = component_module(pipe, name)
         marked = cache is not None and name == "unet"
-        contract = get_contract(name, module, **({"cache_marks": True} if marked else {}))
+        step_marked = exported.step_marks and name == exported.denoiser  # diffc.build.step_cache
+        contract = get_contract(name, module, **({"cache_marks": True} if marked else {}),
+                                **({"step_marks": True} if step_marked else {}))
         after = worst_parity(check_parity(module, contract, passed, sample_shapes(pipe, name)))
         report["components"][name] = {"passes": pass_report, "parity_after_passes": after}
         if not after["passed"]:
@@ -66,29 +73,47 @@ def run(exported: Exported, profile: Profile, dest: Path, report: dict[str, Any]
                 "[passes].disable in the profile, and report the model config")
         graphs[name] = passed
         if marked:
-            t_split = time.perf_counter()
-            split = split_cache(exported, passed, dest)
+            split = split_cache(exported, model, dest)
             report["components"][name]["cache_split"] = split
-            pass_report["passes"].append({"name": "cache_split", "fired": {"cut": 1}, "modified": True,
-                                          "seconds": round(time.perf_counter() - t_split, 4)})
+            pass_report["passes"].append(stage_pass_entry("cache_split", split, ("full", "shallow")))
             graphs["unet_shallow"] = dest / "unet_shallow" / "model.onnx"
+        if step_marked:  # the whole denoiser, its head and its tail (diffc.build.step_cache)
+            from diffc.build import step_cache
+
+            split = step_cache.split(exported, model, dest, name)
+            report["components"][name]["step_cache_split"] = split
+            pass_report["passes"].append(stage_pass_entry("step_cache_split", split, ("full", "head", "tail")))
+            graphs.update({name: Path(split["graphs"]["full"]), f"{name}_head": Path(split["graphs"]["head"]),
+                           f"{name}_tail": Path(split["graphs"]["tail"])})
+        del model
     report["timings"]["passes_s"] = round(time.perf_counter() - t0, 3)
     return graphs
 
 
-def split_cache(exported: Exported, marked: Path, dest: Path) -> dict[str, Any]:
-    """Split the passed, cache-marked UNet at ``marked`` into ``dest/unet`` (full) and ``dest/unet_shallow``,
-    and check the cut on the export's sample inputs. Returns the split's report entry."""
+def stage_pass_entry(name: str, split: dict[str, Any], parts: tuple[str, ...]) -> dict[str, Any]:
+    """The pass-list record of a stage pass that cut one model into ``parts`` (each cut by its own pass, whose
+    counts ``split[part]`` holds): the rewrites of every part added up, ``modified`` when any fired."""
+    fired: dict[str, int] = {}
+    for part in parts:
+        for key, count in split[part].items():
+            fired[key] = fired.get(key, 0) + int(count)
+    return {"name": name, "fired": fired, "modified": any(v > 0 for v in fired.values()), "seconds": split["seconds"]}
+
+
+def split_cache(exported: Exported, marked: ir.Model, dest: Path) -> dict[str, Any]:
+    """Split the passed, cache-marked UNet ``marked`` (the model the graph passes ran on; not modified) into
+    ``dest/unet`` (full) and ``dest/unet_shallow``, and check the cut on the export's sample inputs. Returns the
+    split's report entry: the two passes' counts (``full``, ``shallow``), node counts, the check, ``seconds``."""
     import onnxruntime as ort
 
     from diffc.exporter import pipeline_data
     from diffc.passes.cache_reuse import split
 
+    t0 = time.perf_counter()
     cache = exported.cache
-    full, shallow, rep = split(load_model(marked), cache["branch"],
-                               dims=("batch", None, *feature_dims(cache["level"])))
-    paths = {"full": save_model(full, dest / "unet" / "model.onnx"),
-             "shallow": save_model(shallow, dest / "unet_shallow" / "model.onnx")}
+    full, shallow, rep = split(marked, cache["branch"], dims=("batch", None, *feature_dims(cache["level"])))
+    paths = {"full": save_ir_model(full, dest / "unet" / "model.onnx"),
+             "shallow": save_ir_model(shallow, dest / "unet_shallow" / "model.onnx")}
     del full, shallow
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -104,4 +129,5 @@ def split_cache(exported: Exported, marked: Path, dest: Path) -> dict[str, Any]:
         raise ParityError(f"the shallow UNet (cache branch {cache['branch']}) differs from the full UNet by "
                           f"{worst:.3g} on the same feature; the cut is wrong. Build without [cache] and report "
                           "the model config")
+    rep["seconds"] = round(time.perf_counter() - t0, 4)
     return rep

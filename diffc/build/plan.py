@@ -17,11 +17,11 @@ from diffc.errors import BackendUnavailableError, ProfileError
 from diffc.passes import activation_type
 from diffc.profiles import Profile, list_profiles, load_profile
 from diffc.names import base_component, step_group_components
-from diffc.profiles.schema import Backend, Precision, Range
+from diffc.profiles.schema import Precision, Range
 from diffc.exporter.source import check_unet_channels
 from diffc.exporter.unet_blocks import branch_info, feature_dims, unet_branches
 from diffc.runtime.cache import full_steps
-from diffc.build import families
+from diffc.build import controlnet, families
 
 #: components the text-to-image loop runs, in build order (a pipeline has a ``unet`` or a ``transformer``)
 TXT2IMG_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae_decoder")
@@ -30,7 +30,6 @@ DENOISERS = ("unet", families.TRANSFORMER)
 #: built after the loop's components when the pipeline has them: the VAE encoder takes an input image to latents
 #: (image-to-image, :mod:`diffc.runtime.img2img`)
 IMAGE_INPUT_COMPONENTS = ("vae_encoder",)
-TENSORRT_BACKENDS = (Backend.TENSORRT, Backend.TENSORRT_RTX)
 #: the token length every CLIP text encoder of a supported pipeline is fed
 SEQUENCE = 77
 #: components diffc can quantize: the denoiser, where most of the time goes, and the VAE decoder, which takes
@@ -59,10 +58,10 @@ def quantized_components(profile: Profile, components, denoiser: str = "unet") -
     return for_denoiser(profile, denoiser).quantized_components(tuple(components))
 
 
-#: reduced float precisions the build gates against the fp32 twin when the build machine runs them (the CPU
-#: backends below): OpenVINO's bf16 (the default ``cpu`` profile); a GPU profile's fp16 engine cannot run here
+#: reduced float precisions the build gates against the fp32 twin when the build machine runs them (backends
+#: that ``runs_on_build_host``): OpenVINO's bf16 (the default ``cpu`` profile); a GPU profile's fp16 engine cannot
+#: run here
 REDUCED_FLOATS = (Precision.BF16, Precision.FP16)
-CPU_BACKENDS = (Backend.ONNXRUNTIME, Backend.OPENVINO)
 
 
 def gated(profile: Profile) -> bool:
@@ -72,7 +71,7 @@ def gated(profile: Profile) -> bool:
     artifact that drifted from what the model draws."""
     if profile.quantized_components():
         return True
-    return profile.backend in CPU_BACKENDS and any(
+    return get_backend(profile.backend).runs_on_build_host and any(
         profile.precision_of(c) in REDUCED_FLOATS for c in ("default", *TXT2IMG_COMPONENTS))
 
 
@@ -91,6 +90,9 @@ def check_profile(profile: Profile, graphs: dict[str, Path] | None = None) -> di
     the graphs themselves (TensorRT int8 / fp8 without Q/DQ). Returns ``{component: precision}`` to quantize."""
     quantized = check_quantization(profile)
     get_backend(profile.backend).check_profile(profile, graphs)
+    from diffc.build import step_cache
+
+    step_cache.check(profile)  # [savings.step_cache] with [cache], int8, a backend it is not built for: refused
     return quantized
 
 
@@ -108,11 +110,11 @@ def check_quantization(profile: Profile) -> dict[str, Precision]:
     """Refuse what cannot be quantized before any work; return ``{component: precision}`` to quantize."""
     wanted = profile.quantized_components()
     for comp, prec in wanted.items():
-        if prec is Precision.FP8 and profile.backend is Backend.ONNXRUNTIME:
+        if prec is Precision.FP8 and not get_backend(profile.backend).fp8_kernels:
             raise BackendUnavailableError(
-                f"profile {profile.name!r} asks for fp8 ({comp}), but onnxruntime's CPU provider has no FP8 kernels "
-                f"(FP8 Q/DQ does not run there); use a TensorRT profile for fp8 ({', '.join(fp8_profiles())}), or "
-                "int8 (cpu-int8) on the CPU")
+                f"profile {profile.name!r} asks for fp8 ({comp}), but the {profile.backend.value} backend has no FP8 "
+                f"kernels (FP8 Q/DQ does not run there); use a TensorRT profile for fp8 ({', '.join(fp8_profiles())}), "
+                "or int8 (cpu-int8) on the CPU")
         if comp not in QUANTIZABLE:
             raise ProfileError(
                 f"profile {profile.name!r}: [precision].{comp} = {prec.value!r}, but diffc quantizes only "
@@ -161,11 +163,13 @@ def _size_ranges(profile: Profile, derived: Range, multiple: int, why: str) -> d
     return out
 
 
-def geometry_from_configs(unet_cfg: dict[str, Any], vae_cfg: dict[str, Any], profile: Profile) -> dict[str, Any]:
+def geometry_from_configs(unet_cfg: dict[str, Any], vae_cfg: dict[str, Any], profile: Profile,
+                          pipeline_class: str | None = None) -> dict[str, Any]:
     """Pixel size ranges from the UNet's and VAE's config.json, checked against what they can tile: every size a
     multiple of the VAE factor x the UNet's downsampling. Without ``[shapes]`` in the profile: half, one and
-    two times the model's native size. A UNet that does not map latents to latents (inpainting) is refused."""
-    check_unet_channels(unet_cfg)
+    two times the model's native size. A UNet that does not map latents to latents is refused, unless it is an
+    inpainting UNet of an inpainting ``pipeline_class``."""
+    check_unet_channels(unet_cfg, pipeline_class)
     vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
     unet_mult = 2 ** (len(unet_cfg["block_out_channels"]) - 1)
     multiple = vae_factor * unet_mult
@@ -247,6 +251,14 @@ def shape_ranges(component: str, profile: Profile, geometry: dict[str, Any], *, 
     if component == "unet_shallow" and feature_level:
         for axis, name in zip(("height", "width"), feature_dims(feature_level)):
             ranges[name] = [max(1, v // 2 ** feature_level) for v in ranges[axis]]
+    if controlnet.names([component]):
+        # a ControlNet takes the UNet's latents and text, and the control image at the output's pixel size
+        ranges.update(shape_ranges("unet", profile, geometry, cfg=cfg))
+        ranges["image_height"], ranges["image_width"] = list(geometry["height"]), list(geometry["width"])
+    if unet and geometry.get("control_levels"):  # the UNet's ControlNet residual inputs, latent / 2**level
+        for level in range(1, geometry["control_levels"] + 1):
+            for axis, name in zip(("height", "width"), feature_dims(level)):
+                ranges[name] = [max(1, v // 2 ** level) for v in ranges[axis]]
     return ranges
 
 
@@ -277,18 +289,15 @@ def build_components(present, cache: dict[str, Any] | None) -> list[str]:
         out.append(name)
         if name == "unet" and cache is not None:
             out.append("unet_shallow")
+        if name == "unet":
+            out.extend(controlnet.names(present))  # each ControlNet of a ControlNet pipeline (diffc.build.controlnet)
     return out
 
 
 def describe_component(profile: Profile, name: str, ranges: dict[str, list[int]]) -> dict[str, Any]:
     """One component's entry in :func:`plan`: the backend's own build description (TensorRT: its flags and
-    optimization profiles), or backend, precision and shape ranges. (The backend protocol has no ``describe``
-    yet: TensorRT is the one backend with more to say, so it is asked by name.)"""
-    if profile.backend in TENSORRT_BACKENDS:
-        from diffc.engines import tensorrt as trt_engine
-
-        return trt_engine.describe_build(profile, name, ranges)
-    return {"backend": profile.backend.value, "precision": profile.precision_of(name).value, "shape_ranges": ranges}
+    optimization profiles; the others: backend, precision and shape ranges)."""
+    return get_backend(profile.backend).describe_build(profile, name, ranges)
 
 
 def plan(model: str | Path, profile: str | Path | Profile = "cpu", *, steps: int | None = None,
@@ -300,6 +309,9 @@ def plan(model: str | Path, profile: str | Path | Profile = "cpu", *, steps: int
 
     prof = resolve_profile(profile, steps=steps, sampler=sampler)
     quantized = check_quantization(prof)
+    from diffc.build import step_cache
+
+    step_cache.check(prof)  # the refusals a build makes first ([savings.step_cache] with [cache], int8, ...)
     if str(model) == "demo":
         from diffc.exporter.demo import demo_configs
 
@@ -320,7 +332,9 @@ def plan(model: str | Path, profile: str | Path | Profile = "cpu", *, steps: int
         if family is not None:
             return _plan_transformer(model, prof, source, family)
         unet_cfg, vae_cfg, present = source.config("unet"), source.config("vae"), source.components
-    geometry = geometry_from_configs(unet_cfg, vae_cfg, prof)
+    geometry = geometry_from_configs(unet_cfg, vae_cfg, prof, None if str(model) == "demo" else source.pipeline_class)
+    controlnet.check_profile(prof, present)
+    controlnet.add_geometry(geometry, unet_cfg, present)
     out: dict[str, Any] = {"model": str(model), "profile": prof.name, "backend": prof.backend.value,
                            "image": {k: geometry[k] for k in ("height", "width")}, "batch": prof.batch.to_list(),
                            "components": {}}
@@ -352,7 +366,8 @@ def _plan_transformer(model: str | Path, prof: Profile, source, family: families
     out: dict[str, Any] = {"model": str(model), "profile": prof.name, "backend": prof.backend.value,
                            "family": family.name, "image": {k: geometry[k] for k in ("height", "width")},
                            "batch": prof.batch.to_list(), "denoiser": families.denoiser_entry(family, tcfg),
-                           "guidance": families.guidance_mode(family, tcfg, prof.guidance), "components": {}}
+                           "guidance": families.guidance_mode(family, tcfg, prof.guidance, source.model_index),
+                           "components": {}}
     quantized = quantized_components(prof, source.components, families.TRANSFORMER)
     if gated(prof) and not quantized:
         q = prof.quantize
@@ -360,7 +375,7 @@ def _plan_transformer(model: str | Path, prof: Profile, source, family: families
                                "max_abs_error": q.max_abs_error,
                                "against": "the fp32 onnxruntime twin of this artifact, built in the work folder"}
     for name in build_components(source.components, None):
-        ranges = shape_ranges(name, prof, geometry, cfg=families.uses_cfg(family, tcfg))
+        ranges = shape_ranges(name, prof, geometry, cfg=families.uses_cfg(family, tcfg, source.model_index))
         out["components"][name] = describe_component(prof, name, ranges)
         if name in quantized:
             out["components"][name]["quantization"] = describe_quantization(prof, quantized[name], name)

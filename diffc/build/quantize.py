@@ -24,9 +24,11 @@ from tqdm.auto import tqdm
 
 from diffc.build.calibrate import calibrate
 from diffc.build.plan import activation_type
-from diffc.engines.onnxruntime import Session
+from diffc.engines import get_backend
+from diffc.engines.onnxruntime import BACKEND as CPU_EVALUATOR, Session
 from diffc.errors import QualityGateError
-from diffc.onnx_io import load_model, save_model
+from diffc.onnx_io import save_ir_model
+from diffc.passes import pass_entry
 from diffc.passes._base import op_counts
 from diffc.passes.quantize import QuantizePass, calibration_targets
 from diffc.names import base_component, step_group_components
@@ -49,6 +51,8 @@ def quality_gate(reference: Path, candidate: Path | None, options: QuantizeOptio
     onnxruntime (for engines this machine cannot run) -- against ``reference``. ``quantized``: whether the
     candidate has int8 / fp8 components (False: only reduced float compute, e.g. bf16), for the error's advice.
     Raises :class:`QualityGateError` when below the thresholds; returns the numbers otherwise."""
+    from diffc.runtime.controlnet import gate_inputs
+
     ref = Pipeline(reference, progress=False, cache=False)
     if candidate is not None:
         cand = Pipeline(candidate, progress=False, cache=False)
@@ -61,7 +65,8 @@ def quality_gate(reference: Path, candidate: Path | None, options: QuantizeOptio
     rows = []
     jobs = [(p, s) for p in options.gate_prompts for s in options.gate_seeds]
     for prompt, seed in tqdm(jobs, desc="quality gate", unit="image", disable=not progress):
-        a, b = ref(prompt, seed=seed), cand(prompt, seed=seed)
+        extra = gate_inputs(ref)  # a ControlNet artifact is gated with its ControlNets on
+        a, b = ref(prompt, seed=seed, **extra), cand(prompt, seed=seed, **extra)
         rows.append({"prompt": prompt, "seed": seed, "psnr_db": round(_psnr(a, b), 3),
                      "max_abs_error": round(float(np.abs(a - b).max()), 5)})
     worst_psnr = min(r["psnr_db"] for r in rows)
@@ -89,21 +94,18 @@ def quality_gate(reference: Path, candidate: Path | None, options: QuantizeOptio
 
 def quantize_graph(graph: Path, out: Path, ranges: dict[str, tuple[float, float]], *, qtype: str,
                    keep_float: Sequence[str], backend: Backend) -> dict[str, Any]:
-    """Insert Q/DQ into the graph at ``graph`` and save it at ``out``; returns the pass report entry."""
-    model = ir.serde.deserialize_model(load_model(graph))
-    ort_form = backend is Backend.ONNXRUNTIME
-    qpass = QuantizePass(qtype=qtype, ranges=ranges, keep_float=keep_float, output_qdq=ort_form,
-                         int32_bias=ort_form)
+    """Insert Q/DQ into the graph at ``graph`` and save it at ``out``, in the form ``backend``'s int8 kernels
+    fuse (its ``qdq_form``): the quantize stage pass on one ``onnx_ir`` model from load to save, as the passes
+    stage runs its passes (:mod:`diffc.build.passes`). Returns the pass's record (:func:`diffc.passes.pass_entry`)
+    with its options and the op counts before and after."""
+    model = ir.load(graph)
+    form = dict(get_backend(backend).qdq_form)
+    qpass = QuantizePass(qtype=qtype, ranges=ranges, keep_float=keep_float, **form)
     before = op_counts(model)
-    t0 = time.perf_counter()
-    result = qpass(model)
-    seconds = time.perf_counter() - t0
-    proto = ir.serde.serialize_model(result.model)
-    save_model(proto, out)
-    return {"name": "quantize", "fired": dict(qpass.fired), "modified": bool(result.modified),
-            "seconds": round(seconds, 4), "options": {"qtype": qtype, "keep_float": list(keep_float),
-                                                      "output_qdq": ort_form, "int32_bias": ort_form},
-            "op_counts_before": before, "op_counts_after": op_counts(proto)}
+    qpass(model)
+    save_ir_model(model, out)
+    return {**pass_entry("quantize", qpass), "options": {"qtype": qtype, "keep_float": list(keep_float), **form},
+            "op_counts_before": before, "op_counts_after": op_counts(model)}
 
 
 def quantize(profile: Profile, quantized: dict[str, Precision], reference: Path, graphs: dict[str, Path],
@@ -116,11 +118,11 @@ def quantize(profile: Profile, quantized: dict[str, Precision], reference: Path,
     the quantize pass's fire counts in its pass report, and ``timings.quantize_s``."""
     t0 = time.perf_counter()
     opts = profile.quantize
-    ort_form = profile.backend is Backend.ONNXRUNTIME
+    output_ranges = get_backend(profile.backend).qdq_form["output_qdq"]
     # With cache reuse the loop also runs unet_shallow; calibration records the full graph (a superset of the
     # shallow one's tensors, by name), and both graphs are quantized with the same ranges.
     calibrated = calibrate(reference, {name: (graphs[name], calibration_targets(
-        ir.load(graphs[name]).graph, keep_float=opts.keep_float, output_ranges=ort_form)) for name in quantized},
+        ir.load(graphs[name]).graph, keep_float=opts.keep_float, output_ranges=output_ranges)) for name in quantized},
         opts, progress=progress)
     for name, precision in quantized.items():
         qtype = activation_type(profile, precision)
@@ -152,13 +154,14 @@ def quantize(profile: Profile, quantized: dict[str, Precision], reference: Path,
 def gate(profile: Profile, quantized: dict[str, Precision], reference: Path, artifact: Path,
          graphs: dict[str, Path], *, step_variants: dict[str, Any] | None, progress: bool) -> dict[str, Any]:
     """The quality gate (quantized profiles, and reduced float compute on the CPU: :func:`diffc.build.plan.gated`):
-    the artifact itself on onnxruntime or OpenVINO; for TensorRT, the int8 Q/DQ graph on the
-    CPU (the engine needs a GPU); fp8 cannot run here at all, so it is recorded as not evaluated."""
+    the artifact itself where the build machine runs its engines (``runs_on_build_host``: onnxruntime, OpenVINO);
+    otherwise (a GPU engine) the int8 Q/DQ graph on onnxruntime's CPU kernels; fp8 has none, so it cannot run here
+    at all and is recorded as not evaluated."""
     if profile.quantize.min_psnr_db == 0 and profile.quantize.max_abs_error is None:
         return {"skipped": "turned off in the profile ([quantize].min_psnr_db = 0)"}
-    if profile.backend in (Backend.ONNXRUNTIME, Backend.OPENVINO):
+    if get_backend(profile.backend).runs_on_build_host:
         return quality_gate(reference, artifact, profile.quantize, progress=progress, quantized=bool(quantized))
-    if any(p is Precision.FP8 for p in quantized.values()):
+    if any(p is Precision.FP8 for p in quantized.values()) and not CPU_EVALUATOR.fp8_kernels:
         return {"skipped": "not evaluated on this machine: FP8 Q/DQ has no onnxruntime CPU kernels and the TensorRT "
                            "engine needs a GPU; run benchmarks/quality.py against the artifact on the target GPU"}
     return quality_gate(reference, None, profile.quantize, progress=progress, step_variants=step_variants,

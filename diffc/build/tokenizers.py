@@ -71,5 +71,9 @@ def _write_family(exported: Exported, artifact: Path) -> list[dict[str, Any]]:
         if e.tokenizer_kind == "gemma":
             entry.update(max_length=exported.geometry["sequence"][e.component][1], max_sequence_length=e.max_length,
                          complex_human_instruction=list(SANA_COMPLEX_HUMAN_INSTRUCTION))
+        if e.tokenizer_kind == "qwen_chat":  # FLUX.2 [klein]: the chat template, rendered around the prompt
+            from diffc.exporter.pipeline_data import chat_template_parts
+
+            entry.update(chat_template_parts(exported.pipe, e.tokenizer))
         encoders.append(entry)
     return encoders

@@ -18,6 +18,28 @@ The protocol (:class:`Backend`; a new backend is one module that implements it a
 ``warm_host_cache: bool``
     whether the build opens the new artifact's sessions once, so this host's engine cache holds their per-host
     files (layout-optimized graphs, compiled models) before the first ``diffc run``.
+``runs_on_build_host: bool``
+    whether the build machine's CPU runs this backend's engines (onnxruntime, OpenVINO): the build's quality
+    gate then runs the artifact itself, and gates bf16 / fp16 compute too; a GPU engine may be for a GPU the
+    build machine lacks, so its gate runs the Q/DQ graph on onnxruntime instead (:mod:`diffc.build.quantize`).
+``contrib_ops: bool``
+    whether it runs onnxruntime's CPU contrib ops (``MultiHeadAttention``, ``QuickGelu`` ...) and the ops
+    onnxruntime adds to the ONNX domain: which ``[passes]`` options are legal, what ``check_ops`` refuses.
+``rmsnorm_op: bool``
+    whether the passes fuse decomposed RMSNorm into opset-23 ``RMSNormalization`` (onnxruntime has the kernel;
+    OpenVINO and TensorRT fuse the decomposed form themselves).
+``int8_activations: tuple[str, ...]``
+    the int8 Q/DQ activation encodings its kernels fuse, the ``[quantize].activations = "auto"`` choice first
+    (onnxruntime: ``uint8``, x86 VNNI multiplies u8 x s8, then ``int8``; elsewhere ``int8`` alone: no zero points).
+``fp8_kernels: bool``
+    whether it runs FP8 Q/DQ graphs (TensorRT on Hopper / Ada and later); a profile asking fp8 of another
+    backend is refused before any work.
+``qdq_form: Mapping[str, bool]``
+    the :class:`~diffc.passes.quantize.QuantizePass` options its int8 kernels need: ``output_qdq`` (Q/DQ on each
+    Conv's output, for onnxruntime's ``QLinearConv``) and ``int32_bias``.
+``describe_build(profile, component, shape_ranges) -> dict``
+    what building ``component`` would do, without the backend installed (``diffc build --dry-run``): backend,
+    precision and shape ranges (:func:`plain_description`), or more (TensorRT: flags and profiles).
 ``available() -> str | None``
     the installed version, or None when the backend is not importable (asking imports nothing heavy).
 ``version() -> str``
@@ -110,6 +132,14 @@ class Backend(Protocol):
     pass_defaults: Mapping[str, Any]
     parallel_open: bool
     warm_host_cache: bool
+    runs_on_build_host: bool
+    contrib_ops: bool
+    rmsnorm_op: bool
+    int8_activations: tuple[str, ...]
+    fp8_kernels: bool
+    qdq_form: Mapping[str, bool]
+
+    def describe_build(self, profile: Any, component: str, shape_ranges: Mapping[str, Any]) -> dict[str, Any]: ...
 
     def available(self) -> str | None: ...
 
@@ -185,6 +215,12 @@ def component_entry(artifact: Path, folder: str, files: Sequence[str], *, backen
                 "precision": precision, **io, "shape_ranges": dict(shape_ranges)}
     return BuiltEngine(manifest, {"engine_bytes": sum((artifact / r).stat().st_size for r in rel)})
 
+
+def plain_description(profile: Any, component: str, shape_ranges: Mapping[str, Any]) -> dict[str, Any]:
+    """:meth:`Backend.describe_build` of a backend with nothing to say beyond the profile: its name, the
+    component's precision and the shape ranges it is built for."""
+    return {"backend": profile.backend.value, "precision": profile.precision_of(component).value,
+            "shape_ranges": shape_ranges}
 
 
 def check_feeds(input_names: Sequence[str], feeds: Mapping[str, object]) -> None:

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from diffc.engines import BuiltEngine, SessionOptions, check_feeds, component_entry, engine_io, register
+from diffc.engines import (BuiltEngine, SessionOptions, check_feeds, component_entry, engine_io, plain_description,
+                           register)
 from diffc.engines.host_cache import HostCache, PublishGate, with_fallback
 from diffc.errors import ArtifactError, BackendUnavailableError, InputError
 from diffc.names import base_component
@@ -270,6 +271,15 @@ class OnnxRuntimeBackend:
     parallel_open = False
     #: its sessions keep a layout-optimized graph per host: worth making at build time
     warm_host_cache = True
+    runs_on_build_host = True
+    contrib_ops = True
+    rmsnorm_op = True
+    #: x86 VNNI multiplies u8 x s8: uint8 activations (with zero points) by default
+    int8_activations = ("uint8", "int8")
+    fp8_kernels = False
+    #: QLinearConv fuses only with Q/DQ on the Conv's output too, and takes an int32 bias
+    qdq_form = MappingProxyType({"output_qdq": True, "int32_bias": True})
+    describe_build = staticmethod(plain_description)
     #: sessions open with replaced initializers (``open_session(..., weights=)``): run-time LoRAs
     replaces_weights = True
     PRECISIONS = ("fp32", "int8")
@@ -317,6 +327,41 @@ class OnnxRuntimeBackend:
                                precision=profile.precision_of(component).value,
                                io=engine_io(Path(artifact) / folder / info["files"][0]), shape_ranges=shape_ranges,
                                backend_options={"graph_optimization_applied": info["optimization"]})
+
+    @staticmethod
+    def weight_tensors(path: Path, artifact: Path):
+        """Yield ``(value, record)`` for every fp32 initializer (2-D and up) of the built graph at ``path``, as a
+        run-time weight swap addresses it: ``record`` = {initializer, dims, file, offset, dtype}, ``file`` /
+        ``offset`` where its bytes lie in the artifact (its external data file, or the raw bytes inside the graph
+        file itself), so the runtime reads the base weight with one seek, without onnx. Build time only."""
+        import onnx
+        from onnx import numpy_helper
+
+        model = onnx.load(str(path), load_external_data=False)
+        blob, resume = None, 0
+        for init in model.graph.initializer:
+            if init.data_type != onnx.TensorProto.FLOAT or len(init.dims) < 2:
+                continue
+            record: dict[str, Any] = {"initializer": init.name, "dims": list(init.dims), "dtype": "float32"}
+            count = int(np.prod(init.dims))
+            if init.data_location == onnx.TensorProto.EXTERNAL:
+                info = {e.key: e.value for e in init.external_data}
+                data = path.parent / info["location"]
+                offset = int(info.get("offset", 0))
+                array = np.fromfile(data, dtype=np.float32, count=count, offset=offset)
+                record.update(file=data.relative_to(artifact).as_posix(), offset=offset)
+            else:
+                array = numpy_helper.to_array(init)
+                if init.raw_data:
+                    # the bytes at any place they are found are the tensor's own; initializers are serialized in
+                    # order, so the search resumes after the last one found (one pass over the file in all)
+                    blob = path.read_bytes() if blob is None else blob
+                    at = blob.find(init.raw_data, resume)
+                    at = blob.find(init.raw_data) if at < 0 else at
+                    if at >= 0:
+                        record.update(file=path.relative_to(artifact).as_posix(), offset=at)
+                        resume = at + len(init.raw_data)
+            yield array, record
 
     def open_session(self, name: str, component, path: Path, options: SessionOptions,
                      weights: dict[str, np.ndarray] | None = None) -> Session:

@@ -32,7 +32,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from diffc.engines import BuiltEngine, SessionOptions, check_feeds, component_entry, engine_io, register
+from diffc.engines import (BuiltEngine, SessionOptions, check_feeds, component_entry, engine_io, plain_description,
+                           register)
 from diffc.errors import ArtifactError, BackendUnavailableError, CudaError, InputError, ProfileError
 
 log = logging.getLogger("diffc.engines.onnxruntime_cuda")
@@ -326,6 +327,13 @@ class OnnxRuntimeCudaBackend:
     parallel_open = False
     #: the build machine may have no GPU (or another one): nothing to warm there
     warm_host_cache = False
+    runs_on_build_host = False
+    contrib_ops = False
+    rmsnorm_op = False
+    int8_activations = ("int8",)  # none built: check_profile refuses int8 (no int8 convolution kernels)
+    fp8_kernels = False
+    qdq_form = MappingProxyType({"output_qdq": False, "int32_bias": False})
+    describe_build = staticmethod(plain_description)
 
     def available(self) -> str | None:
         """The onnxruntime that builds (any machine); running needs the GPU wheel (:func:`cuda_provider_problem`)."""

@@ -39,7 +39,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from diffc.engines import (BuiltEngine, SessionOptions, check_feeds, component_entry, engine_io, opt_shapes,
-                           register)
+                           plain_description, register)
 from diffc.engines.host_cache import Entry, HostCache, Pending, PublishGate, with_fallback
 from diffc.errors import ArtifactError, BackendUnavailableError, InputError
 
@@ -113,6 +113,53 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
             "files": [engine_path.name, engine_path.with_suffix(".bin").name]}
 
 
+#: IR constant element types a run-time weight swap can address -> numpy dtype
+_IR_FLOAT_TYPES = {"f32": np.float32, "f16": np.float16}
+
+
+def ir_weight_tensors(xml_path: Path, artifact: Path):
+    """Yield ``(value as fp32, record)`` for every float constant (2-D and up) of the IR at ``xml_path``:
+    ``record`` = {initializer (the constant's layer name), dims, file (the ``.bin``), offset, dtype}, read from the
+    IR's own ``<data element_type shape offset size>`` entries, so the runtime reads a base weight with one seek.
+    Parsed with the standard library's XML reader: an IR file is XML the build itself wrote."""
+    import xml.etree.ElementTree as ET
+
+    bin_path = xml_path.with_suffix(".bin")
+    rel = bin_path.relative_to(artifact).as_posix()
+    for layer in ET.parse(xml_path).getroot().iter("layer"):
+        data = layer.find("data")
+        if layer.get("type") != "Const" or data is None or data.get("element_type") not in _IR_FLOAT_TYPES:
+            continue
+        dims = [int(d) for d in data.get("shape", "").split(",") if d.strip()]
+        if len(dims) < 2:
+            continue
+        dtype = _IR_FLOAT_TYPES[data.get("element_type")]
+        offset = int(data.get("offset"))
+        values = np.fromfile(bin_path, dtype=dtype, count=int(np.prod(dims)), offset=offset).reshape(dims)
+        yield values.astype(np.float32), {"initializer": layer.get("name"), "dims": dims, "file": rel,
+                                          "offset": offset, "dtype": np.dtype(dtype).name}
+
+
+def replace_constants(model, weights: dict[str, np.ndarray], where: Path) -> None:
+    """Replace the constants named in ``weights`` (layer name -> fp32 value) in the read ``model``, each in its
+    own element type (fp16 stays fp16: the plugin converts it as it did the built one)."""
+    ov = _ov()
+    consts = {op.get_friendly_name(): op for op in model.get_ops() if op.get_type_name() == "Constant"}
+    for name, value in weights.items():
+        old = consts.get(name)
+        if old is None:
+            raise ArtifactError(f"{where} holds no constant {name!r} that the manifest's lora_targets name; the "
+                                "artifact was changed after its build: rebuild it")
+        dtype = {ov.Type.f16: np.float16, ov.Type.f32: np.float32}.get(old.get_output_element_type(0))
+        if dtype is None or tuple(old.get_output_shape(0)) != value.shape:
+            raise ArtifactError(f"{where}: constant {name!r} is {old.get_output_element_type(0)} "
+                                f"{list(old.get_output_shape(0))}, not the float {list(value.shape)} the manifest "
+                                "records; rebuild the artifact")
+        new = ov.op.Constant(np.ascontiguousarray(value, dtype=dtype))
+        new.set_friendly_name(name)
+        old.output(0).replace(new.output(0))
+
+
 #: how a host cache entry is laid out (in its key, so entries of another layout are made again, never misread)
 CACHE_LAYOUT = 1
 
@@ -156,7 +203,7 @@ class Session:
 
     def __init__(self, path: str | os.PathLike, *, precision: str = "fp32", threads: int = 0,
                  shapes: Sequence[Sequence[int]] | None = None, cache_key: str | None = None,
-                 gate: PublishGate | None = None):
+                 gate: PublishGate | None = None, weights: dict[str, np.ndarray] | None = None):
         ov = _ov()
         if precision not in PRECISIONS:
             raise InputError(f"OpenVINO sessions run {sorted(PRECISIONS)}, not {precision!r}; rebuild the artifact "
@@ -175,6 +222,12 @@ class Session:
         self._shapes: tuple[tuple[int, ...], ...] | None = None
         self._compiled = self._request = None
         self.from_cache = False
+        if weights:
+            # run-time LoRA weights: the IR read now and its constants replaced before any compile; such a session
+            # bypasses the host cache (its entries hold the artifact's own weights)
+            self._cache_key = None
+            self._read()
+            replace_constants(self._model, weights, self.path)
         if shapes is not None:
             self._compile(tuple(tuple(int(d) for d in shape) for shape in shapes))
         if not self.input_names:
@@ -301,6 +354,17 @@ class OpenVINOBackend:
     parallel_open = True
     #: models compiled for the default shapes are kept per host: worth making at build time
     warm_host_cache = True
+    runs_on_build_host = True
+    contrib_ops = False
+    rmsnorm_op = False
+    #: diffc quantizes for it with symmetric int8 activations (no zero points)
+    int8_activations = ("int8",)
+    fp8_kernels = False
+    #: Q/DQ on the inputs only, float bias (the output Q/DQ and int32 bias are onnxruntime's QLinearConv form)
+    qdq_form = MappingProxyType({"output_qdq": False, "int32_bias": False})
+    describe_build = staticmethod(plain_description)
+    #: sessions open with replaced IR constants (``open_session(..., weights=)``): run-time LoRAs
+    replaces_weights = True
 
     def available(self) -> str | None:
         return available()
@@ -337,9 +401,17 @@ class OpenVINOBackend:
         return {name: self.build_engine(name, Path(p), artifact, profile=profile, shape_ranges=shape_ranges[name])
                 for name, p in graphs.items()}
 
-    def open_session(self, name: str, component, path: Path, options: SessionOptions) -> Session:
+    @staticmethod
+    def weight_tensors(path: Path, artifact: Path):
+        """The IR's float weights and where they lie (:func:`ir_weight_tensors`); build time."""
+        return ir_weight_tensors(path, artifact)
+
+    def open_session(self, name: str, component, path: Path, options: SessionOptions,
+                     weights: dict[str, np.ndarray] | None = None) -> Session:
+        """``weights``: constants to replace (layer name -> fp32 value), see :class:`Session`."""
         return Session(path, precision=component["precision"], threads=options.threads,
-                       shapes=opt_shapes(component, options.dims), cache_key=options.cache_key, gate=options.gate)
+                       shapes=opt_shapes(component, options.dims), cache_key=options.cache_key, gate=options.gate,
+                       weights=weights)
 
 
 BACKEND = register(OpenVINOBackend())

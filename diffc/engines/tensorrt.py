@@ -544,6 +544,14 @@ class TensorRTBackend:
     parallel_open = False
     #: an engine may be for a GPU the build machine lacks: nothing to warm there
     warm_host_cache = False
+    runs_on_build_host = False
+    contrib_ops = False
+    rmsnorm_op = False
+    #: explicit quantization: symmetric int8 (no zero points), FP8 E4M3 on Hopper / Ada and later
+    int8_activations = ("int8",)
+    fp8_kernels = True
+    #: Q/DQ on the inputs only, float bias: TensorRT fuses the rest itself
+    qdq_form = MappingProxyType({"output_qdq": False, "int32_bias": False})
 
     def __init__(self, flavour: str):
         self.name = _check_flavour(flavour)
@@ -562,6 +570,11 @@ class TensorRTBackend:
     def tolerance(self, precision: str) -> float:
         # fp32 layers may run in TF32 on Ampere and later; fp16 / bf16 as their mantissas allow
         return {"fp32": 5e-3, "fp16": 1e-2, "bf16": 3e-2, "int8": 0.1, "fp8": 0.1}.get(precision, 0.0)
+
+    @staticmethod
+    def describe_build(profile, component: str, shape_ranges: Mapping[str, Any]) -> dict[str, Any]:
+        """Flags, precision plan and shape ranges of the engine build, without TensorRT (:func:`describe_build`)."""
+        return describe_build(profile, component, shape_ranges)
 
     def check_profile(self, profile, graphs=None) -> None:
         """Refuse what the profile cannot build before any work: a missing backend, a precision the targets lack,

@@ -273,12 +273,20 @@ def _text_encoder_contract(name: str) -> Contract:
     )
 
 
-def unet_contract(unet: torch.nn.Module | None = None, *, cache_marks: bool = False) -> Contract:
+def unet_contract(unet: torch.nn.Module | None = None, *, cache_marks: bool = False,
+                  controlled: bool | None = None) -> Contract:
     """The UNet's inputs depend on its config: SDXL adds ``text_embeds``/``time_ids``, LCM ``timestep_cond``.
 
     ``cache_marks``: also output every cache branch's feature (``cache_feature_<m>``, see
     :class:`_CacheMarkedUNet`), which the ``cache_reuse`` pass splits the graph at. Needs ``unet``.
+    The UNet of a ControlNet pipeline also takes the ControlNet residuals (:mod:`diffc.exporter.controlnet`);
+    ``controlled=False``: the plain contract whatever the UNet.
     """
+    if unet is not None and not cache_marks and controlled is not False:
+        from diffc.exporter import controlnet
+
+        if controlnet.is_controlled(unet):
+            return controlnet.controlled_unet_contract(unet)
     inputs = [
         TensorSpec("sample", "float32", (BATCH, "channels", HEIGHT, WIDTH)),
         TensorSpec("timestep", "float32", (BATCH,)),
@@ -330,7 +338,8 @@ CONTRACTS: dict[str, Callable[..., Contract]] = {
         attribute="vae",
         inputs=(TensorSpec("latent_sample", "float32", (BATCH, "latent_channels", HEIGHT, WIDTH)),),
         outputs=(TensorSpec("sample", "float32", (BATCH, 3, IMAGE_HEIGHT, IMAGE_WIDTH)),),
-        wrap=_VaeDecoder,
+        # FLUX.2's VAE un-normalizes its latents in the graph (diffc.exporter.dit.Flux2VaeDecoder)
+        wrap=_dit.Flux2VaeDecoder if type(m).__name__ == "AutoencoderKLFlux2" else _VaeDecoder,
         make_inputs=_vae_decoder_inputs,
         atol=2e-3,
         rtol_l2=1e-4,
@@ -355,11 +364,22 @@ import diffc.exporter.dit as _dit  # noqa: E402
 
 
 def get_contract(name: str, module: torch.nn.Module | None = None, **options: Any) -> Contract:
-    """The contract of component ``name``; ``options`` go to its factory (``unet``: ``cache_marks``)."""
+    """The contract of component ``name``; ``options`` go to its factory (``unet``: ``cache_marks``), except
+    ``step_marks`` (the denoiser with its first block's results as extra outputs: diffc.exporter.step_marks)."""
+    step_marks = options.pop("step_marks", False)
+    from diffc.exporter import controlnet
+
+    if controlnet.is_controlnet(name):
+        return controlnet.controlnet_contract(module, name)
     try:
         factory = CONTRACTS[name]
     except KeyError:
         from diffc.errors import ExportError
 
         raise ExportError(f"no export contract for component {name!r}; known: {sorted(CONTRACTS)}") from None
-    return factory(module, **options)
+    contract = factory(module, **options)
+    if step_marks:
+        from diffc.exporter.step_marks import mark_contract
+
+        contract = mark_contract(contract, module)
+    return contract

@@ -1,10 +1,12 @@
 """Export contracts of the transformer-denoiser (DiT) families and of the text encoders they use.
 
-FLUX.1 (``FluxTransformer2DModel``), SD3 / SD3.5 (``SD3Transformer2DModel``), PixArt-Sigma
-(``PixArtTransformer2DModel``) and Sana (``SanaTransformer2DModel``), plus T5 (``T5EncoderModel``) and
-Gemma-2 (``Gemma2Model``) encoders. CLIP encoders (FLUX's pooled CLIP-L, SD3's CLIP-L / CLIP-G with
-projections), the 16-channel FLUX / SD3 ``AutoencoderKL`` and Sana's ``AutoencoderDC`` decoder use the
-contracts :mod:`diffc.exporter.contracts` already has (their ``decode`` / pooled outputs are the same calls).
+FLUX.1 (``FluxTransformer2DModel``), FLUX.2 (``Flux2Transformer2DModel``), SD3 / SD3.5
+(``SD3Transformer2DModel``), PixArt-Sigma (``PixArtTransformer2DModel``) and Sana / Sana-Sprint
+(``SanaTransformer2DModel``), plus T5 (``T5EncoderModel``), Gemma-2 (``Gemma2Model``) and FLUX.2 [klein]'s Qwen3
+(``Qwen3ForCausalLM``, intermediate layers stacked) encoders. CLIP encoders (FLUX's pooled CLIP-L, SD3's
+CLIP-L / CLIP-G with projections), the 16-channel FLUX / SD3 ``AutoencoderKL`` and Sana's ``AutoencoderDC``
+decoder use the contracts :mod:`diffc.exporter.contracts` already has (their ``decode`` / pooled outputs are the
+same calls).
 
 What the graphs take, and what the runtime must do around them (the runtime loop is not here yet):
 
@@ -13,12 +15,19 @@ What the graphs take, and what the runtime must do around them (the runtime loop
   graph from ids the runtime makes in numpy, for any size. ``timestep`` is the scheduler's sigma (the
   pipeline divides its timestep by 1000); ``guidance`` (dev only: ``guidance_embeds``) is the guidance scale
   per batch row, *not* a CFG batch. The output is packed like the input.
+* FLUX.2: FLUX.1's packed tokens (FLUX.2's patchify + pack orders them the same way), 4-axis ids
+  ``img_ids`` ``[(H/2)(W/2), 4]`` = (0, row, column, 0) and ``txt_ids`` ``[S, 4]`` = (0, 0, 0, token), sigma as
+  the timestep, no pooled input; ``guidance`` only when embedded (FLUX.2 [dev]; [klein] runs CFG instead). The
+  text is Qwen3's states after layers 9, 18 and 27 concatenated per token (:class:`_StackedHiddenStates`), and
+  ``AutoencoderKLFlux2``'s decoder graph undoes the BatchNorm normalization of the latents
+  (:class:`Flux2VaeDecoder`).
 * SD3: plain ``[B, C, H, W]`` latents, ``timestep`` in [0, 1000], the CLIP states padded to T5's width and
   concatenated with T5's along the sequence, pooled = CLIP-L + CLIP-G projections.
 * PixArt-Sigma: ``added_cond_kwargs`` are ``resolution`` / ``aspect_ratio`` = None (Sigma has no
   micro-conditioning), T5 states with their attention mask. The learned-sigma half of the output is dropped in
   the graph (what the pipeline does next), so ``out_sample`` is the noise prediction only.
-* Sana: Gemma-2 states with their attention mask; ``guidance`` when the transformer embeds it (Sana-Sprint).
+* Sana: Gemma-2 states with their attention mask; ``guidance`` when the transformer embeds it (Sana-Sprint: the
+  scale itself, the graph multiplies it by ``guidance_embeds_scale`` as ``SanaSprintPipeline`` does).
   Learned-sigma output split as for PixArt.
 
 The text encoders take ``attention_mask`` always: FLUX and SD3 call T5 without one, which equals a mask of ones,
@@ -50,7 +59,12 @@ from diffc.exporter.contracts import (
 )
 
 #: transformer class -> pipeline classes whose denoiser it is (for the error message of a wrong folder)
-DENOISERS = ("FluxTransformer2DModel", "SD3Transformer2DModel", "PixArtTransformer2DModel", "SanaTransformer2DModel")
+DENOISERS = ("FluxTransformer2DModel", "Flux2Transformer2DModel", "SD3Transformer2DModel", "PixArtTransformer2DModel",
+             "SanaTransformer2DModel")
+
+#: FLUX.2 [klein]'s Qwen3 layers whose states condition the transformer, stacked along the features
+#: (``Flux2KleinPipeline.__call__``'s ``text_encoder_out_layers`` default)
+FLUX2_TEXT_LAYERS = (9, 18, 27)
 
 # --------------------------------------------------------------------------------------------- wrappers
 
@@ -100,6 +114,46 @@ class _Flux(torch.nn.Module):
                 pooled_projections=pooled_projections, timestep=timestep, img_ids=img_ids, txt_ids=txt_ids,
                 guidance=guidance[0] if self.guidance else None, return_dict=False,
             )[0]
+
+
+class _Flux2(torch.nn.Module):
+    """``Flux2Transformer2DModel``: FLUX.1's packed tokens and RoPE, 4-axis ids, no pooled projection; the
+    ``guidance`` input only for a guidance-distilled checkpoint (FLUX.2 [dev]; [klein] has none)."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        super().__init__()
+        self.transformer = transformer
+        self.guidance = bool(transformer.config.guidance_embeds)
+
+    def forward(self, hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids, *guidance):
+        with _traceable_rotary(self.transformer):
+            return self.transformer(
+                hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, timestep=timestep,
+                img_ids=img_ids, txt_ids=txt_ids, guidance=guidance[0] if self.guidance else None,
+                return_dict=False,
+            )[0]
+
+
+class Flux2VaeDecoder(torch.nn.Module):
+    """``AutoencoderKLFlux2``'s decode as ``Flux2KleinPipeline`` ends: the sampler's latents, normalized by the VAE's
+    BatchNorm statistics in the 2x2-patchified space, are un-normalized (``x * sqrt(var + eps) + mean``) and
+    decoded. The loop keeps them unpatchified, ``[B, C, h, w]``: FLUX.2's patchify + pack gives the same tokens
+    as FLUX.1's 2x2 pack, so the runtime's packing serves both, and the statistics are applied here, patchified
+    and back, so the manifest's scaling is the identity (``scaling_factor`` 1, ``shift_factor`` 0)."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample):
+        b, c, h, w = latent_sample.shape
+        x = latent_sample.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
+        x = x.reshape(b, c * 4, h // 2, w // 2)
+        bn = self.vae.bn
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps)
+        x = x * std + bn.running_mean.view(1, -1, 1, 1)
+        x = x.reshape(b, c, 2, 2, h // 2, w // 2).permute(0, 1, 4, 2, 5, 3).reshape(b, c, h, w)
+        return self.vae.decode(x, return_dict=False)[0]
 
 
 class _SD3(torch.nn.Module):
@@ -157,12 +211,16 @@ class _Sana(torch.nn.Module):
         super().__init__()
         self.transformer = transformer
         self.guidance = bool(transformer.config.get("guidance_embeds", False))
+        self.guidance_scale = float(transformer.config.get("guidance_embeds_scale", 0.1))
 
     def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, *guidance):
+        # Sana-Sprint's guidance input is the user's scale; SanaSprintPipeline feeds the transformer
+        # guidance_scale x guidance_embeds_scale, so the runtime feeds the scale as every other family does
+        g = guidance[0] * self.guidance_scale if self.guidance else None
         # Sana 1.x has no position table (interpolation_scale None); the 4K models add PixArt's sin-cos one
         with _size_dependent_pos_embed(self.transformer):
             out = self.transformer(hidden_states, encoder_hidden_states=encoder_hidden_states, timestep=timestep,
-                                   guidance=guidance[0] if self.guidance else None,
+                                   guidance=g,
                                    encoder_attention_mask=encoder_attention_mask, return_dict=False)[0]
         return _noise_half(out, self.transformer)
 
@@ -176,6 +234,28 @@ class _MaskedTextEncoder(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask):
         return self.encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=False)[0]
+
+
+class _StackedHiddenStates(torch.nn.Module):
+    """Qwen3 for FLUX.2 [klein]: ``(input_ids, attention_mask) -> stacked_hidden_states`` ``[B, S, 3 D]``, the
+    states after layers 9, 18 and 27 concatenated per token (``Flux2KleinPipeline._get_qwen3_prompt_embeds``:
+    ``stack(dim=1).permute(0, 2, 1, 3).reshape``). The causal LM's decoder alone runs (its head is unused), and
+    the layers after the last one used are dead code the exporter drops."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = getattr(encoder, "model", encoder)
+        layers = self.encoder.config.num_hidden_layers
+        if max(FLUX2_TEXT_LAYERS) > layers:
+            raise ExportError(f"the text encoder has {layers} layers but FLUX.2 [klein] conditions on the states of "
+                              f"layers {list(FLUX2_TEXT_LAYERS)}; this is not a FLUX.2 [klein] text encoder")
+
+    def forward(self, input_ids, attention_mask):
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                           use_cache=False)
+        states = torch.stack([out.hidden_states[k] for k in FLUX2_TEXT_LAYERS], dim=1)
+        b, n, s, d = states.shape
+        return states.permute(0, 2, 1, 3).reshape(b, s, n * d)
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -214,6 +294,35 @@ def _flux_inputs(module, s: SampleShape, gen):
     ]
     if cfg.guidance_embeds:
         inputs.append(torch.full((s.batch,), 3.5))
+    return tuple(inputs)
+
+
+def flux2_image_ids(height: int, width: int) -> torch.Tensor:
+    """``Flux2Pipeline._prepare_latent_ids`` for latents of ``height`` x ``width`` (unpacked): (0, row, col, 0)."""
+    ids = torch.zeros(height // 2, width // 2, 4)
+    ids[..., 1] = torch.arange(height // 2)[:, None]
+    ids[..., 2] = torch.arange(width // 2)[None, :]
+    return ids.reshape(-1, 4)
+
+
+def flux2_text_ids(sequence: int) -> torch.Tensor:
+    """``Flux2Pipeline._prepare_text_ids``: (0, 0, 0, token)."""
+    ids = torch.zeros(sequence, 4)
+    ids[:, 3] = torch.arange(sequence)
+    return ids
+
+
+def _flux2_inputs(module, s: SampleShape, gen):
+    cfg = module.config
+    inputs = [
+        _randn(gen, s.batch, (s.height // 2) * (s.width // 2), cfg.in_channels),
+        _randn(gen, s.batch, s.sequence, cfg.joint_attention_dim),
+        _timestep(gen, s.batch, 1.0),
+        flux2_image_ids(s.height, s.width),
+        flux2_text_ids(s.sequence),
+    ]
+    if cfg.guidance_embeds:
+        inputs.append(torch.full((s.batch,), 4.0))
     return tuple(inputs)
 
 
@@ -275,6 +384,20 @@ def transformer_contract(module: torch.nn.Module | None = None) -> Contract:
         return Contract(name="transformer", attribute="transformer", inputs=tuple(inputs), outputs=(out,),
                         wrap=_Flux, make_inputs=_flux_inputs, atol=2e-3, rtol_l2=1e-4,
                         extra={"family": "flux", "packed_latents": True, "patch": 2})
+    if cls == "Flux2Transformer2DModel":
+        inputs = [
+            TensorSpec("hidden_states", "float32", (BATCH, IMAGE_SEQUENCE, cfg.in_channels)),
+            TensorSpec("encoder_hidden_states", "float32", (BATCH, SEQUENCE, cfg.joint_attention_dim)),
+            TensorSpec("timestep", "float32", (BATCH,)),
+            TensorSpec("img_ids", "float32", (IMAGE_SEQUENCE, 4)),
+            TensorSpec("txt_ids", "float32", (SEQUENCE, 4)),
+        ]
+        if cfg.guidance_embeds:
+            inputs.append(TensorSpec("guidance", "float32", (BATCH,)))
+        out = TensorSpec("out_sample", "float32", (BATCH, IMAGE_SEQUENCE, cfg.out_channels or cfg.in_channels))
+        return Contract(name="transformer", attribute="transformer", inputs=tuple(inputs), outputs=(out,),
+                        wrap=_Flux2, make_inputs=_flux2_inputs, atol=2e-3, rtol_l2=1e-4,
+                        extra={"family": "flux2", "packed_latents": True, "patch": 2})
     if cls == "SD3Transformer2DModel":
         inputs = (
             TensorSpec("sample", "float32", _LATENT),
@@ -308,8 +431,21 @@ def transformer_contract(module: torch.nn.Module | None = None) -> Contract:
 MASKED_TEXT_ENCODERS = ("T5EncoderModel", "Gemma2Model")
 
 
+#: text encoder classes whose intermediate layers' states are stacked (FLUX.2 [klein]'s Qwen3)
+STACKED_TEXT_ENCODERS = ("Qwen3ForCausalLM", "Qwen3Model")
+
+
 def text_encoder_contract(name: str, module: torch.nn.Module | None, clip_contract) -> Contract:
-    """T5 / Gemma-2 get :class:`_MaskedTextEncoder`'s contract; CLIP (and ``module=None``) ``clip_contract(name)``."""
+    """T5 / Gemma-2 get :class:`_MaskedTextEncoder`'s contract, Qwen3 :class:`_StackedHiddenStates`'; CLIP (and
+    ``module=None``) ``clip_contract(name)``."""
+    if module is not None and type(module).__name__ in STACKED_TEXT_ENCODERS:
+        return Contract(
+            name=name, attribute=name,
+            inputs=(TensorSpec("input_ids", "int64", (BATCH, SEQUENCE)),
+                    TensorSpec("attention_mask", "int64", (BATCH, SEQUENCE))),
+            outputs=(TensorSpec("stacked_hidden_states", "float32", (BATCH, SEQUENCE, "hidden")),),
+            wrap=_StackedHiddenStates, make_inputs=_masked_text_inputs, atol=1e-3, rtol_l2=1e-4,
+            extra={"encoder": type(module).__name__, "layers": list(FLUX2_TEXT_LAYERS)})
     if module is None or type(module).__name__ not in MASKED_TEXT_ENCODERS:
         return clip_contract(name)
     return Contract(
@@ -332,7 +468,8 @@ def text_encoder_contract(name: str, module: torch.nn.Module | None, clip_contra
 def latent_multiple(pipe) -> int:
     """The latent-size step of the pipeline's transformer: FLUX packs 2x2, the others patchify by patch_size."""
     cfg = pipe.transformer.config
-    return 2 if type(pipe.transformer).__name__ == "FluxTransformer2DModel" else int(cfg.get("patch_size") or 1)
+    packed = type(pipe.transformer).__name__ in ("FluxTransformer2DModel", "Flux2Transformer2DModel")
+    return 2 if packed else int(cfg.get("patch_size") or 1)
 
 
 def sample_shapes(pipe, name: str, max_latent: int) -> tuple[SampleShape, SampleShape]:

@@ -95,6 +95,9 @@ def load_pipeline(source: ModelSource, loras=()):
     except Exception as e:  # diffusers raises many types for a broken folder
         raise ModelError(f"diffusers could not load {source.path}: {e}") from e
     fuse(pipe, loras)
+    from diffc.exporter.controlnet import mark_controlled
+
+    mark_controlled(pipe)  # a ControlNet pipeline's UNet is exported with the residual inputs
     return pipe
 
 
@@ -114,6 +117,10 @@ def load_dtypes(source: ModelSource):
 
 
 def component_module(pipe, name: str) -> torch.nn.Module:
+    from diffc.exporter import controlnet
+
+    if controlnet.is_controlnet(name):
+        return controlnet.module_of(pipe, name)
     contract_attr = {"vae_decoder": "vae", "vae_encoder": "vae"}.get(name, name)
     module = getattr(pipe, contract_attr, None)
     if module is None:
@@ -245,10 +252,11 @@ def worst_parity(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def export_pipeline_to(pipe, source: ModelSource, out: Path, *, components: Iterable[str] | None = None,
                        opset: int = DEFAULT_OPSET, exporter: str = "torchscript", check: bool = True,
-                       progress: bool = True, cache_marks: bool = False) -> dict[str, Any]:
+                       progress: bool = True, cache_marks: bool = False, step_marks: bool = False) -> dict[str, Any]:
     """Export into an existing folder ``out`` (no atomicity here; callers wrap it). Returns the report.
 
     ``cache_marks``: export the UNet with its cache-branch features as extra outputs (for ``cache_reuse``).
+    ``step_marks``: export the denoiser with its first block's results as extra outputs (for ``step_cache``).
     """
     names = list(components or source.components)
     unknown = [n for n in names if n not in source.components]
@@ -261,7 +269,8 @@ def export_pipeline_to(pipe, source: ModelSource, out: Path, *, components: Iter
     for name in bar:
         bar.set_postfix_str(name)
         module = component_module(pipe, name)
-        contract = get_contract(name, module, **({"cache_marks": True} if cache_marks and name == "unet" else {}))
+        contract = get_contract(name, module, **({"cache_marks": True} if cache_marks and name == "unet" else {}),
+                                **({"step_marks": True} if step_marks and name in ("unet", "transformer") else {}))
         shapes = sample_shapes(pipe, name)
         t0 = time.perf_counter()
         sample = contract.make_inputs(module, shapes[0], torch.Generator().manual_seed(0))

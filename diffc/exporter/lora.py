@@ -134,13 +134,18 @@ def weight_fingerprints(pipe) -> tuple[dict[str, dict[str, dict[str, Any]]], dic
     """The weights a LoRA may touch, as the artifact's graphs hold them: (component -> module -> {shape}, and
     fingerprint -> [(component, module, transposed)]). A Linear's weight ``(out, in)`` may sit in a graph as is
     (Gemm) or transposed (the torchscript exporter's MatMul); a Conv's ``(out, in, kh, kw)`` as is, or as a
-    transposed ``(in, out)`` matrix when a pass turned a 1x1 convolution into a MatMul."""
+    transposed ``(in, out)`` matrix when a pass turned a 1x1 convolution into a MatMul. Each weight is also
+    printed rounded to fp16 (read back as fp32), as an engine that stores fp16 weights holds it (OpenVINO's
+    compressed IR for bf16 components)."""
     records: dict[str, dict[str, dict[str, Any]]] = {}
     by_print: dict[str, list[tuple]] = {}
     for comp, mods in weight_modules(pipe).items():
         for name, m in mods.items():
-            w = m.weight.detach().float().numpy()
-            records.setdefault(comp, {})[name] = {"shape": list(w.shape), "at": []}
-            by_print.setdefault(fingerprint(w), []).append((comp, name, False))
-            by_print.setdefault(fingerprint(w.reshape(w.shape[0], -1).T), []).append((comp, name, True))
+            w32 = m.weight.detach().float().numpy()
+            records.setdefault(comp, {})[name] = {"shape": list(w32.shape), "at": []}
+            for w in (w32, w32.astype(np.float16).astype(np.float32)):
+                for owner, value in (((comp, name, False), w), ((comp, name, True), w.reshape(w.shape[0], -1).T)):
+                    owners = by_print.setdefault(fingerprint(value), [])
+                    if owner not in owners:  # a weight fp16 holds exactly prints the same both ways
+                        owners.append(owner)
     return records, by_print

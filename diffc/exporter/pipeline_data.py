@@ -22,7 +22,12 @@ def configs(pipe) -> dict[str, dict[str, Any]]:
     """The denoiser's (``unet`` or ``transformer``) and the VAE's config as plain dicts (what the build's plan
     reads)."""
     denoiser = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
-    return {denoiser: dict(getattr(pipe, denoiser).config), "vae": dict(pipe.vae.config)}
+    vae = dict(pipe.vae.config)
+    if type(pipe.vae).__name__ == "AutoencoderKLFlux2":
+        # FLUX.2's latents are normalized by the VAE's BatchNorm statistics, which its decoder graph undoes
+        # (diffc.exporter.dit.Flux2VaeDecoder): the loop's latents go to it unscaled
+        vae.update(scaling_factor=1.0, shift_factor=0.0)
+    return {denoiser: dict(getattr(pipe, denoiser).config), "vae": vae}
 
 
 def fp32_weight_bytes(pipe, components) -> int:
@@ -79,3 +84,26 @@ def text_lengths(pipe, family) -> dict[str, list[int]]:
             n = len(tok.encode("\n".join(SANA_COMPLEX_HUMAN_INSTRUCTION))) + e.max_length - 2
             out[e.component] = [min(n, e.max_length), n, max(n, e.max_length)]
     return out
+
+
+#: stands for the prompt while a chat template is rendered; split on, it gives the text around any prompt
+_CHAT_PLACEHOLDER = "\u2063diffc-prompt\u2063"
+
+
+def chat_template_parts(pipe, folder_name: str) -> dict[str, str]:
+    """The text a chat template puts before and after the prompt, as ``Flux2KleinPipeline`` renders it
+    (one user message, ``add_generation_prompt=True``, ``enable_thinking=False``), and the tokenizer's padding
+    side: what the runtime's ``ChatPromptTokenizer`` needs to tokenize without transformers or Jinja."""
+    from diffc.errors import ModelError
+
+    tok = getattr(pipe, folder_name)
+    if not getattr(tok, "chat_template", None):
+        raise ModelError(f"tokenizer {folder_name!r} has no chat template (chat_template.jinja, or chat_template in "
+                         "tokenizer_config.json); re-save the pipeline with its tokenizer's template")
+    text = tok.apply_chat_template([{"role": "user", "content": _CHAT_PLACEHOLDER}], tokenize=False,
+                                   add_generation_prompt=True, enable_thinking=False)
+    if text.count(_CHAT_PLACEHOLDER) != 1:
+        raise ModelError(f"tokenizer {folder_name!r}'s chat template does not put the prompt in its text exactly "
+                         "once; diffc cannot reproduce it at run time")
+    prefix, suffix = text.split(_CHAT_PLACEHOLDER)
+    return {"chat_prefix": prefix, "chat_suffix": suffix, "padding_side": str(tok.padding_side)}

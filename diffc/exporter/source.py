@@ -35,6 +35,19 @@ SUPPORTED_PIPELINES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 SUPPORTED_PIPELINES["StableDiffusionImg2ImgPipeline"] = SUPPORTED_PIPELINES["StableDiffusionPipeline"]
 SUPPORTED_PIPELINES["StableDiffusionXLImg2ImgPipeline"] = SUPPORTED_PIPELINES["StableDiffusionXLPipeline"]
 SUPPORTED_PIPELINES["LatentConsistencyModelImg2ImgPipeline"] = SUPPORTED_PIPELINES["LatentConsistencyModelPipeline"]
+#: the inpainting classes, with the components of their text-to-image class (the vae_encoder encodes the image and the
+#: masked image): a 9-channel UNet takes the mask inputs, a 4-channel one inpaints by the latent blend
+#: (diffc.runtime.inpaint); their UNet is the one whose input channels may differ from its output channels
+INPAINT_PIPELINES = {"StableDiffusionInpaintPipeline": "StableDiffusionPipeline",
+                     "StableDiffusionXLInpaintPipeline": "StableDiffusionXLPipeline"}
+for _inpaint, _base in INPAINT_PIPELINES.items():
+    SUPPORTED_PIPELINES[_inpaint] = SUPPORTED_PIPELINES[_base]
+#: the ControlNet classes: their base class's components plus ``controlnet`` (and ``controlnet_1``, ... for a
+#: ``MultiControlNetModel``: :func:`controlnet_components`); diffc.exporter.controlnet exports them
+CONTROLNET_PIPELINES = {"StableDiffusionControlNetPipeline": "StableDiffusionPipeline",
+                        "StableDiffusionXLControlNetPipeline": "StableDiffusionXLPipeline"}
+for _control, _base in CONTROLNET_PIPELINES.items():
+    SUPPORTED_PIPELINES[_control] = tuple(part + ("controlnet",) for part in SUPPORTED_PIPELINES[_base])
 
 #: pipeline classes with a transformer denoiser (diffc.exporter.dit exports them, diffc.build.families says how the
 #: loop runs them); ``diffc build`` builds them too. Same layout as above.
@@ -53,6 +66,14 @@ TRANSFORMER_PIPELINES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("text_encoder", "tokenizer", "transformer", "vae", "scheduler"),
     ),
     "SanaPipeline": (
+        ("text_encoder", "transformer", "vae_decoder"),
+        ("text_encoder", "tokenizer", "transformer", "vae", "scheduler"),
+    ),
+    "SanaSprintPipeline": (
+        ("text_encoder", "transformer", "vae_decoder"),
+        ("text_encoder", "tokenizer", "transformer", "vae", "scheduler"),
+    ),
+    "Flux2KleinPipeline": (
         ("text_encoder", "transformer", "vae_decoder"),
         ("text_encoder", "tokenizer", "transformer", "vae", "scheduler"),
     ),
@@ -204,27 +225,49 @@ def _unsupported(cls: str, purpose: str) -> UnsupportedPipelineError:
     if cls in EXPORT_ONLY_PIPELINES and purpose == "build":
         return UnsupportedPipelineError(
             f"pipeline class {cls!r} can be exported (diffc export) but not built yet; diffc builds: {builds}")
+    from diffc.build.families import REFUSED  # torch-free data
+
+    if cls in REFUSED:
+        return UnsupportedPipelineError(
+            f"pipeline class {cls!r} is not supported: {REFUSED[cls]}. diffc builds: {builds}")
     return UnsupportedPipelineError(
         f"pipeline class {cls!r} is not supported; diffc builds: {builds}. "
-        "Variants of these (inpainting / fill, Kontext, control pipeline classes) are not supported: "
+        "Other variants of these (FLUX fill, Kontext, SD3 / FLUX ControlNet and the other "
+        "control pipeline classes) are not supported: "
         "save the base text-to-image (or image-to-image) pipeline instead")
 
 
-def check_unet_channels(unet_cfg: dict[str, Any]) -> None:
-    """Refuse a UNet that does not map latents to latents. The inpainting UNet (9 input channels: latents, mask,
-    masked-image latents; 4 out) saved under ``StableDiffusionPipeline`` would otherwise build, and only fail at
-    ``diffc run`` (the loop feeds it 4-channel latents). The build calls it before loading the pipeline, the plan
-    (``--dry-run``) in :func:`diffc.build.plan.geometry_from_configs`."""
+def is_inpainting_unet(unet_cfg: dict[str, Any]) -> bool:
+    """A UNet whose input is latents + 1 mask channel + masked-image latents (SD-inpainting: 9 in, 4 out)."""
     # diffusers' UNet2DConditionModel defaults: in_channels = out_channels = 4
     in_ch, out_ch = unet_cfg.get("in_channels", 4), unet_cfg.get("out_channels", 4)
-    if in_ch != out_ch:
-        inpainting = in_ch == 2 * out_ch + 1
-        what = (f"an inpainting UNet ({in_ch} input channels: {out_ch} latent + 1 mask + {out_ch} masked-image "
-                f"latent; {out_ch} out)" if inpainting else f"a UNet with {in_ch} input but {out_ch} output channels")
+    return in_ch == 2 * out_ch + 1
+
+
+def check_unet_channels(unet_cfg: dict[str, Any], pipeline_class: str | None = None) -> None:
+    """Refuse a UNet that does not map latents to latents, unless the folder is an inpainting pipeline
+    (:data:`INPAINT_PIPELINES`) and the UNet takes the inpainting inputs. The inpainting UNet (9 input channels:
+    latents, mask, masked-image latents; 4 out) saved under ``StableDiffusionPipeline`` would otherwise build,
+    and only fail at ``diffc run`` (the text-to-image loop feeds it 4-channel latents). The build calls it before
+    loading the pipeline, the plan (``--dry-run``) in :func:`diffc.build.plan.geometry_from_configs`."""
+    in_ch, out_ch = unet_cfg.get("in_channels", 4), unet_cfg.get("out_channels", 4)
+    if in_ch == out_ch:
+        return
+    inpainting = is_inpainting_unet(unet_cfg)
+    if inpainting and pipeline_class in INPAINT_PIPELINES:
+        return
+    if inpainting:
         raise UnsupportedPipelineError(
-            f"this pipeline's unet/config.json describes {what}, which a text-to-image or image-to-image pipeline "
-            "cannot run; diffc does not build inpainting pipelines yet: build the model's text-to-image checkpoint "
-            "instead (its UNet has in_channels == out_channels)")
+            f"this pipeline's unet/config.json describes an inpainting UNet ({in_ch} input channels: {out_ch} latent + "
+            f"1 mask + {out_ch} masked-image latent; {out_ch} out), which a {pipeline_class or 'text-to-image'} "
+            "pipeline cannot run; if it is an inpainting checkpoint, set \"_class_name\" in model_index.json to "
+            f"{', '.join(sorted(INPAINT_PIPELINES))} (diffc builds it for inpainting: diffc run --image --mask), "
+            "else build the model's text-to-image checkpoint instead (its UNet has in_channels == out_channels)")
+    raise UnsupportedPipelineError(
+        f"this pipeline's unet/config.json describes a UNet with {in_ch} input but {out_ch} output channels, which "
+        "no pipeline diffc builds can run (it takes in_channels == out_channels, or an inpainting UNet's "
+        f"2 x {out_ch} + 1 under {', '.join(sorted(INPAINT_PIPELINES))}); build the model's text-to-image "
+        "checkpoint instead")
 
 
 def inspect_model(path: str | Path, *, purpose: str = "build") -> ModelSource:
@@ -251,6 +294,11 @@ def inspect_model(path: str | Path, *, purpose: str = "build") -> ModelSource:
              **(EXPORT_ONLY_PIPELINES if purpose == "export" else {})}
     if cls not in known:
         raise _unsupported(cls, purpose)
+    if index.get("requires_aesthetics_score"):  # the SDXL refiner's time ids: an aesthetic score, no target size
+        raise UnsupportedPipelineError(
+            f"{path}: {cls} saved with requires_aesthetics_score = true (the SDXL refiner's micro-conditioning), which "
+            "diffc does not build; build a pipeline whose model_index.json has requires_aesthetics_score false "
+            "(SDXL base, SDXL inpainting 0.1)")
     components, folders = known[cls]
     for folder in folders:
         entry = index.get(folder)
@@ -259,4 +307,18 @@ def inspect_model(path: str | Path, *, purpose: str = "build") -> ModelSource:
                 f"{cls} needs the component '{folder}', but {path / folder} is missing (or null in "
                 "model_index.json); copy the whole pipeline folder, not only some of its components"
             )
+    if cls in CONTROLNET_PIPELINES:
+        components = components + controlnet_components(path, index)[1:]
     return ModelSource(path=path, pipeline_class=cls, components=components, model_index=index)
+
+
+def controlnet_components(path: Path, index: dict) -> tuple[str, ...]:
+    """The ControlNet components of a ControlNet pipeline folder: ``controlnet`` alone, or for a
+    ``MultiControlNetModel`` every folder diffusers loads it from (``controlnet``, ``controlnet_1``, ... while
+    they exist: ``MultiControlNetModel.from_pretrained``)."""
+    if index.get("controlnet", [None, None])[1] != "MultiControlNetModel":
+        return ("controlnet",)
+    names = ["controlnet"]
+    while (path / f"controlnet_{len(names)}").is_dir():
+        names.append(f"controlnet_{len(names)}")
+    return tuple(names)

@@ -294,3 +294,74 @@ def save_component_weights(pipe_or_folder, weights_dir) -> Path:
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in module.state_dict().items()}
         save_file(state, str(weights_dir / f"{name}.safetensors"))
     return weights_dir
+
+
+# --- ControlNet ----------------------------------------------------------------------------------------------
+
+#: seed offset of the ``k``-th tiny ControlNet (``seed + CONTROLNET_SEED_OFFSET + k``): apart from the others
+CONTROLNET_SEED_OFFSET = 10
+
+
+def tiny_controlnet_config(kind: str = "sd") -> dict:
+    """The tiny ControlNet's config, from the tiny UNet's: the same down path, plus a conditioning embedding that
+    takes the control image at pixel size down by the VAE factor (2 here; SD's 8 has four channel widths)."""
+    if kind not in ("sd", "sdxl"):
+        raise ValueError(f"tiny ControlNets are built for kinds 'sd' and 'sdxl', got {kind!r}")
+    unet = _unet_config(kind)
+    keys = ("in_channels", "down_block_types", "block_out_channels", "layers_per_block", "norm_num_groups",
+            "cross_attention_dim", "attention_head_dim", "transformer_layers_per_block", "use_linear_projection",
+            "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim")
+    return {**{k: unet[k] for k in keys if k in unet}, "conditioning_embedding_out_channels": (16, 32)}
+
+
+def build_tiny_controlnet(seed: int = 0, index: int = 0, kind: str = "sd"):
+    """One tiny ``ControlNetModel`` with seeded random weights everywhere: diffusers zero-initialises the
+    residual convolutions (``controlnet_down_blocks``, ``controlnet_mid_block``) and the conditioning embedding's
+    output conv, which would make every residual zero and a parity test unable to fail; they get the default
+    convolution init instead."""
+    import torch
+    from diffusers import ControlNetModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + CONTROLNET_SEED_OFFSET + index)
+        net = ControlNetModel(**tiny_controlnet_config(kind))
+        for conv in (*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out):
+            conv.reset_parameters()
+    return net.eval()
+
+
+def build_tiny_controlnet_pipeline(controlnets: int = 1, seed: int = 0, kind: str = "sd"):
+    """The tiny ``kind`` pipeline (``sd`` or ``sdxl``) as a ``StableDiffusionControlNetPipeline`` /
+    ``StableDiffusionXLControlNetPipeline`` with ``controlnets`` ControlNets (more than one: diffusers'
+    ``MultiControlNetModel``, saved as ``controlnet``, ``controlnet_1``, ...)."""
+    import diffusers
+
+    if controlnets < 1:
+        raise ValueError(f"controlnets must be at least 1, got {controlnets}")
+    base = build_tiny_pipeline(kind, seed)
+    nets = [build_tiny_controlnet(seed, k, kind) for k in range(controlnets)]
+    controlnet = nets[0] if controlnets == 1 else diffusers.MultiControlNetModel(nets)
+    if kind == "sdxl":
+        return diffusers.StableDiffusionXLControlNetPipeline(
+            vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2, tokenizer=base.tokenizer,
+            tokenizer_2=base.tokenizer_2, unet=base.unet, controlnet=controlnet, scheduler=base.scheduler,
+            force_zeros_for_empty_prompt=True, add_watermarker=False, feature_extractor=None, image_encoder=None)
+    return diffusers.StableDiffusionControlNetPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+        controlnet=controlnet, scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
+        image_encoder=None, requires_safety_checker=False)
+
+
+def write_tiny_controlnet_pipeline(out_dir, controlnets: int = 1, seed: int = 0, kind: str = "sd") -> Path:
+    """Write :func:`build_tiny_controlnet_pipeline` to ``out_dir`` (must not exist, or be empty)."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise OutputExistsError(f"{out} already exists and is not empty; choose a new folder for the tiny pipeline")
+    pipe = build_tiny_controlnet_pipeline(controlnets, seed, kind)
+    with atomic_output_dir(out, force=True, what="tiny pipeline") as tmp:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        _write_tokenizer(tmp / "tokenizer")
+        if kind == "sdxl":
+            _write_tokenizer(tmp / "tokenizer_2", pad_token="!")
+    log.info("wrote tiny %s ControlNet pipeline (%d ControlNet(s), seed %d) to %s", kind, controlnets, seed, out)
+    return out

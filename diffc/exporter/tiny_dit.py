@@ -15,6 +15,12 @@ kind        pipeline class            stands for (what is kept)
                                       MMDiT-X dual-attention layer, 16-channel VAE with shift_factor
 ``pixart``  PixArtSigmaPipeline       PixArt-Sigma: T5 with attention mask, AdaLN-single, learned sigma
 ``sana``    SanaPipeline              Sana: Gemma-2 states with attention mask, linear attention, DC-AE
+``sana_sprint`` SanaSprintPipeline    Sana-Sprint: Sana's transformer with the guidance embedding and QK
+                                      RMSNorm, the SCM (trigflow) scheduler
+``flux2_klein`` Flux2KleinPipeline    FLUX.2 [klein]: Qwen3 (28 layers, states of layers 9 / 18 / 27 stacked,
+                                      chat template), 4-axis RoPE ids, ``AutoencoderKLFlux2`` (2x2 patchified
+                                      latents normalized by its BatchNorm statistics); ``guidance=False``:
+                                      the step-distilled variant (``is_distilled``: no CFG)
 ==========  ========================  =====================================================================
 
 Every VAE has two levels, so **the VAE scale factor is 2**; latents are 16x16 at the native 32x32 pixels.
@@ -32,6 +38,7 @@ same weights.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import random
 import tempfile
@@ -43,9 +50,9 @@ from diffc.exporter.tiny import CLIP_TOKENIZER_ASSETS, _text_config, _write_toke
 
 log = logging.getLogger("diffc.export")
 
-DIT_KINDS = ("flux", "sd3", "pixart", "sana")
+DIT_KINDS = ("flux", "sd3", "pixart", "sana", "sana_sprint", "flux2_klein")
 PIPELINE_CLASS = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline", "pixart": "PixArtSigmaPipeline",
-                  "sana": "SanaPipeline"}
+                  "sana": "SanaPipeline", "sana_sprint": "SanaSprintPipeline", "flux2_klein": "Flux2KleinPipeline"}
 
 _SEED_OFFSET = {"transformer": 0, "vae": 1, "text_encoder": 2, "text_encoder_2": 3, "text_encoder_3": 4}
 
@@ -74,6 +81,12 @@ SANA_SCHEDULER = dict(algorithm_type="dpmsolver++", beta_start=0.0001, beta_end=
                       num_train_timesteps=1000, prediction_type="flow_prediction", solver_order=2,
                       solver_type="midpoint", lower_order_final=True, timestep_spacing="linspace",
                       use_flow_sigmas=True, flow_shift=3.0, final_sigmas_type="zero", steps_offset=0)
+#: Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers/scheduler/scheduler_config.json
+SANA_SPRINT_SCHEDULER = dict(num_train_timesteps=1000, prediction_type="trigflow", sigma_data=0.5)
+#: black-forest-labs/FLUX.2-klein-4B/scheduler/scheduler_config.json (FLUX.2's: shift 3.0 with dynamic shifting;
+#: the pipeline computes ``mu`` itself with compute_empirical_mu)
+FLUX2_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                       max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential")
 
 # --- model configs -------------------------------------------------------------------------------------------
 
@@ -106,9 +119,39 @@ def _gemma2_config(vocab_size: int) -> dict:
                 hidden_activation="gelu_pytorch_tanh", attention_dropout=0.0)
 
 
-def tiny_dit_configs(kind: str, *, guidance: bool = True, t5_vocab: int = 0, gemma_vocab: int = 0) -> dict:
-    """The configs :func:`build_tiny_dit_pipeline` builds from (tokenizer vocab sizes are filled in there)."""
+def _qwen3_config(vocab_size: int, layers: int = 28) -> dict:
+    """Qwen3 (GQA, QK RMSNorm), as FLUX.2 [klein]'s text encoder; 28 layers so that the pipeline's layers 9, 18
+    and 27 are all intermediate ones, as in the real 36-layer encoder."""
+    return dict(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
+                rope_theta=1000000.0, tie_word_embeddings=True, pad_token_id=0, bos_token_id=None,
+                eos_token_id=0, attention_dropout=0.0)
+
+
+def tiny_dit_configs(kind: str, *, guidance: bool = True, t5_vocab: int = 0, gemma_vocab: int = 0,
+                     qwen_vocab: int = 0, text_layers: int = 28) -> dict:
+    """The configs :func:`build_tiny_dit_pipeline` builds from (tokenizer vocab sizes are filled in there).
+    ``text_layers``: FLUX.2 [klein]'s Qwen3 depth (see :func:`build_tiny_dit_pipeline`)."""
     _check_kind(kind)
+    if kind == "flux2_klein":
+        return {
+            # 32 VAE channels x 2 x 2 = 128 patchified; joint_attention_dim = 3 stacked Qwen3 layers x 16;
+            # head dim 16 = sum(axes_dims_rope) over the 4 axes (t, h, w, l)
+            "transformer": dict(patch_size=1, in_channels=128, num_layers=1, num_single_layers=1,
+                                attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                timestep_guidance_channels=32, mlp_ratio=2.0, axes_dims_rope=(4, 4, 4, 4),
+                                guidance_embeds=False),
+            "vae": dict(in_channels=3, out_channels=3, latent_channels=32,
+                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(32, 64),
+                        layers_per_block=1, norm_num_groups=32, sample_size=NATIVE_SIZE, patch_size=(2, 2)),
+            "text_encoder": _qwen3_config(qwen_vocab, text_layers),
+        }
+    if kind == "sana_sprint":
+        sprint = tiny_dit_configs("sana", gemma_vocab=gemma_vocab)
+        sprint["transformer"].update(guidance_embeds=True, guidance_embeds_scale=0.1, qk_norm="rms_norm_across_heads",
+                                     timestep_scale=1.0)
+        return sprint
     if kind == "flux":
         return {
             # packed latents: 16 VAE channels x 2 x 2 = 64; head dim 8 = sum(axes_dims_rope)
@@ -221,6 +264,54 @@ def build_gemma_tokenizer():
         return GemmaTokenizer.from_pretrained(tmp, add_bos_token=True, add_eos_token=False)
 
 
+#: the chat template of Qwen3's tokenizer, reduced to what FLUX.2 [klein] renders (one user message, a generation
+#: prompt, ``enable_thinking=False``): the same text as the real template for that call. diffc renders the
+#: checkpoint's own template at build time (diffc.exporter.pipeline_data), so this only has to be Qwen3-like.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}{%- endif %}"
+)
+
+
+def build_qwen2_tokenizer():
+    """A Qwen2 tokenizer (byte-level BPE with Qwen2's pre-tokenizer regex; ``<|endoftext|>`` pad 0, the chat
+    special tokens after it) trained here with the ``tokenizers`` library on the fixture corpus."""
+    from tokenizers import Tokenizer, models, trainers
+    from transformers import Qwen2Tokenizer
+
+    base = Qwen2Tokenizer()  # Qwen2's normalizer and pre-tokenizer, an empty vocabulary
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = base.backend_tokenizer.normalizer
+    tok.pre_tokenizer = base.backend_tokenizer.pre_tokenizer
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials, initial_alphabet=ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    model = json.loads(tok.to_str())["model"]
+    vocab = {k: v for k, v in model["vocab"].items()}
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    qwen = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=131072)
+    qwen.add_tokens(specials[1:3], special_tokens=True)
+    qwen.add_tokens(specials[3:])
+    qwen.chat_template = QWEN3_CHAT_TEMPLATE
+    return qwen
+
+
+def _randomize_batch_norm(vae, seed: int) -> None:
+    """``AutoencoderKLFlux2.bn``'s running statistics start at mean 0 / variance 1, which would hide a missing or
+    wrong (de)normalization; a trained VAE has its own, so the fixture draws some."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 11)
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.randn(vae.bn.running_mean.shape, generator=gen) * 0.3)
+        vae.bn.running_var.copy_(torch.rand(vae.bn.running_var.shape, generator=gen) * 1.5 + 0.25)
+
+
 # --- building ------------------------------------------------------------------------------------------------
 
 
@@ -240,7 +331,7 @@ def _build_module(name: str, cls_name: str, config: dict, seed: int):
 
 #: transformers model class -> its config class (everything else is a diffusers model built from kwargs)
 _CONFIG_CLASSES = {"CLIPTextModel": "CLIPTextConfig", "CLIPTextModelWithProjection": "CLIPTextConfig",
-                   "T5EncoderModel": "T5Config", "Gemma2Model": "Gemma2Config"}
+                   "T5EncoderModel": "T5Config", "Gemma2Model": "Gemma2Config", "Qwen3ForCausalLM": "Qwen3Config"}
 
 #: kind -> component -> model class
 _CLASSES = {
@@ -251,23 +342,40 @@ _CLASSES = {
             "text_encoder_3": "T5EncoderModel"},
     "pixart": {"transformer": "PixArtTransformer2DModel", "vae": "AutoencoderKL", "text_encoder": "T5EncoderModel"},
     "sana": {"transformer": "SanaTransformer2DModel", "vae": "AutoencoderDC", "text_encoder": "Gemma2Model"},
+    "sana_sprint": {"transformer": "SanaTransformer2DModel", "vae": "AutoencoderDC", "text_encoder": "Gemma2Model"},
+    "flux2_klein": {"transformer": "Flux2Transformer2DModel", "vae": "AutoencoderKLFlux2",
+                    "text_encoder": "Qwen3ForCausalLM"},
 }
 
 
-def build_tiny_dit_pipeline(kind: str, seed: int = 0, *, guidance: bool = True):
+def build_tiny_dit_pipeline(kind: str, seed: int = 0, *, guidance: bool = True, text_layers: int = 28):
     """The tiny ``kind`` pipeline as an in-memory diffusers pipeline (what :func:`write_tiny_dit_pipeline` saves).
 
     ``guidance``: FLUX only; ``False`` builds the schnell variant (no guidance embedding, no dynamic shifting).
+    For ``flux2_klein``, ``False`` builds the step-distilled variant (``is_distilled``: the pipeline runs no CFG).
+    ``text_layers``: klein's Qwen3 depth; the default 28 serves the pipeline's layers 9 / 18 / 27. A shallower
+    encoder (tests: 4, a seventh of the graph to export and clean up) needs the build's
+    ``diffc.exporter.dit.FLUX2_TEXT_LAYERS`` and the pipeline call's ``text_encoder_out_layers`` set to match.
     """
     _check_kind(kind)
     import diffusers
     from transformers import CLIPTokenizer
 
     t5 = build_t5_tokenizer() if kind in ("flux", "sd3", "pixart") else None
-    gemma = build_gemma_tokenizer() if kind == "sana" else None
+    gemma = build_gemma_tokenizer() if kind in ("sana", "sana_sprint") else None
+    qwen = build_qwen2_tokenizer() if kind == "flux2_klein" else None
     configs = tiny_dit_configs(kind, guidance=guidance, t5_vocab=len(t5) if t5 else 0,
-                               gemma_vocab=len(gemma) if gemma else 0)
+                               gemma_vocab=len(gemma) if gemma else 0, qwen_vocab=len(qwen) if qwen else 0,
+                               text_layers=text_layers)
     modules = {name: _build_module(name, _CLASSES[kind][name], cfg, seed) for name, cfg in configs.items()}
+    if kind == "flux2_klein":
+        _randomize_batch_norm(modules["vae"], seed)
+        return diffusers.Flux2KleinPipeline(
+            **modules, tokenizer=qwen, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER),
+            is_distilled=not guidance)
+    if kind == "sana_sprint":
+        return diffusers.SanaSprintPipeline(**modules, tokenizer=gemma,
+                                            scheduler=diffusers.SCMScheduler(**SANA_SPRINT_SCHEDULER))
     if kind == "flux":
         sched = dict(FLUX_SCHEDULER) if guidance else dict(FLUX_SCHEDULER, shift=1.0, use_dynamic_shifting=False)
         return diffusers.FluxPipeline(
@@ -286,13 +394,14 @@ def build_tiny_dit_pipeline(kind: str, seed: int = 0, *, guidance: bool = True):
                                   scheduler=diffusers.DPMSolverMultistepScheduler(**SANA_SCHEDULER))
 
 
-def write_tiny_dit_pipeline(out_dir, kind: str, seed: int = 0, *, guidance: bool = True) -> Path:
+def write_tiny_dit_pipeline(out_dir, kind: str, seed: int = 0, *, guidance: bool = True,
+                            text_layers: int = 28) -> Path:
     """Write the tiny ``kind`` pipeline to ``out_dir`` (must not exist, or be empty); returns the folder."""
     _check_kind(kind)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise OutputExistsError(f"{out} already exists and is not empty; choose a new folder for the tiny pipeline")
-    pipe = build_tiny_dit_pipeline(kind, seed, guidance=guidance)
+    pipe = build_tiny_dit_pipeline(kind, seed, guidance=guidance, text_layers=text_layers)
     with atomic_output_dir(out, force=True, what="tiny pipeline") as tmp:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         # the shipped CLIP BPE files, exactly (SD3's second CLIP pads with "!", like SDXL's)

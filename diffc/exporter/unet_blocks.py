@@ -71,3 +71,20 @@ def branch_info(unet_cfg: Mapping[str, Any], branch: int, *, where: str = "[cach
         raise ProfileError(f"{where} = {branch!r} does not exist in this UNet: it has branches 0 to "
                            f"{len(branches) - 1} (0 is the shallowest and fastest); pick one in that range")
     return branches[branch]
+
+
+def control_residuals(unet_cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The residuals a ControlNet adds to this UNet (``down_block_additional_residuals`` in order, then
+    ``mid_block_additional_residual``): one per skip feature ``s_0 .. s_{K-1}`` (conv_in's output, each down
+    layer's, each downsampler's), then the mid block's output. Each: ``name`` (the graph tensor between the
+    ControlNet and the UNet), ``channels``, ``level`` (``latent / 2**level`` in height and width)."""
+    channels = [int(c) for c in unet_cfg["block_out_channels"]]
+    n = len(channels)
+    layers = _per_block(unet_cfg.get("layers_per_block", 2), n)
+    down = [(channels[0], 0)]
+    for i in range(n):
+        down += [(channels[i], i)] * layers[i]
+        if i < n - 1:
+            down.append((channels[i], i + 1))
+    out = [{"name": f"down_block_residual_{k}", "channels": c, "level": lv} for k, (c, lv) in enumerate(down)]
+    return out + [{"name": "mid_block_residual", "channels": channels[-1], "level": n - 1}]

@@ -18,6 +18,7 @@ Usage::
     specs = pass_list("onnxruntime", attention="mha")   # the graph passes run_passes runs
     print(format_pass_list(profile_pass_list(profile)))  # and the stage passes, as `diffc passes` shows
     model, report = run_passes(model_proto, "unet", "onnxruntime", verify=True)
+    report = run_pass_list(ir_model, "unet", "onnxruntime")  # the same, in place on an onnx_ir model (the build)
 
 Options are plain keywords (a profile's ``[passes]`` table maps onto them one to one):
 
@@ -50,7 +51,7 @@ if TYPE_CHECKING:  # onnx_ir / onnxscript load only when passes are built or run
 
 __all__ = ["PassSpec", "PassError", "PassOptionError", "TARGETS", "ATTENTION_KINDS", "GROUPNORM_FORMS",
            "QUANTIZE_ROLES", "STAGE_PASSES", "activation_type", "defaults", "pass_list", "profile_pass_list",
-           "format_pass_list", "resolve_options", "run_passes"]
+           "format_pass_list", "pass_entry", "resolve_options", "run_pass_list", "run_passes"]
 
 log = logging.getLogger("diffc.passes")
 
@@ -130,7 +131,7 @@ def resolve_options(target: str, options: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("layernorm", "gelu", "quick_gelu"):
         if not isinstance(opts[key], bool):
             raise PassOptionError(f"[passes].{key} must be true or false, got {opts[key]!r}")
-    if target != "onnxruntime":
+    if not get_backend(target).contrib_ops:
         if opts["attention"] != "none":
             raise PassOptionError(
                 f"[passes].attention = {opts['attention']!r} is not available for {target}: it fuses "
@@ -158,8 +159,8 @@ def pass_list(target: str, **options: Any) -> list[PassSpec]:
         PassSpec("legalize_norms",
                  {"groupnorm": opts["groupnorm"], "layernorm": opts["layernorm"], "gelu": opts["gelu"],
                   "quick_gelu": opts["quick_gelu"],
-                  # RMSNorm -> opset-23 RMSNormalization: OpenVINO / TensorRT fuse the decomposed form themselves
-                  "rmsnorm": target == "onnxruntime" and opts["layernorm"]},
+                  # RMSNorm -> opset-23 RMSNormalization where the target has the kernel (its rmsnorm_op)
+                  "rmsnorm": get_backend(target).rmsnorm_op and opts["layernorm"]},
                  "GroupNorm in the target's fastest legal form; LayerNorm/RMSNorm/GELU fused where it has kernels",
                  LegalizeNormsPass),
     ]
@@ -179,18 +180,18 @@ STAGE_PASSES = {"cache_split": "diffc.build.passes.split_cache: the UNet only",
 
 def activation_type(profile: Any, precision: Any) -> str:
     """The Q/DQ encoding of a quantized component's activations under ``profile``: ``fp8``, or the int8
-    signedness the target fuses (uint8 on onnxruntime: x86 VNNI multiplies u8 x s8; int8 elsewhere). See
-    :mod:`diffc.passes.quantize`. Raises :class:`~diffc.errors.ProfileError` for uint8 on a target without
-    zero points."""
+    signedness the target fuses (its backend's ``int8_activations``, the first for ``auto``: uint8 on
+    onnxruntime, where x86 VNNI multiplies u8 x s8; int8 elsewhere). See :mod:`diffc.passes.quantize`. Raises
+    :class:`~diffc.errors.ProfileError` for an encoding the target does not fuse (uint8 without zero points)."""
     if getattr(precision, "value", precision) == "fp8":
         return "fp8"
-    backend = profile.backend.value
+    kinds = get_backend(profile.backend).int8_activations
     acts = profile.quantize.activations
     if acts == "auto":
-        return "uint8" if backend == "onnxruntime" else "int8"
-    if acts == "uint8" and backend != "onnxruntime":
-        raise ProfileError(f"profile {profile.name!r}: [quantize].activations = 'uint8' needs zero points, which "
-                           f"{backend} does not support; use 'int8' or 'auto'")
+        return kinds[0]
+    if acts not in kinds:
+        raise ProfileError(f"profile {profile.name!r}: [quantize].activations = {acts!r} needs zero points, which "
+                           f"{profile.backend.value} does not support; use {' or '.join(map(repr, kinds))} or 'auto'")
     return acts
 
 
@@ -204,11 +205,10 @@ def profile_pass_list(profile: Any) -> list[PassSpec]:
                               "cut the UNet at the cached feature into a full graph and a shallow one"))
     quantized = profile.quantized_components()
     if quantized:
-        ort_form = profile.backend.value == "onnxruntime"
         specs.append(PassSpec(
             "quantize", {"activations": {c: activation_type(profile, p) for c, p in quantized.items()},
-                         "keep_float": tuple(profile.quantize.keep_float), "output_qdq": ort_form,
-                         "int32_bias": ort_form},
+                         "keep_float": tuple(profile.quantize.keep_float),
+                         **get_backend(profile.backend).qdq_form},
             "Q/DQ around Conv/MatMul/Gemm with ranges calibrated in the fp32 twin's loop"))
     return specs
 
@@ -225,7 +225,16 @@ def format_pass_list(specs: list[PassSpec]) -> str:
 
 def run_passes(model: onnx.ModelProto, component: str, target: str, *, verify: bool = False,
                **options: Any) -> tuple[onnx.ModelProto, dict]:
-    """Run ``pass_list(target, **options)`` over ``model`` (not modified) and return the new model and a report.
+    """:func:`run_pass_list` on a protobuf model (not modified): returns the new model and the report."""
+    import onnx_ir as ir
+
+    ir_model = ir.serde.deserialize_model(model)
+    report = run_pass_list(ir_model, component, target, verify=verify, **options)
+    return ir.serde.serialize_model(ir_model), report
+
+
+def run_pass_list(model: Any, component: str, target: str, *, verify: bool = False, **options: Any) -> dict:
+    """Run ``pass_list(target, **options)`` over the ``onnx_ir`` model ``model``, in place, and return a report.
 
     Report: ``{"component", "target", "options", "passes": [{"name", "fired", "modified", "seconds"[, "found"]
     [, "left"]}, ...],
@@ -254,10 +263,9 @@ def run_passes(model: onnx.ModelProto, component: str, target: str, *, verify: b
     chain: list[ir.passes.PassBase] = [VerifyPass(after="input")] if verify else []
     for spec, instance in zip(specs, instances):
         chain += [instance, VerifyPass(after=spec.name)] if verify else [instance]
-    ir_model = ir.serde.deserialize_model(model)
     if chain:
         try:
-            ir_model = ir.passes.PassManager(chain, steps=1)(ir_model).model
+            ir.passes.PassManager(chain, steps=1)(model)  # in-place passes: the result is ``model`` itself
         except ir.passes.PassError as e:  # the manager wraps what a pass raised: diffc's typed error goes on
             cause = e.__cause__
             while cause is not None and not isinstance(cause, DiffcError):
@@ -266,14 +274,18 @@ def run_passes(model: onnx.ModelProto, component: str, target: str, *, verify: b
                 raise
             raise cause from None
     for spec, instance in zip(specs, instances):
-        report["passes"].append({"name": spec.name, "fired": dict(instance.fired),
-                                 "modified": any(v > 0 for v in instance.fired.values()),
-                                 "seconds": round(instance.seconds, 4),
-                                 **({"found": dict(instance.found)} if instance.found else {}),
-                                 # what a fusion pass left undone, and why (fuse_attention: Softmax -> reason)
-                                 **({"left": dict(instance.left)} if getattr(instance, "left", None) else {})})
+        report["passes"].append(pass_entry(spec.name, instance))
         log.info("%s: %s %s in %.2f s", component, spec.name,
                  {k: v for k, v in instance.fired.items() if v} or "nothing", instance.seconds)
-    out = ir.serde.serialize_model(ir_model)
-    report["op_counts_after"] = op_counts(out)
-    return out, report
+    report["op_counts_after"] = op_counts(model)
+    return report
+
+
+def pass_entry(name: str, instance: DiffcPass) -> dict[str, Any]:
+    """A pass's record in ``build_report.json`` after it ran: its rewrite counts, ``modified`` (some count > 0),
+    wall time, and what a checking pass saw (``found``) or a fusion pass left undone and why (``left``). The
+    build's stage passes (``cache_split``, ``quantize``) are recorded the same way."""
+    return {"name": name, "fired": dict(instance.fired), "modified": any(v > 0 for v in instance.fired.values()),
+            "seconds": round(instance.seconds, 4),
+            **({"found": dict(instance.found)} if instance.found else {}),
+            **({"left": dict(instance.left)} if getattr(instance, "left", None) else {})}

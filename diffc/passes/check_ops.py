@@ -21,6 +21,7 @@ import logging
 
 import onnx_ir as ir
 
+from diffc.engines import get_backend
 from diffc.passes import TARGETS
 from diffc.passes._base import MS_DOMAIN, DiffcPass, PassError, PassOptionError
 
@@ -55,6 +56,8 @@ class CheckTargetOpsPass(DiffcPass):
         if target not in TARGETS:
             raise PassOptionError(f"target must be one of {list(TARGETS)}, got {target!r}")
         self.target = target
+        #: onnxruntime's CPU contrib ops and its ONNX-domain extras are legal (the backend's ``contrib_ops``)
+        self.contrib = get_backend(target).contrib_ops
 
     def run(self, model: ir.Model) -> dict[str, int]:
         bad: collections.Counter[str] = collections.Counter()
@@ -62,11 +65,11 @@ class CheckTargetOpsPass(DiffcPass):
         for node in model.graph.all_nodes():
             domain = node.domain or ""
             if domain in ("", "ai.onnx"):
-                if self.target != "onnxruntime" and node.op_type in ORT_ONNX_DOMAIN_OPS:
+                if not self.contrib and node.op_type in ORT_ONNX_DOMAIN_OPS:
                     bad[f"{node.op_type} (onnxruntime-only)"] += 1
                 continue
             key = f"{domain}::{node.op_type}"
-            if self.target != "onnxruntime":
+            if not self.contrib:
                 bad[key] += 1
             elif domain != MS_DOMAIN or node.op_type not in ORT_CPU_CONTRIB:
                 bad[key] += 1
@@ -77,7 +80,7 @@ class CheckTargetOpsPass(DiffcPass):
                 contrib += 1
         if bad:
             listing = ", ".join(f"{k} x{v}" for k, v in sorted(bad.items()))
-            if self.target == "onnxruntime":
+            if self.contrib:
                 cuda = sorted(k for k in bad if k.split("::")[-1].split(" ")[0] in CUDA_ONLY_CONTRIB)
                 why = (f"{', '.join(cuda)} run on CUDA only; " if cuda else "") + \
                     "onnxruntime's CPU provider has no kernel for these"

@@ -172,8 +172,15 @@ def eliminate_identities(graph: ir.Graph) -> int:
     return count
 
 
-def _compute_nodes(graph: ir.Graph) -> int:
-    return sum(1 for n in graph if n.op_type != "Constant" or n.domain not in ("", "ai.onnx"))
+def fold_constants(model: ir.Model, *, input_size_limit: int, output_size_limit: int) -> int:
+    """onnxscript's constant folder over ``model``; returns how many nodes it rewrote (replaced by constants or
+    by simpler nodes). The folder reports only whether it changed something; each node it rewrites leaves the
+    graph (``replace_nodes_and_values``), so the rewrites are the nodes present before and gone after. The
+    producers that only fed a folded node die with it and are not counted again."""
+    before = {id(n) for n in model.graph}
+    optimizer.fold_constants(model, onnx_shape_inference=True, input_size_limit=input_size_limit,
+                             output_size_limit=output_size_limit)
+    return len(before - {id(n) for n in model.graph})
 
 
 def _count(graph: ir.Graph, op_type: str) -> int:
@@ -183,10 +190,12 @@ def _count(graph: ir.Graph, op_type: str) -> int:
 class CleanupPass(DiffcPass):
     """Fold constants, simplify shape arithmetic, drop dead/identity/duplicate nodes; repeat to a fixed point.
 
-    Fire counts: ``folded`` (compute nodes replaced by constants, incl. the dead chains behind them),
+    Fire counts, each the number of rewrites made (not a difference of node counts): ``folded`` (static shape
+    reads and the constant folder's node rewrites; the producers that only fed them die with them, uncounted),
     ``simplified`` (onnxscript rewrite-rule applications), ``identities_removed``, ``duplicates_merged``
-    (common subexpressions), ``dead_removed``, ``constants_lifted`` (``Constant`` nodes made initializers,
-    which is what ORT and TensorRT expect weights to be), ``functions_inlined``.
+    (common subexpressions merged), ``dead_removed`` (nodes no output depended on when an iteration began),
+    ``constants_lifted`` (``Constant`` nodes made initializers, which is what ORT and TensorRT expect weights to
+    be), ``functions_inlined``.
     """
 
     name = "cleanup"
@@ -209,18 +218,17 @@ class CleanupPass(DiffcPass):
 
         for iteration in range(self.max_iterations):
             step: collections.Counter[str] = collections.Counter()
+            nodes_before = len(g)
             common_passes.ShapeInferencePass(data_prop=True)(model)
 
             n = len(g)
             common_passes.RemoveUnusedNodesPass()(model)
             step["dead_removed"] += n - len(g)
 
-            n = _compute_nodes(g)
-            fold_static_shape_reads(g)
-            optimizer.fold_constants(model, onnx_shape_inference=True, input_size_limit=self.fold_input_size_limit,
-                                     output_size_limit=self.fold_output_size_limit)
-            common_passes.RemoveUnusedNodesPass()(model)
-            step["folded"] += n - _compute_nodes(g)
+            step["folded"] += fold_static_shape_reads(g)
+            step["folded"] += fold_constants(model, input_size_limit=self.fold_input_size_limit,
+                                             output_size_limit=self.fold_output_size_limit)
+            common_passes.RemoveUnusedNodesPass()(model)  # what fed only the folded nodes
 
             step["simplified"] += apply_rules(model, _RULES, lift_constants=False)
 
@@ -229,14 +237,12 @@ class CleanupPass(DiffcPass):
             n = len(g)
             common_passes.CommonSubexpressionEliminationPass()(model)
             step["duplicates_merged"] += n - len(g)
-
-            n = len(g)
-            common_passes.RemoveUnusedNodesPass()(model)
-            step["dead_removed"] += n - len(g)
+            common_passes.RemoveUnusedNodesPass()(model)  # what fed only the merged duplicates
 
             counts.update(step)
             log.debug("cleanup iteration %d: %s", iteration, dict(step))
-            if not any(v > 0 for v in step.values()):
+            # a fixed point: nothing fired and nothing changed uncounted (the folder may rewire inputs only)
+            if not any(v > 0 for v in step.values()) and len(g) == nodes_before:
                 break
 
         n = _count(g, "Constant")
@@ -246,4 +252,4 @@ class CleanupPass(DiffcPass):
         common_passes.ShapeInferencePass(data_prop=True)(model)
         keys = ("folded", "simplified", "identities_removed", "duplicates_merged", "dead_removed",
                 "constants_lifted", "functions_inlined")
-        return {k: max(0, counts[k]) for k in keys}
+        return {k: counts[k] for k in keys}

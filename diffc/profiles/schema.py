@@ -45,6 +45,10 @@ class Precision(str, enum.Enum):
 
 
 SAMPLER_KINDS = ("auto", "ddim", "euler", "dpmpp_2m", "lcm", "flow_euler", "scm")
+#: ``[sampler].schedule``: ``default`` the scheduler's own spacing; ``optimized`` timesteps searched at build against
+#: a :data:`SCHEDULE_REFERENCE_STEPS`-step reference trajectory (diffc.build.schedule_search)
+SCHEDULES = ("default", "optimized")
+SCHEDULE_REFERENCE_STEPS = 50
 #: TensorRT hardware-compatibility levels (``[tensorrt].hardware_compat``); TensorRT-RTX uses compute capabilities
 HARDWARE_COMPAT = ("none", "ampere_plus", "same_compute_capability")
 _TRT_BACKENDS = ("tensorrt", "tensorrt_rtx")
@@ -186,6 +190,46 @@ class CacheOptions:
 
 
 @dataclass(frozen=True)
+class SavingsOptions:
+    """The ``[savings]`` table: training-free step savings written into the manifest's ``savings`` section
+    (diffc.runtime.savings, docs/manifest.md "Savings"); ``diffc run`` overrides each one.
+
+    ``adaptive_guidance``: ``"off"``, ``"static"`` (steps >= ``guidance_from_step`` run the conditional half of
+    classifier-free guidance only) or ``"dynamic"`` (cond-only after the first step whose uncond / cond cosine
+    similarity reaches ``guidance_threshold``). ``extrapolation_order``: 0 reuses a cached value as it is; 1-3
+    extrapolates it from the last k + 1 cached values (needs ``[cache]`` or ``[savings.step_cache]``).
+    ``step_cache``: dynamic step caching's table (diffc.runtime.savings; empty: off).
+    """
+
+    adaptive_guidance: str = "off"
+    guidance_from_step: int | None = None
+    guidance_threshold: float | None = None
+    extrapolation_order: int = 0
+    step_cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        return self.adaptive_guidance != "off" or self.extrapolation_order > 0 or bool(self.step_cache)
+
+    def manifest_section(self) -> dict[str, Any] | None:
+        """The manifest's ``savings`` section (None: no savings)."""
+        if not self.active:
+            return None
+        ag: dict[str, Any] = {"mode": self.adaptive_guidance}
+        if self.adaptive_guidance == "static":
+            ag["from_step"] = self.guidance_from_step
+        elif self.adaptive_guidance == "dynamic":
+            ag["threshold"] = self.guidance_threshold
+        from diffc.runtime.savings import SAVINGS_VERSION
+
+        out = {"version": SAVINGS_VERSION, "adaptive_guidance": ag,
+               "extrapolation": {"order": self.extrapolation_order}}
+        if self.step_cache:
+            out["step_cache"] = dict(self.step_cache)
+        return out
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     backend: Backend
@@ -196,6 +240,7 @@ class Profile:
     batch: Range = Range(1, 1, 4)
     sampler: str = "auto"
     steps: int = 4
+    schedule: str = "default"
     guidance: float | None = 7.5
     onnxruntime: dict[str, Any] = field(default_factory=dict)
     #: the ``[passes]`` table: options of diffc.passes.pass_list (validated there, per target)
@@ -204,6 +249,7 @@ class Profile:
     memory: MemoryBudget = MemoryBudget()
     quantize: QuantizeOptions = QuantizeOptions()
     cache: CacheOptions = CacheOptions()
+    savings: SavingsOptions = SavingsOptions()
     source: str = ""  # where it was loaded from
 
     def precision_of(self, component: str) -> Precision:
@@ -224,6 +270,10 @@ class Profile:
         d["tensorrt"]["compute_capabilities"] = list(self.tensorrt.compute_capabilities)
         d["quantize"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["quantize"].items()}
         d["cache"]["mask"] = list(self.cache.mask)
+        if not self.savings.active:  # manifests of builds without savings stay as they were before the table
+            del d["savings"]
+        if self.schedule == "default":  # manifests of default-schedule builds stay as they were before the field
+            del d["schedule"]
         return d
 
     @classmethod
@@ -236,7 +286,8 @@ class Profile:
             "precision": data.get("precision", {}),
             "shapes": {k: data[k] for k in ("height", "width", "batch") if data.get(k) is not None},
             "sampler": {"kind": data.get("sampler", "auto"), "steps": data.get("steps", 4),
-                        "guidance": data.get("guidance")},
+                        "guidance": data.get("guidance"),
+                        **({"schedule": data["schedule"]} if "schedule" in data else {})},
             "onnxruntime": data.get("onnxruntime", {}),
             "passes": data.get("passes", {}),
         }
@@ -257,6 +308,8 @@ class Profile:
             toml_like["quantize"] = table("quantize")
         if data.get("cache") and (not isinstance(data["cache"], dict) or data["cache"].get("enabled")):
             toml_like["cache"] = table("cache")
+        if data.get("savings"):
+            toml_like["savings"] = table("savings")
         return parse_profile(toml_like, where=where)
 
     def with_overrides(self, **changes) -> "Profile":
@@ -416,6 +469,65 @@ def _parse_cache(table: Any, where: str, steps: int) -> CacheOptions:
     return opts
 
 
+def _parse_savings(table: Any, where: str, *, steps: int, backend: Backend, cache: CacheOptions,
+                   tensorrt: TensorRTOptions, guidance: float | None) -> SavingsOptions:
+    """``[savings]``, and what it cannot combine with: adaptive guidance needs classifier-free guidance (a
+    guidance scale) and a denoiser that accepts half the batch (not a static-shape TensorRT engine);
+    extrapolation needs a cached value (``[cache]`` or ``[savings.step_cache]``)."""
+    from diffc.runtime.savings import AG_MODES, MAX_ORDER
+
+    p = "[savings]."
+    if not isinstance(table, dict):
+        raise _err(where, "[savings]", "must be a table")
+    _check_keys(table, {f.name for f in SavingsOptions.__dataclass_fields__.values()}, where, p)
+    mode = table.get("adaptive_guidance", "off")
+    if mode not in AG_MODES:
+        raise _err(where, f"{p}adaptive_guidance", f"must be one of {list(AG_MODES)}, got {_short(mode)}")
+    from_step = _opt_int(table, "guidance_from_step", where, p, lo=0, hi=steps)
+    threshold = _number(table, "guidance_threshold", None, where, p, lo=-1.0, hi=1.0)
+    needs = {"static": ("guidance_from_step", from_step), "dynamic": ("guidance_threshold", threshold)}
+    for m, (key, value) in needs.items():
+        if mode == m and value is None:
+            raise _err(where, f"{p}{key}", f"is required with adaptive_guidance = \"{m}\"")
+        if mode != m and value is not None:
+            raise _err(where, f"{p}{key}", f"goes with adaptive_guidance = \"{m}\", not {mode!r}")
+    order = _opt_int(table, "extrapolation_order", where, p, lo=0, hi=MAX_ORDER) or 0
+    step_cache = table.get("step_cache", {})
+    if not isinstance(step_cache, dict):
+        raise _err(where, f"{p}step_cache", f"must be a table ([savings.step_cache]), got {_short(step_cache)}")
+    step_cache = _parse_step_cache(step_cache, where)
+    opts = SavingsOptions(mode, from_step, threshold, order, dict(step_cache))
+    if mode != "off" and guidance is None:
+        raise _err(where, f"{p}adaptive_guidance", "needs classifier-free guidance, and [sampler].guidance is unset")
+    if mode != "off" and backend.value in _TRT_BACKENDS and tensorrt.static_shapes:
+        raise _err(where, f"{p}adaptive_guidance", "runs the conditional half alone (half the denoiser batch), which "
+                   "a static-shape TensorRT engine ([tensorrt].static_shapes = true) cannot take; turn one of them off")
+    if order > 0 and not cache.enabled and not step_cache:
+        raise _err(where, f"{p}extrapolation_order", "extrapolates cached values, but nothing is cached: enable "
+                   "[cache] (DeepCache reuse) or [savings.step_cache]")
+    return opts
+
+
+def _parse_step_cache(table: dict, where: str) -> dict[str, Any]:
+    """``[savings.step_cache]`` (diffc.runtime.step_cache): ``threshold`` (required; 0 never skips the tail) and
+    ``metric`` (``"rel_l1"``: the accumulated relative L1 change of the first block's output). Empty: off."""
+    from diffc.runtime.step_cache import METRICS, check_threshold
+
+    if not table:
+        return {}
+    p = "[savings.step_cache]."
+    _check_keys(table, {"threshold", "metric"}, where, p)
+    if "threshold" not in table:
+        raise _err(where, f"{p}threshold", "is required (e.g. 0.1; 0: every step runs the whole denoiser)")
+    threshold = check_threshold(table["threshold"], ProfileError, f"profile {where}: {p}threshold")
+    metric = table.get("metric", "rel_l1")
+    if metric not in METRICS:
+        hint = " (TeaCache's rescaled modulated-input rule is not built: see docs/manifest.md)" \
+            if metric == "teacache" else ""
+        raise _err(where, f"{p}metric", f"must be one of {list(METRICS)}{hint}, got {_short(metric)}")
+    return {"threshold": threshold, "metric": metric}
+
+
 def _parse_passes(table: Any, backend: Backend, where: str) -> dict[str, Any]:
     """``[passes]``: names and values are checked by diffc.passes for this target, without loading the pass
     modules (profiles load in the torch- and onnxscript-free runtime)."""
@@ -494,7 +606,7 @@ def parse_profile(data: dict[str, Any], *, where: str) -> Profile:
     if not isinstance(data, dict):
         raise ProfileError(f"profile {where}: must be a TOML document of tables, got {type(data).__name__}")
     _check_keys(data, {"name", "description", "backend", "precision", "shapes", "sampler", "onnxruntime", "passes",
-                       "tensorrt", "memory", "quantize", "cache"}, where, "")
+                       "tensorrt", "memory", "quantize", "cache", "savings"}, where, "")
     name = data.get("name")
     if not isinstance(name, str) or not name:
         raise _err(where, "name", "must be a non-empty string")
@@ -525,13 +637,22 @@ def parse_profile(data: dict[str, Any], *, where: str) -> Profile:
         else Range(1, 1, 4)
 
     sampler = _table(data, "sampler", where)
-    _check_keys(sampler, {"kind", "steps", "guidance"}, where, "[sampler].")
+    _check_keys(sampler, {"kind", "steps", "guidance", "schedule"}, where, "[sampler].")
     kind = sampler.get("kind", "auto")
     if not isinstance(kind, str) or kind not in SAMPLER_KINDS:
         raise _err(where, "[sampler].kind", f"must be one of {list(SAMPLER_KINDS)}, got {_short(kind)}")
     steps = sampler.get("steps", 4)
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 1000:
         raise _err(where, "[sampler].steps", f"must be an integer from 1 to 1000, got {_short(steps)}")
+    schedule = sampler.get("schedule", "default")
+    if not isinstance(schedule, str) or schedule not in SCHEDULES:
+        raise _err(where, "[sampler].schedule", f"must be one of {list(SCHEDULES)}, got {_short(schedule)}")
+    if schedule == "optimized" and kind in ("lcm", "scm"):
+        raise _err(where, "[sampler].schedule", f"'optimized' searches deterministic samplers' timesteps; {kind!r} "
+                   "injects fresh noise and is distilled for its own timesteps: use 'default'")
+    if schedule == "optimized" and steps >= SCHEDULE_REFERENCE_STEPS:
+        raise _err(where, "[sampler].steps", f"must be below {SCHEDULE_REFERENCE_STEPS} (the optimized schedule's "
+                   f"reference step count) with schedule = 'optimized', got {steps}")
     # None only from Profile.from_dict (TOML has no null): the model's own default
     guidance = _number(sampler, "guidance", 7.5, where, "[sampler].", lo=0.0, hi=GUIDANCE_MAX)
 
@@ -551,12 +672,14 @@ def parse_profile(data: dict[str, Any], *, where: str) -> Profile:
     memory = _parse_memory(data.get("memory", {}), where)
     quantize = _parse_quantize(data.get("quantize", {}), where)
     cache = _parse_cache(data.get("cache", {}), where, steps)
+    savings = _parse_savings(data.get("savings", {}), where, steps=steps, backend=backend, cache=cache,
+                             tensorrt=tensorrt, guidance=guidance)
 
     return Profile(
         name=name, backend=backend, description=description, precision=precision,
-        height=height, width=width, batch=batch, sampler=kind, steps=steps,
+        height=height, width=width, batch=batch, sampler=kind, steps=steps, schedule=schedule,
         guidance=guidance, onnxruntime=dict(ort_table), passes=passes, tensorrt=tensorrt, memory=memory,
-        quantize=quantize, cache=cache, source=where,
+        quantize=quantize, cache=cache, savings=savings, source=where,
     )
 
 

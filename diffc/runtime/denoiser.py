@@ -8,7 +8,10 @@ run the same loop in :mod:`diffc.runtime.pipeline`; the differences are data in 
   (``pooled``), and how the states combine: one ``sequence_group`` is concatenated along the features, the
   groups, zero-padded to the widest, along the sequence (SD3: CLIP-L + CLIP-G, then T5).
 * ``denoiser``: the component, the input names by role, the latent layout (``packed_2x2``: FLUX's tokens with
-  ``img_ids`` / ``txt_ids`` made here in numpy), the timestep scale (FLUX feeds sigma = t / 1000).
+  ``img_ids`` / ``txt_ids`` made here in numpy; ``position_ids: flux2``: FLUX.2's 4-axis ids), the timestep
+  scale (FLUX feeds sigma = t / 1000).
+* ``tokenizer_kind: qwen_chat`` (FLUX.2 [klein]): the prompt inside the chat template's rendered ``chat_prefix``
+  / ``chat_suffix``, padded to ``max_length`` (:class:`ChatPromptTokenizer`).
 
 numpy and ``tokenizers`` only: this ships in the torch-free runtime.
 """
@@ -23,7 +26,7 @@ import numpy as np
 
 from diffc.errors import ManifestError
 from diffc.runtime.manifest import artifact_path
-from diffc.runtime.tokenizer import GemmaPromptTokenizer, PromptTokenizer, T5PromptTokenizer
+from diffc.runtime.tokenizer import GemmaPromptTokenizer, PaddedPromptTokenizer, PromptTokenizer, T5PromptTokenizer
 
 #: what a manifest without a ``denoiser`` section (every UNet artifact) means
 UNET_DENOISER: dict[str, Any] = {
@@ -31,6 +34,34 @@ UNET_DENOISER: dict[str, Any] = {
     "inputs": {"latents": "sample", "timestep": "timestep", "text": "encoder_hidden_states"}, "output": "out_sample",
 }
 LATENT_LAYOUTS = ("nchw", "packed_2x2")
+#: the position ids of a packed layout: FLUX.1's 3 axes, FLUX.2's 4 (diffc.build.families.Family.position_ids)
+POSITION_IDS = ("flux", "flux2")
+
+
+class ChatPromptTokenizer(PaddedPromptTokenizer):
+    """A causal LM's tokenizer behind a chat template, as ``Flux2KleinPipeline._get_qwen3_prompt_embeds`` runs it:
+    ``apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+    enable_thinking=False)``, then ``tokenizer(text, padding="max_length", truncation=True, max_length=512)``.
+
+    The template is Jinja, rendered at build time around a placeholder into the text before and after the prompt
+    (``chat_prefix`` / ``chat_suffix`` in the manifest), so the run time needs no template engine; for one user
+    message the rendering is that concatenation. No special tokens are added beyond the template's own (Qwen's
+    ``tokenizer.json`` has none to add); padding is on ``padding_side`` with the configured pad token.
+    """
+
+    family = "the chat text encoder"
+
+    def __init__(self, tokenizer_json_path, max_length: int, prefix: str, suffix: str, padding_side: str = "right"):
+        if padding_side not in ("left", "right"):
+            raise ManifestError(f"text encoder padding_side {padding_side!r} must be 'left' or 'right'; rebuild the "
+                                "artifact")
+        super().__init__(tokenizer_json_path, max_length)
+        self.prefix, self.suffix = str(prefix), str(suffix)
+        self._tok.enable_padding(length=self.max_length, pad_id=self.pad_id, pad_token=self.pad_token,
+                                 direction=padding_side)
+
+    def preprocess(self, prompts: list[str]) -> list[str]:
+        return [self.prefix + p + self.suffix for p in prompts]
 
 
 def denoiser_spec(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -84,6 +115,12 @@ class TextEncoders:
         if kind == "gemma":
             return GemmaPromptTokenizer(path, e.get("max_sequence_length", e["max_length"]),
                                         None if negative else e.get("complex_human_instruction"))
+        if kind == "qwen_chat":
+            if not isinstance(e.get("chat_prefix"), str) or not isinstance(e.get("chat_suffix"), str):
+                raise ManifestError(f"text encoder {e['component']!r} (qwen_chat) lacks chat_prefix / chat_suffix "
+                                    "strings; rebuild the artifact")
+            return ChatPromptTokenizer(path, e["max_length"], e["chat_prefix"], e["chat_suffix"],
+                                       e.get("padding_side", "right"))
         raise ManifestError(f"text encoder {e['component']!r} has tokenizer_kind {kind!r}, which this runtime does not "
                             "know; upgrade diffc or rebuild the artifact")
 
@@ -144,6 +181,21 @@ def image_ids(h: int, w: int, p: int = 2) -> np.ndarray:
     return ids.reshape(-1, 3)
 
 
+def flux2_image_ids(h: int, w: int, p: int = 2) -> np.ndarray:
+    """``Flux2Pipeline._prepare_latent_ids`` on the patchified latents: (t, row, column, layer) = (0, r, c, 0)."""
+    ids = np.zeros((h // p, w // p, 4), np.float32)
+    ids[..., 1] = np.arange(h // p, dtype=np.float32)[:, None]
+    ids[..., 2] = np.arange(w // p, dtype=np.float32)[None, :]
+    return ids.reshape(-1, 4)
+
+
+def flux2_text_ids(sequence: int) -> np.ndarray:
+    """``Flux2Pipeline._prepare_text_ids``: (0, 0, 0, token index)."""
+    ids = np.zeros((sequence, 4), np.float32)
+    ids[:, 3] = np.arange(sequence, dtype=np.float32)
+    return ids
+
+
 def image_seq_len(spec: dict[str, Any], h: int, w: int) -> int:
     """Tokens of a latent of ``h`` x ``w``: what the dynamic shift of FLUX-like schedules depends on."""
     p = int(spec.get("patch_size", 1))
@@ -162,6 +214,11 @@ class Feeds:
             raise ManifestError(f"denoiser.latent_layout {spec['latent_layout']!r} is unknown to this runtime; "
                                 "upgrade diffc or rebuild the artifact")
         self.p = int(spec.get("patch_size", 1))
+        position_ids = spec.get("position_ids", "flux")
+        if position_ids not in POSITION_IDS:
+            raise ManifestError(f"denoiser.position_ids {position_ids!r} is unknown to this runtime; upgrade diffc or "
+                                "rebuild the artifact")
+        flux2 = position_ids == "flux2"
         self.h, self.w = h, w
         self.batch = cond.hidden.shape[0]
         fixed: dict[str, np.ndarray] = {self.inputs["text"]: cond.hidden, **extra}
@@ -170,9 +227,10 @@ class Feeds:
         if self.inputs.get("text_mask"):
             fixed[self.inputs["text_mask"]] = cond.mask.astype(np.int64)
         if self.inputs.get("image_ids"):
-            fixed[self.inputs["image_ids"]] = image_ids(h, w, self.p)
+            fixed[self.inputs["image_ids"]] = flux2_image_ids(h, w, self.p) if flux2 else image_ids(h, w, self.p)
         if self.inputs.get("text_ids"):
-            fixed[self.inputs["text_ids"]] = np.zeros((cond.hidden.shape[1], 3), np.float32)
+            seq = cond.hidden.shape[1]
+            fixed[self.inputs["text_ids"]] = flux2_text_ids(seq) if flux2 else np.zeros((seq, 3), np.float32)
         if self.inputs.get("guidance") and guidance_scales is not None:
             fixed[self.inputs["guidance"]] = np.asarray(guidance_scales, np.float32)
         self.fixed = fixed

@@ -208,32 +208,43 @@ class ImageInput:
     strength: float
     start: int
     encoder_noise: np.ndarray | None = None  # (B, C, h, w); None: drawn from the seed
+    #: each input image's own (height, width), before it was fitted (inpainting: its mask must have that size)
+    sizes: tuple[tuple[int, int], ...] = ()
 
     def start_latents(self, pipe: Any, noise: np.ndarray, seed: Any, per_row_seed: bool) -> np.ndarray:
         """The loop's state at step :attr:`start`: the encoded image, noised by the sampler's rule with the
         standard-normal ``noise`` (B, C, h, w)."""
         shape = noise.shape
         encoder_noise = self.encoder_noise
-        out = pipe.sessions[ENCODER].run({"sample": self.pixels}, ["latent_mean", "latent_std"])
-        mean, std = out["latent_mean"], out["latent_std"]
-        if mean.shape[1:] != shape[1:] or std.shape != mean.shape:
-            raise ManifestError(f"the {ENCODER} gives latents of shape {mean.shape}, the loop needs {shape}; "
-                                "rebuild the artifact")
         if encoder_noise is None:
-            encoder_noise = _encoder_noise(seed, per_row_seed, shape)
-        lat = pipe.latent
-        sample = mean + std * encoder_noise.astype(np.float32)  # broadcasts one encoded image over the rows
-        x0 = (sample - np.float32(lat.get("shift_factor", 0.0))) * np.float32(lat["scaling_factor"])
+            encoder_noise = draw_encoder_noise(seed, per_row_seed, shape)
+        x0 = encode(pipe, self.pixels, encoder_noise, shape)
         tables = pipe.tables_for(*shape[-2:])  # FLUX's tables depend on the size; the others are the built ones
         return np.asarray(tables.add_noise(self.start, x0.astype(np.float32), noise.astype(np.float32)),
                           dtype=np.float32)
 
 
-def _encoder_noise(seed: Any, per_row_seed: bool, shape: tuple[int, ...]) -> np.ndarray:
+def encode(pipe: Any, pixels: np.ndarray, eps: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Pixels (1 or B, 3, H, W) in [-1, 1] -> the loop's clean latents ``x0`` (B, C, h, w): the encoder's seeded
+    sample ``mean + std * eps`` (one encoded image broadcast over the rows), shifted and scaled."""
+    out = pipe.sessions[ENCODER].run({"sample": pixels}, ["latent_mean", "latent_std"])
+    mean, std = out["latent_mean"], out["latent_std"]
+    if mean.shape[1:] != shape[1:] or std.shape != mean.shape:
+        raise ManifestError(f"the {ENCODER} gives latents of shape {mean.shape}, the loop needs {shape}; "
+                            "rebuild the artifact")
+    lat = pipe.latent
+    sample = mean + std * eps.astype(np.float32)
+    x0 = (sample - np.float32(lat.get("shift_factor", 0.0))) * np.float32(lat["scaling_factor"])
+    return np.ascontiguousarray(np.broadcast_to(x0, shape), dtype=np.float32)
+
+
+def draw_encoder_noise(seed: Any, per_row_seed: bool, shape: tuple[int, ...], offset: int = ENCODER_SEED_OFFSET
+                       ) -> np.ndarray:
+    """The standard-normal draw of an encoder sample: from ``seed + offset``, or one stream per row."""
     if per_row_seed:
-        return np.concatenate([np.random.default_rng(None if s is None else s + ENCODER_SEED_OFFSET)
+        return np.concatenate([np.random.default_rng(None if s is None else s + offset)
                                .standard_normal((1, *shape[1:]), dtype=np.float32) for s in seed])
-    rng = np.random.default_rng(None if seed is None else seed + ENCODER_SEED_OFFSET)
+    rng = np.random.default_rng(None if seed is None else seed + offset)
     return rng.standard_normal(shape, dtype=np.float32)
 
 
@@ -265,4 +276,5 @@ def prepare(pipe: Any, image: Any, strength: Any, batch: int, height: int | None
         raise InputError(f"encoder_noise must be a finite numpy array of shape {shape}, "
                          f"got {getattr(encoder_noise, 'shape', type(encoder_noise).__name__)}")
     return ImageInput(pixels=np.ascontiguousarray(pixels, dtype=np.float32), height=height, width=width,
-                      strength=strength, start=start, encoder_noise=encoder_noise)
+                      strength=strength, start=start, encoder_noise=encoder_noise,
+                      sizes=tuple(im.shape[:2] for im in images))

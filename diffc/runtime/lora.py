@@ -349,8 +349,13 @@ def _read_base(root: Path, at: Mapping[str, Any], artifact_path) -> np.ndarray:
     count = math.prod(dims)
     path = artifact_path(root, at["file"])
     offset = int(at["offset"])
+    # fp16: the weight as an OpenVINO IR of a bf16 component stores it
+    dtype = {"float32": np.float32, "float16": np.float16}.get(at.get("dtype", "float32"))
+    if dtype is None:
+        raise ArtifactError(f"lora_targets place {at['initializer']!r} as {at['dtype']!r}, which this runtime cannot "
+                            "read; rebuild the artifact or upgrade diffc")
     try:
-        values = np.fromfile(path, dtype=np.float32, count=count, offset=offset)
+        values = np.fromfile(path, dtype=dtype, count=count, offset=offset).astype(np.float32)
     except (OSError, ValueError) as e:
         raise ArtifactError(f"cannot read {at['initializer']!r} from {path}: {e}; rebuild the artifact") from None
     if values.size != count:
@@ -436,7 +441,8 @@ def swap(pipe, loras: Any) -> list[LoraSpec]:
         backend = get_backend(manifest["components"][engine]["backend"])
         if not getattr(backend, "replaces_weights", False):
             raise LoraError(f"the {backend.name} engine of {engine} cannot take a LoRA at run time; fuse it at "
-                            "build time with `diffc build --lora FILE:SCALE`, or build with an onnxruntime profile")
+                            "build time with `diffc build --lora FILE:SCALE`, or build with an onnxruntime or "
+                            "OpenVINO profile")
     touched = set(swap_plan.per_engine)
     reopen = sorted(touched | set(pipe.lora_engines))
     opts = dict(pipe.session_args)

@@ -29,7 +29,12 @@ from diffc.errors import IntegrityError, ManifestError
 MANIFEST_NAME = "manifest.json"
 #: 2 adds the optional ``denoiser`` section and the transformer families' text-encoder fields (docs/manifest.md);
 #: a schema-1 manifest (a UNet artifact) reads the same as before
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+#: 3 adds the ``inpaint`` entry of a 9-channel inpainting UNet. A build writes the oldest version that holds what
+#: the artifact uses (:func:`written_schema_version`): every other artifact stays schema 2, which older runtimes
+#: read, while a schema-2 runtime refuses an inpainting artifact as "made by a newer diffc" instead of feeding
+#: its UNet 4-channel latents
+INPAINT_SCHEMA_VERSION = 3
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 REQUIRED_KEYS = ("schema_version", "diffc_version", "source", "profile", "components", "text_encoders", "latent",
                  "image", "guidance", "sampler")
@@ -145,6 +150,12 @@ def _dim(shape: list, axis: int) -> int | None:
     return shape[axis] if len(shape) > axis and isinstance(shape[axis], int) else None
 
 
+def written_schema_version(manifest: dict[str, Any]) -> int:
+    """The schema version a build writes ``manifest`` with: the oldest one that has every field it holds."""
+    # a ControlNet artifact's UNet takes residual inputs a schema-2 runtime would not feed: schema 3 too
+    return INPAINT_SCHEMA_VERSION if manifest.get("inpaint") or manifest.get("controlnets") else 2
+
+
 def _check_engine_io(m: dict[str, Any]) -> None:
     """The tensors the loop feeds and reads must be the ones the engines' records name, with agreeing static
     sizes: a manifest edited to disagree would otherwise fail inside the backend with its own exception."""
@@ -173,10 +184,16 @@ def _check_engine_io(m: dict[str, Any]) -> None:
             raise ManifestError(f"component {name!r} records inputs {sorted(have_in)} and outputs {sorted(have_out)}; "
                                 f"the runtime feeds {sorted(inputs)} and reads {sorted(outputs)}")
     channels = m["latent"]["channels"]
-    for name, tensor in [(n, "sample") for n in unets] + [("vae_decoder", "latent_sample")]:
+    # an inpainting UNet's sample is the latents with the mask and the masked-image latents (the inpaint entry)
+    sample = [p["channels"] for p in m["inpaint"]["sample"]] if m.get("inpaint") else [channels]
+    if sample[0] != channels:
+        raise ManifestError(f"latent.channels is {channels} but inpaint.sample starts with {sample[0]} latent channels")
+    checks = [(n, "sample", sum(sample)) for n in unets] + [("vae_decoder", "latent_sample", channels)]
+    for name, tensor, want in checks:
         dim = _dim(_io(comps[name], "inputs")[tensor], 1)
-        if dim is not None and dim != channels:
-            raise ManifestError(f"latent.channels is {channels} but {name}.{tensor} has {dim} channels")
+        if dim is not None and dim != want:
+            what = f"inpaint.sample sums to {want}" if want != channels else f"latent.channels is {channels}"
+            raise ManifestError(f"{what} but {name}.{tensor} has {dim} channels")
     hidden = [_dim(_io(comps[e["component"]], "outputs")[e["hidden_state"]], 2) for e in m["text_encoders"]]
     want = _dim(_io(comps["unet"], "inputs")["encoder_hidden_states"], 2)
     if None not in hidden and want is not None and sum(hidden) != want:
@@ -270,7 +287,47 @@ def _check_consistency(m: dict[str, Any]) -> None:
                                 "fewer than components")
         if len(variants["steps"]) != steps or any(s >= len(names) for s in variants["steps"]):
             raise ManifestError(f"step_variants.steps must hold one group index below {len(names)} per sampler step")
+    _check_savings(m, steps)
     _check_engine_io(m)
+    if m.get("controlnets") is not None:
+        from diffc.runtime.controlnet import check_manifest_entry
+
+        check_manifest_entry(m)
+
+
+def _check_savings(m: dict[str, Any], steps: int) -> None:
+    """The ``savings`` section against the rest: adaptive guidance needs classifier-free guidance and a step within
+    the loop; extrapolation needs a cached value to extrapolate (``cache`` or ``savings.step_cache``)."""
+    from diffc.runtime.savings import Savings
+
+    if m.get("savings") is None:
+        return
+    sv = Savings.from_dict(m["savings"])
+    ag = sv.adaptive_guidance
+    if ag.mode != "off" and m["guidance"]["mode"] != "cfg":
+        raise ManifestError(f"savings.adaptive_guidance is {ag.mode!r} but guidance.mode is "
+                            f"{m['guidance']['mode']!r}; adaptive guidance drops the uncond half of classifier-free "
+                            "guidance ('cfg') and has nothing to drop here")
+    if ag.mode == "static" and ag.from_step > steps:
+        raise ManifestError(f"savings.adaptive_guidance.from_step {ag.from_step} is past the {steps} sampler steps")
+    if sv.extrapolation_order > 0 and m.get("cache") is None and sv.step_cache is None:
+        raise ManifestError("savings.extrapolation.order > 0 but nothing is cached to extrapolate (no 'cache' "
+                            "section, no savings.step_cache)")
+    if sv.step_cache is not None:  # its components present, its threshold in range (diffc.runtime.step_cache)
+        from diffc.runtime.step_cache import check_entry
+
+        check_entry(sv.step_cache, m["components"])
+
+
+def _check_savings_version(path: Path, savings: Any) -> None:
+    """A ``savings`` section from a newer diffc gets "upgrade diffc" (its new keys would otherwise read as schema
+    errors); the schema and :func:`_check_consistency` check the rest."""
+    from diffc.runtime.savings import SAVINGS_VERSION
+
+    version = savings.get("version") if isinstance(savings, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version > SAVINGS_VERSION:
+        raise ManifestError(f"{path}: savings.version {version} was written by a newer diffc (this runtime reads "
+                            f"{SAVINGS_VERSION}); upgrade diffc or rebuild the artifact")
 
 
 def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
@@ -320,6 +377,7 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
                 raise ManifestError(f"{path}: component {name!r} is missing from the manifest; {_REBUILD}")
     for rel in _named_paths(manifest):
         _check_path_text(rel)
+    _check_savings_version(path, manifest.get("savings"))
     try:
         error = best_match(_validator().iter_errors(manifest))
     except RecursionError:

@@ -21,11 +21,14 @@ from diffc.engines import SessionOptions, get_backend, opt_shapes  # noqa: F401 
 from diffc.engines.host_cache import PublishGate
 from diffc.errors import BackendUnavailableError, InputError, ManifestError, ProfileError
 from diffc.names import GUIDANCE_MAX, MEMORY_ARENAS, SEED_MAX, max_threads
-from diffc.runtime import img2img
+from diffc.runtime import controlnet, img2img, inpaint
 from diffc.runtime.cache import full_steps
 from diffc.runtime.manifest import artifact_path, read_manifest, verify_files
 from diffc.runtime.denoiser import Conditioning, Feeds, TextEncoders, denoiser_spec, image_seq_len
 from diffc.runtime.sampler import SamplerTables, guidance_embedding, step
+from diffc.runtime.savings import History, Savings, cond_feeds, cond_half
+from diffc.runtime import step_cache
+from diffc.runtime.trace import RunTrace, StepRecord
 
 log = logging.getLogger("diffc.runtime")
 
@@ -194,12 +197,14 @@ class Pipeline:
 
     def __init__(self, root: str | Path, *, threads: int = 0, verify: bool = True, cache: bool = True,
                  progress: bool = True, memory_arena: str | None = None, height: int | None = None,
-                 width: int | None = None, loras: dict[str, float] | None = None):
+                 width: int | None = None, loras: dict[str, float] | None = None,
+                 savings: dict[str, Any] | None = None):
         """``height`` / ``width``: the image size the caller will ask for, when it is not the artifact's default:
         engines specialized by shape at load (OpenVINO) are compiled for it instead of the default, and calls
         that give no size produce it (:attr:`default_size`). ``threads``: 0 (the profile's) up to
         :func:`~diffc.profiles.schema.max_threads`; anything else is an :class:`InputError`. ``loras``: ``{file:
-        scale}`` applied on top of the artifact's weights, as :meth:`set_loras`."""
+        scale}`` applied on top of the artifact's weights, as :meth:`set_loras`. ``savings``: run-time overrides of
+        the manifest's savings, as :meth:`set_savings` takes them."""
         check_threads(threads)
         if loras:
             from diffc.runtime.lora import specs
@@ -238,6 +243,12 @@ class Pipeline:
         #: the manifest's cache-reuse entry (None: the artifact has no shallow UNet)
         self.cache = m.get("cache")
         self.cache_schedule = self.cache["schedule"] if self.cache else None
+        #: the savings each call runs (the manifest's ``savings``, with set_savings' overrides)
+        self.savings = Savings.from_dict(m.get("savings"))
+        #: what the last call's loop evaluated, step by step (diffc.runtime.trace); None before the first call
+        self.last_trace: RunTrace | None = None
+        if savings:
+            self.set_savings(**savings)
         if loras:
             self.set_loras(loras)
 
@@ -283,6 +294,23 @@ class Pipeline:
         if self.closed:
             self.sessions["unet"]  # raises the closed-pipeline InputError
         self.loras = [lo.record() for lo in swap(self, loras)]
+
+    def set_savings(self, **overrides: Any) -> None:
+        """Override the manifest's savings for later calls (``diffc.runtime.savings.OVERRIDES``):
+        ``guidance_from_step=S`` (static adaptive guidance), ``guidance_threshold=X`` (dynamic),
+        ``adaptive_guidance="off"``, ``extrapolation_order=K``. Overrides apply to the manifest's settings, not to
+        the previous call's: ``set_savings()`` with no keyword goes back to the manifest's. What cannot work on
+        this artifact is an :class:`InputError`: adaptive guidance without classifier-free guidance, extrapolation
+        with nothing cached. What each call evaluated is :attr:`last_trace`."""
+        new = Savings.from_dict(self.manifest.get("savings")).with_overrides(**overrides)
+        if new.adaptive_guidance.mode != "off" and self.guidance["mode"] != "cfg":
+            raise InputError(f"adaptive guidance drops the uncond half of classifier-free guidance, but this "
+                             f"artifact guides with mode {self.guidance['mode']!r}; leave it off")
+        new.check_steps(self.tables.num_steps)
+        if new.extrapolation_order > 0 and self.cache is None and new.step_cache is None:
+            raise InputError("extrapolation_order > 0 extrapolates cached values, but this artifact caches none; "
+                             "rebuild it with [cache].enabled (e.g. the cpu-cache profile) or a [savings].step_cache")
+        self.savings = new
 
     def set_cache_schedule(self, schedule: dict[str, Any] | None) -> None:
         """Change which steps run the full UNet: a schedule as in the manifest's ``cache.schedule``
@@ -354,7 +382,11 @@ class Pipeline:
                  guidance: float | None | Sequence[float | None] = None, height: int | None = None,
                  width: int | None = None, latents: np.ndarray | None = None,
                  noise: Sequence[np.ndarray] | None = None, image: Any = None, strength: float | None = None,
-                 encoder_noise: np.ndarray | None = None) -> np.ndarray:
+                 encoder_noise: np.ndarray | None = None, mask_image: Any = None,
+                 masked_image_noise: np.ndarray | None = None, control_image: Any = None,
+                 controlnet_scale: float | Sequence[float] | None = None,
+                 control_guidance_start: float | Sequence[float] | None = None,
+                 control_guidance_end: float | Sequence[float] | None = None) -> np.ndarray:
         """Generate images.
 
         Every argument is checked before any engine runs (an :class:`InputError` names it): ``prompt`` a string or
@@ -379,6 +411,17 @@ class Pipeline:
         or ``(H, W, 3)`` array (uint8, or float in [0, 1]), one for all prompts or a list with one per prompt;
         ``strength`` in (0, 1] (default 0.8) how much of it is redrawn. ``latents`` is then the noise added to the
         encoded image, ``encoder_noise`` the draw of the encoder's latent sample (both from ``seed`` if not given).
+
+        Inpainting (:mod:`diffc.runtime.inpaint`): ``mask_image`` (path, PIL image or array; white = repaint, of the
+        image's size) with ``image``; ``strength`` then defaults to 1.0. An artifact built from
+        ``StableDiffusionInpaintPipeline`` feeds its UNet the mask and the masked image's latents (drawn with
+        ``masked_image_noise``); any other UNet artifact blends the kept region back after each step.
+
+        ControlNet (artifacts with a ``controlnets`` entry; :mod:`diffc.runtime.controlnet`): ``control_image`` a path,
+        PIL image or array (one for all prompts, or a list per prompt; with several ControlNets a list with one such
+        item per ControlNet), resized to the output size; ``controlnet_scale`` (default 1.0),
+        ``control_guidance_start`` / ``_end`` (default 0 / 1: the fraction of the steps each ControlNet acts in),
+        one value for all ControlNets or a list with one per ControlNet.
         """
         prompts = check_prompts("prompt", prompt)
         negs = None if negative_prompt is None else check_prompts("negative_prompt", negative_prompt)
@@ -399,10 +442,20 @@ class Pipeline:
             negs = negs * batch
         if negs is not None and len(negs) != batch:
             raise InputError(f"{len(negs)} negative prompts for {batch} prompts; give one per prompt or one for all")
-        init = None
-        if image is not None or strength is not None:  # image-to-image: the image sets the size unless one is asked
+        init = masked = None
+        if mask_image is not None or masked_image_noise is not None or inpaint.is_inpainting(self.manifest):
+            masked = inpaint.prepare(self, image, mask_image, strength, batch, height, width, encoder_noise,
+                                     masked_image_noise)  # inpainting (diffc.runtime.inpaint)
+            height, width = masked.height, masked.width
+        elif image is not None or strength is not None:  # image-to-image: the image sets the size unless one is asked
             init = img2img.prepare(self, image, strength, batch, height, width, encoder_noise)
             height, width = init.height, init.width
+        # ControlNet artifacts (diffc.runtime.controlnet): the control image sets the size unless one is asked
+        control = controlnet.prepare(self, control_image, controlnet_scale, control_guidance_start,
+                                     control_guidance_end, batch, height, width,
+                                     image_to_image=init is not None or masked is not None)
+        if control is not None and control.height is not None:
+            height, width = control.height, control.width
         height = self.default_size[0] if height is None else height
         width = self.default_size[1] if width is None else width
         self.check_size(height, width)
@@ -454,11 +507,13 @@ class Pipeline:
         if latents is None:
             latents = np.concatenate([self.initial_noise(s, 1, height, width) for s in seed]) if per_row_seed \
                 else self.initial_noise(seed, batch, height, width)
-        start = None
+        start = inpainting = None
         if init is not None:
             latents, start = init.start_latents(self, latents, seed, per_row_seed), init.start
+        elif masked is not None:
+            latents, start, inpainting = masked.start(self, latents, seed, per_row_seed)
         x = self.denoise(latents, cond, extra, guidance=row_guidance if use_cfg else None, seed=seed, noise=noise,
-                         start=start)
+                         start=start, inpainting=inpainting, control=control)
         images = self.decode(x)
         if not np.isfinite(images).all():
             # NaN would pass np.clip and become black pixels: say so instead of writing a black image
@@ -466,6 +521,14 @@ class Pipeline:
             raise InputError(f"the denoiser diverged (non-finite values at guidance {at}); try a smaller guidance "
                              "scale, and if that does not help, rebuild the artifact")
         return images
+
+    def stream(self, prompt: str, **options: Any):
+        """A streaming image-to-image loop for ``prompt`` (StreamDiffusion's stream batch): push frames, get each
+        back ``n - 1`` frames later, the in-flight frames denoised as one batch (:class:`diffc.runtime.stream.Stream`:
+        ``strength``, ``guidance`` 'none' / 'full', ``guidance_scale``, ``seed``, ``height``, ``width``)."""
+        from diffc.runtime.stream import Stream  # numpy-only, like this module
+
+        return Stream(self, prompt, **options)
 
     def tables_for(self, h: int, w: int) -> SamplerTables:
         """The sampler tables of a call at latent size ``h`` x ``w``: the built ones, or for a resolution-dependent
@@ -475,7 +538,9 @@ class Pipeline:
     def denoise(self, latents: np.ndarray, cond: np.ndarray | Conditioning,
                 extra: dict[str, np.ndarray] | None = None, *,
                 guidance: float | np.ndarray | None = None, seed: int | None | Sequence[int | None] = 0,
-                noise: Sequence[np.ndarray] | None = None, start: int | None = None) -> np.ndarray:
+                noise: Sequence[np.ndarray] | None = None, start: int | None = None,
+                inpainting: inpaint.Inpainting | None = None,
+                control: controlnet.ControlInput | None = None) -> np.ndarray:
         """The denoising loop: standard-normal ``latents`` -> final latents. ``cond`` (and ``extra``) are the
         UNet's conditioning for the whole denoiser batch; ``guidance`` not None: classifier-free guidance, with
         ``cond`` holding the uncond half first, at one scale or one per row (NaN: that row takes the conditional
@@ -483,7 +548,10 @@ class Pipeline:
         Full or shallow UNet per step as :meth:`full_steps` says. ``cond``: the text states alone, or a
         :class:`~diffc.runtime.denoiser.Conditioning` (with the pooled states and mask a transformer takes).
         ``start`` (image-to-image): ``latents`` are already the sampler's state at step ``start`` (not scaled by
-        ``init_noise_sigma``), and steps ``start ..`` run."""
+        ``init_noise_sigma``), and steps ``start ..`` run. ``inpainting``: an inpainting call's mask inputs or latent
+        blend (:class:`diffc.runtime.inpaint.Inpainting`). ``control``: the call's ControlNet images and scales
+        (:class:`diffc.runtime.controlnet.ControlInput`; a ControlNet artifact without one runs them off)."""
+        control = control or controlnet.off(self)  # a ControlNet artifact's UNet always takes the residual inputs
         if not isinstance(cond, Conditioning):
             cond = Conditioning(cond, None, None)
         h, w = latents.shape[-2:]
@@ -505,26 +573,49 @@ class Pipeline:
         # image's feature. It holds the whole denoiser batch (uncond and cond halves under CFG).
         feature = None
         feature_name = self.cache["feature"] if self.cache else None
+        # savings (diffc.runtime.savings): adaptive guidance's cond-only steps, the cached feature's extrapolation
+        guide = self.savings.start(t.num_steps, use_cfg, x.shape[0], self.manifest["components"][
+            self.denoiser["component"]].get("shape_ranges", {}).get("batch", [1])[0])
+        history, full_feeder = History(self.savings.extrapolation_order), feeder
+        # dynamic step caching (diffc.runtime.step_cache): head every step, tail when the head moved enough
+        caching = step_cache.start(self.savings, self.manifest, self.sessions, self.denoiser["output"], start or 0,
+                                   t.num_steps - 1)
+        self.last_trace = RunTrace(images=x.shape[0])
         for i in tqdm(range(start or 0, t.num_steps), desc="sampling", unit="step", disable=not self.progress,
                       leave=False):
+            cond_only, metrics, order = guide.cond_only(i), {}, 0
+            if cond_only and feeder is full_feeder:  # the batch shrinks to the cond half, for good
+                feeder, feature = cond_feeds(full_feeder), None if feature is None else cond_half(feature)
+                history.map(cond_half)
+                if caching is not None:
+                    caching.map(cond_half)
             model_in = (x * np.float32(t.c_in[i])).astype(np.float32)
-            if use_cfg:
+            if inpainting is not None:  # an inpainting UNet's mask inputs (diffc.runtime.inpaint)
+                model_in = inpainting.unet_input(model_in)
+            if use_cfg and not cond_only:
                 model_in = np.concatenate([model_in, model_in])
             unet = self.sessions[unet_for_timestep(variants, t.timesteps[i]) if variants
                                  else self.denoiser["component"]]
             feeds = feeder.step(model_in, t.timesteps[i])
-            if feature is not None and not full[i]:
-                m = self.sessions[self.cache["shallow_component"]].run({**feeds, feature_name: feature},
+            if control is not None:  # the ControlNets' residuals for the UNet (zeros when none runs this step)
+                feeds.update(control.residual_feeds(self.sessions, feeds, i, t.num_steps))
+            evaluation = "shallow" if feature is not None and not full[i] else "full"
+            if caching is not None:
+                m, evaluation, metrics, order = caching.evaluate(i, feeds, t.timesteps[i], feeder.output)
+            elif evaluation == "shallow":
+                fed, order = history.at(t.timesteps[i])
+                m = self.sessions[self.cache["shallow_component"]].run({**feeds, feature_name: fed},
                                                                        ["out_sample"])["out_sample"]
             elif feature_name is not None and self.cache_schedule is not None:
                 out = unet.run(feeds, ["out_sample", feature_name])
                 m, feature = out["out_sample"], out[feature_name]
+                history.push(feature, t.timesteps[i])
             else:
                 m = feeder.output(unet.run(feeds, [self.denoiser["output"]])[self.denoiser["output"]])
             if use_cfg:
-                m_uncond, m_cond = np.split(m, 2)
-                guided = m_uncond + np.nan_to_num(g, nan=1.0) * (m_cond - m_uncond)
-                m = np.where(np.isnan(g), m_cond, guided)
+                m, guided = guide.guide(i, m, g)
+                metrics = {**metrics, **guided}  # the step cache's rel_l1 and adaptive guidance's cosine
+            self.last_trace.add(StepRecord(i, evaluation, model_in.shape[0], cond_only, metrics, order))
             step_noise = None
             if t.next_from_noise[i] != 0.0:
                 if noise is not None:
@@ -534,6 +625,8 @@ class Pipeline:
                 else:
                     step_noise = np.concatenate([r.standard_normal((1, *x.shape[1:]), dtype=np.float32) for r in rngs])
             x, prev_x0 = step(t, i, x, m, prev_x0, step_noise, entry=i == (start or 0))
+            if inpainting is not None:  # the latent blend keeps the unmasked region
+                x = inpainting.blend(i, x)
         return x
 
 

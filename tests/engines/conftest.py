@@ -44,16 +44,20 @@ def gpu():
 
 
 @pytest.fixture(scope="session")
-def tiny_onnx(tmp_path_factory):
-    """The tiny SD pipeline's text encoder, UNet and VAE decoder as ONNX (opset 21), exported once."""
+def tiny_onnx(tmp_path_factory, _read_only_shared):
+    """The tiny SD pipeline's text encoder, UNet and VAE decoder as ONNX (opset 21), exported once per test run
+    (the xdist workers share it: tests/conftest.py); read it only."""
     pytest.importorskip("torch")
-    from diffc.exporter import export_pipeline
-    from diffc.exporter.tiny import write_tiny_pipeline
 
-    root = tmp_path_factory.mktemp("tiny-onnx")
-    folder = write_tiny_pipeline(root / "sd", "sd")
-    export_pipeline(folder, root / "onnx", components=list(COMPONENTS), progress=False)
-    return {c: root / "onnx" / c / "model.onnx" for c in COMPONENTS}
+    def make(out):
+        from diffc.exporter import export_pipeline
+        from diffc.exporter.tiny import write_tiny_pipeline
+
+        folder = write_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd") / "sd", "sd")
+        export_pipeline(folder, out, components=list(COMPONENTS), progress=False)
+
+    root = _read_only_shared("engines-tiny-sd-onnx", "onnx", make)
+    return {c: root / c / "model.onnx" for c in COMPONENTS}
 
 
 def _save(nodes, inputs, outputs, inits, path, opset=21):

@@ -34,16 +34,17 @@ SCHEMA = Path(diffc.__file__).parent / "runtime" / "manifest.schema.json"
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
+def artifacts(tmp_path_factory, demo_cpu_cache_artifact):
     """The demo with cache reuse (cpu-cache's [cache] table) built three ways: cpu-openvino (bf16), cpu-openvino
-    with fp32 precision, and cpu-cache (onnxruntime fp32)."""
+    with fp32 precision, and cpu-cache (onnxruntime fp32: the run's shared build, tests/conftest.py; read it
+    only)."""
     root = tmp_path_factory.mktemp("ov")
     cache = load_profile("cpu-cache").cache
     bf16 = dataclasses.replace(load_profile("cpu-openvino"), name="ov-bf16-cache", cache=cache)
     fp32 = dataclasses.replace(bf16, name="ov-fp32-cache", precision={"default": Precision.FP32})
     return {"bf16": diffc.build("demo", bf16, root / "bf16.diffc", progress=False),
             "fp32": diffc.build("demo", fp32, root / "fp32.diffc", progress=False),
-            "ort": diffc.build("demo", "cpu-cache", root / "ort.diffc", progress=False)}
+            "ort": demo_cpu_cache_artifact}
 
 
 @pytest.fixture(scope="module")

@@ -166,22 +166,16 @@ def test_shape_subgraph_stays_fp32(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def pixart_transformer(tmp_path_factory):
-    """The tiny PixArt-Σ transformer as ``diffc build --profile rtx-fp16`` hands it to the engine build: exported,
-    then through the TensorRT pass list."""
-    pytest.importorskip("torch")
-    pytest.importorskip("sentencepiece")  # the tiny T5 tokenizer is trained when the pipeline is written
-    from diffc.exporter import export_pipeline
-    from diffc.exporter.tiny_dit import write_tiny_dit_pipeline
+def pixart_transformer(tmp_path_factory, tiny_dit_onnx):
+    """The tiny PixArt-Σ transformer as ``diffc build --profile rtx-fp16`` hands it to the engine build: exported
+    (the run's shared export, tests/conftest.py), then through the TensorRT pass list."""
     from diffc.onnx_io import load_model, save_model
     from diffc.passes import run_passes
     from diffc.profiles import load_profile
 
     root = tmp_path_factory.mktemp("pixart")
-    folder = write_tiny_dit_pipeline(root / "pipeline", "pixart")
-    export_pipeline(folder, root / "onnx", components=["transformer"], check=False, progress=False)
     profile = load_profile("rtx-fp16")
-    graph, _ = run_passes(load_model(root / "onnx" / "transformer" / "model.onnx"), "transformer",
+    graph, _ = run_passes(load_model(tiny_dit_onnx("pixart") / "transformer" / "model.onnx"), "transformer",
                           profile.backend.value, **profile.passes)
     return save_model(graph, root / "passed" / "transformer" / "model.onnx")
 

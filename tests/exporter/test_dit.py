@@ -42,14 +42,12 @@ EXPECTED = {
 
 
 @pytest.fixture(scope="module", params=sorted(EXPECTED))
-def exported(request, tmp_path_factory):
-    """One tiny pipeline per family, written and exported once: (kind, onnx folder, report). One fixture
-    instance per family, so pytest-xdist can spread the four exports over its workers."""
+def exported(request, tiny_dit_onnx):
+    """(kind, onnx folder, report) per family: the tiny pipeline's ``diffc export``, made once per test run and
+    shared with the pass and engine tests (tests/conftest.py; read-only)."""
     kind = request.param
-    root = tmp_path_factory.mktemp(f"dit-{kind}")
-    folder = write_tiny_dit_pipeline(root / kind, kind, seed=0)
-    report = export_pipeline(folder, root / "onnx", progress=False)
-    return kind, root / "onnx", report
+    onnx_dir = tiny_dit_onnx(kind)
+    return kind, onnx_dir, json.loads((onnx_dir / "export_report.json").read_text())
 
 
 def test_export_and_parity_at_two_shapes(exported):
@@ -129,13 +127,13 @@ def test_flux_schnell_has_no_guidance_input(tmp_path):
     assert all(r["passed"] for r in rows), rows
 
 
-def test_half_precision_checkpoint_is_loaded_half_and_upcast_per_component(tmp_path):
+def test_half_precision_checkpoint_is_loaded_half_and_upcast_per_component(tmp_path, tiny_dit_folder):
     """A bf16 transformer stays bf16 in the loaded pipeline; only its export runs in fp32 (then it goes back)."""
     from safetensors.torch import load_file, save_file
 
     from diffc.exporter.export import load_dtypes, load_pipeline
 
-    folder = write_tiny_dit_pipeline(tmp_path / "pixart", "pixart", seed=0)
+    folder = shutil.copytree(tiny_dit_folder("pixart"), tmp_path / "pixart")  # changed below: a copy
     weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
     save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(weights)).items()}, str(weights))
     assert dit.stored_dtype(folder / "transformer") == "BF16" and dit.stored_dtype(folder / "vae") == "F32"
@@ -204,13 +202,13 @@ def test_variants_get_the_typed_error_with_the_supported_list(tmp_path, variant)
 
 
 @pytest.mark.parametrize("kind", ["flux", "sd3", "pixart"])
-def test_build_accepts_the_families_and_plans_them(tmp_path, kind):
+def test_build_accepts_the_families_and_plans_them(kind, tiny_dit_folder):
     """``diffc build`` takes every exported family now; its dry run (torch-free) shows the denoiser entry the
     manifest will hold, the guidance policy and the transformer's shape ranges (tests/runtime/test_dit_parity.py
     builds and runs them)."""
     from diffc.build.plan import plan
 
-    folder = write_tiny_dit_pipeline(tmp_path / kind, kind, seed=0)
+    folder = tiny_dit_folder(kind)
     assert inspect_model(folder).pipeline_class == PIPELINE_CLASS[kind]  # what diffc build calls
     out = plan(folder, "cpu-fp32")
     assert out["family"] == kind and out["denoiser"]["component"] == "transformer"
@@ -224,11 +222,12 @@ def test_build_accepts_the_families_and_plans_them(tmp_path, kind):
         assert ranges["sequence"] == [333 if kind == "sd3" else 300] * 3
 
 
-def test_tiny_pipelines_are_reproducible(tmp_path):
-    a = write_tiny_dit_pipeline(tmp_path / "a", "sana", seed=0)
+def test_tiny_pipelines_are_reproducible(tmp_path, tiny_dit_folder):
+    """The same seed writes the same files: a fresh write against the run's shared one (written by this or
+    another xdist worker's process)."""
+    a = tiny_dit_folder("sana")
     b = write_tiny_dit_pipeline(tmp_path / "b", "sana", seed=0)
     for rel in ("transformer/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
                 "tokenizer/tokenizer.json", "vae/diffusion_pytorch_model.safetensors"):
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
-    shutil.rmtree(a)
     shutil.rmtree(b)

@@ -28,21 +28,16 @@ TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def dit_graph(tmp_path_factory):
+def dit_graph(tiny_dit_folder, tiny_dit_onnx):
     """``dit_graph(kind) -> (ModelProto, transformer config)``: the tiny pipeline's transformer as
-    ``diffc export`` writes it (no parity check: the exporter's tests do that), once per module."""
-    from diffc.exporter.export import export_pipeline
-    from diffc.exporter.tiny_dit import write_tiny_dit_pipeline
-
-    root = tmp_path_factory.mktemp("dit-graphs")
+    ``diffc export`` writes it, loaded once per module from the run's shared export (tests/conftest.py, made
+    once for this module and the exporter's tests)."""
     cache: dict[str, tuple] = {}
 
     def get(kind: str):
         if kind not in cache:
-            src = write_tiny_dit_pipeline(root / f"{kind}-pipeline", kind)
-            export_pipeline(src, root / f"{kind}-onnx", components=["transformer"], check=False, progress=False)
-            config = json.loads((src / "transformer" / "config.json").read_text())
-            cache[kind] = (onnx.load(str(root / f"{kind}-onnx" / "transformer" / "model.onnx")), config)
+            config = json.loads((tiny_dit_folder(kind) / "transformer" / "config.json").read_text())
+            cache[kind] = (onnx.load(str(tiny_dit_onnx(kind) / "transformer" / "model.onnx")), config)
         return cache[kind]
 
     return get

@@ -136,3 +136,71 @@ def test_errors_inside_the_pass_manager_stay_typed(kit, monkeypatch):
     monkeypatch.setattr(_base, "verify", broken)
     with pytest.raises(PassError, match="after pass 'input'"):
         run_passes(kit.parse(GRAPH), "unet", "onnxruntime", verify=True)
+
+
+def test_one_ir_model_from_load_to_save(kit, tmp_path):
+    """The build's stages hold one onnx_ir model: the graph passes run on it in place, and save_ir_model writes
+    it with its lazily read weights inline, leaving the model reading them from the file it was loaded from."""
+    import onnx
+    import onnx_ir as ir
+
+    from diffc.onnx_io import save_ir_model
+    from diffc.passes import run_pass_list
+
+    source = kit.parse("""
+    agraph (float[N, 16] x) => (float[N, 16] y) {
+        i = Identity(x)
+        s = Sigmoid(i)
+        y = Mul(i, s)
+    }
+    """)
+    w = onnx.numpy_helper.from_array(np.linspace(-1, 1, 256, dtype=np.float32).reshape(16, 16), "w")
+    source.graph.initializer.append(w)
+    source.graph.node.append(onnx.helper.make_node("MatMul", ["y", "w"], ["z"]))
+    source.graph.output.append(onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["N", 16]))
+    onnx.save_model(source, str(tmp_path / "in.onnx"), save_as_external_data=True, location="in.onnx.data",
+                    size_threshold=0)
+    model = ir.load(tmp_path / "in.onnx")
+    report = run_pass_list(model, "unet", "onnxruntime")
+    assert next(p for p in report["passes"] if p["name"] == "legalize_norms")["fired"]["silu"] == 1
+    assert report["op_counts_after"] == {"MatMul": 1, "com.microsoft::QuickGelu": 1}
+    out = save_ir_model(model, tmp_path / "out" / "model.onnx")
+    assert not (tmp_path / "out" / "model.onnx.data").exists()  # small weights inline, as save_model does
+    assert isinstance(model.graph.initializers["w"].const_value, ir.ExternalTensor)
+    saved = onnx.load(str(out))
+    assert saved.ir_version <= 10 and saved.graph.initializer[0].data_location == onnx.TensorProto.DEFAULT
+    feeds = {"x": np.linspace(-6, 6, 48, dtype=np.float32).reshape(3, 16)}
+    kit.assert_same(onnx.load(str(tmp_path / "in.onnx")), saved, feeds)
+
+
+def test_the_backend_decides_not_its_name(monkeypatch):
+    """Which [passes] options are legal, the int8 activation encoding, the Q/DQ form and the quality gate's
+    evaluator are the registered backend's attributes: a backend that says it runs contrib ops and uint8 gets
+    them, whatever it is called."""
+    import dataclasses
+
+    from diffc import engines
+    from diffc.build.plan import gated
+    from diffc.passes import activation_type, profile_pass_list, resolve_options
+    from diffc.profiles import load_profile
+
+    ov = load_profile("cpu-openvino-int8")
+    assert activation_type(ov, "int8") == "int8" and gated(ov)
+    with pytest.raises(PassOptionError, match="not available for openvino"):
+        resolve_options("openvino", {"attention": "mha"})
+    with pytest.raises(ProfileError, match="needs zero points"):
+        activation_type(dataclasses.replace(ov, quantize=dataclasses.replace(ov.quantize, activations="uint8")),
+                        "int8")
+
+    class LikeOnnxruntime(type(engines.get_backend("openvino"))):
+        contrib_ops = True
+        int8_activations = ("uint8", "int8")
+        qdq_form = {"output_qdq": True, "int32_bias": True}
+        runs_on_build_host = False
+
+    monkeypatch.setitem(engines._REGISTRY, "openvino", LikeOnnxruntime())
+    assert resolve_options("openvino", {"attention": "mha"})["attention"] == "mha"
+    assert activation_type(ov, "int8") == "uint8"
+    assert profile_pass_list(ov)[-1].options["output_qdq"] is True
+    plain = load_profile("cpu")  # OpenVINO bf16: gated only where the build machine runs the engines
+    assert not gated(plain)

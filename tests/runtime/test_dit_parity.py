@@ -21,7 +21,6 @@ diffusers = pytest.importorskip("diffusers")
 from diffc.build import build  # noqa: E402
 from diffc.build.plan import plan  # noqa: E402
 from diffc.errors import ArtifactError, InputError, ProfileError  # noqa: E402
-from diffc.exporter.tiny_dit import write_tiny_dit_pipeline  # noqa: E402
 from diffc.runtime import load  # noqa: E402
 from diffc.runtime.denoiser import image_ids, pack, unpack  # noqa: E402
 
@@ -34,14 +33,12 @@ FAMILIES = {"pixart": ("pixart", True, 4.5), "sd3": ("sd3", True, 5.0), "flux-de
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
-def built(request, tmp_path_factory):
-    """(kind, pipeline folder, cpu-fp32 artifact), one module-scoped build per family."""
+def built(request, tiny_dit_folder, tiny_dit_artifact):
+    """(kind, pipeline folder, cpu-fp32 artifact) per family: the run's shared tiny pipeline and its build
+    (tests/conftest.py; read-only)."""
     kind = request.param
     tiny, guidance, _ = FAMILIES[kind]
-    root = tmp_path_factory.mktemp(kind)
-    folder = write_tiny_dit_pipeline(root / "pipe", tiny, seed=0, guidance=guidance)
-    artifact = build(folder, "cpu-fp32", root / "artifact", steps=STEPS, progress=False)
-    return kind, folder, artifact
+    return kind, tiny_dit_folder(tiny, guidance), tiny_dit_artifact(tiny, guidance, STEPS)
 
 
 def _reference(kind: str, folder, latents: np.ndarray, height: int, width: int, scale: float,
@@ -237,8 +234,8 @@ def test_packing_round_trips_and_ids_match_diffusers():
 
 
 @pytest.mark.parametrize("profile", ["cpu-cache", "rtx-fp8"])
-def test_unbuilt_profiles_are_refused_before_export(tmp_path, profile):
-    folder = write_tiny_dit_pipeline(tmp_path / "pixart", "pixart", seed=0)
+def test_unbuilt_profiles_are_refused_before_export(tmp_path, profile, tiny_dit_folder):
+    folder = tiny_dit_folder("pixart")
     with pytest.raises(ProfileError, match="transformer denoisers"):
         plan(folder, profile)
     with pytest.raises(ProfileError, match="transformer denoisers"):
@@ -247,14 +244,14 @@ def test_unbuilt_profiles_are_refused_before_export(tmp_path, profile):
 
 
 @pytest.mark.parametrize("kind", ["flux", "sd3"])
-def test_rtx_fp16_builds_real_engines(tmp_path, kind):
+def test_rtx_fp16_builds_real_engines(tmp_path, kind, tiny_dit_folder):
     """TensorRT-RTX fp16 engines for the tiny transformers, built ahead of time for SM89 on this GPU-less
     machine (opt level 0, as tests/engines/test_tensorrt_build.py does for the UNet); they cannot run here."""
     from diffc.engines import tensorrt as trt_engine
 
     if trt_engine.available("tensorrt_rtx") is None:
         pytest.skip("TensorRT-RTX is not installed (pip install 'diffc[tensorrt]')")
-    folder = write_tiny_dit_pipeline(tmp_path / kind, kind, seed=0)
+    folder = tiny_dit_folder(kind)
     prof = tmp_path / "rtx.toml"
     prof.write_text('name = "rtx-fp16-o0"\nbackend = "tensorrt_rtx"\n[precision]\ndefault = "fp16"\n'
                     '[tensorrt]\ncompute_capabilities = ["SM89"]\nopt_level = 0\n')

@@ -56,8 +56,10 @@ def sdxl(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def lcm(tmp_path_factory):
-    return _artifact(tmp_path_factory, "lcm", None)
+def lcm(tiny_folder, tiny_artifact):
+    """The text-to-image LCM pipeline as it is (img2img runs from the same artifact): the run's shared build,
+    also tests/runtime/test_parity.py's (tests/conftest.py; read-only)."""
+    return tiny_folder("lcm"), tiny_artifact("lcm", steps=4)
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,6 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from diffc.build import build  # noqa: E402
-from diffc.exporter.tiny import write_tiny_pipeline  # noqa: E402
 from diffc.runtime import load  # noqa: E402
 from diffc.exporter.sampler import compile_sampler  # noqa: E402
 
@@ -26,19 +24,15 @@ SCHEDULERS = {
 
 
 @pytest.fixture(scope="module")
-def sd(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd")
-    folder = write_tiny_pipeline(root / "pipe", "sd", seed=0)
-    artifact = build(folder, "cpu-fp32", root / "artifact", steps=4, sampler="ddim", progress=False)
-    return folder, artifact
+def sd(tiny_folder, tiny_artifact):
+    """(folder, cpu-fp32 artifact, 4 DDIM steps): the run's shared build (tests/conftest.py; read-only)."""
+    return tiny_folder("sd"), tiny_artifact("sd", steps=4, sampler="ddim")
 
 
 @pytest.fixture(scope="module")
-def lcm(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lcm")
-    folder = write_tiny_pipeline(root / "pipe", "lcm", seed=0)
-    artifact = build(folder, "cpu-fp32", root / "artifact", steps=4, progress=False)
-    return folder, artifact
+def lcm(tiny_folder, tiny_artifact):
+    """(folder, cpu-fp32 artifact, 4 LCM steps): the run's shared build, also tests/runtime/test_img2img.py's."""
+    return tiny_folder("lcm"), tiny_artifact("lcm", steps=4)
 
 
 def _diffusers_pipe(folder, scheduler_class=None, **scheduler_overrides):
