@@ -109,22 +109,28 @@ def _from_array(a: np.ndarray, where: str) -> np.ndarray:
     return np.ascontiguousarray(out[:, :, :3])  # RGBA: the colour, as PIL's convert("RGB") keeps it
 
 
+def open_image_file(value: str | os.PathLike, where: str, what: str = "image") -> Image.Image:
+    """The image file at ``value``, fully read (a PIL image); an :class:`InputError` naming ``where`` and saying to
+    pass a PNG, JPEG or WebP ``what`` (e.g. ``"mask (white: repaint, black: keep)"``) if it cannot be one."""
+    path = Path(value)
+    if "\0" in str(path):
+        raise InputError(f"{where} path {str(path)!r} holds a NUL byte; pass an image file's path")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except FileNotFoundError:
+        raise InputError(f"{where} {path} does not exist; pass the path of a PNG, JPEG or WebP {what}") from None
+    except IsADirectoryError:
+        raise InputError(f"{where} {path} is a folder; pass the path of a PNG, JPEG or WebP {what}") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InputError(f"cannot read {where} {path} as an image ({e}); pass a PNG, JPEG or WebP {what}") from None
+
+
 def load_image(image: Any, where: str = "image") -> np.ndarray:
     """A path, a PIL image or a numpy array -> float32 ``(H, W, 3)`` RGB in [0, 1]; InputError if unreadable."""
     if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if "\0" in str(path):
-            raise InputError(f"{where} path {str(path)!r} holds a NUL byte; pass an image file's path")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                return _from_array(np.asarray(im.convert("RGB")), f"{where} {path}")
-        except FileNotFoundError:
-            raise InputError(f"{where} {path} does not exist; pass the path of a PNG, JPEG or WebP image") from None
-        except IsADirectoryError:
-            raise InputError(f"{where} {path} is a folder; pass the path of a PNG, JPEG or WebP image") from None
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-            raise InputError(f"cannot read {where} {path} as an image ({e}); pass a PNG, JPEG or WebP file") from None
+        return _from_array(np.asarray(open_image_file(image, where).convert("RGB")), f"{where} {image}")
     if isinstance(image, Image.Image):
         return _from_array(np.asarray(image.convert("RGB")), where)
     if isinstance(image, np.ndarray):

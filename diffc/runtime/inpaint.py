@@ -38,11 +38,10 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from diffc.errors import InputError
 from diffc.runtime import img2img
@@ -117,21 +116,7 @@ def load_mask(mask: Any, where: str = "mask_image") -> _Mask:
 
     Arrays: ``(H, W)`` / ``(H, W, 1)`` / ``(H, W, 3)``, uint8 (taken as an image) or float in [0, 1]."""
     if isinstance(mask, (str, os.PathLike)):
-        path = Path(mask)
-        if "\0" in str(path):
-            raise InputError(f"{where} path {str(path)!r} holds a NUL byte; pass a mask image file's path")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                return _Mask(im.copy(), None)
-        except FileNotFoundError:
-            raise InputError(f"{where} {path} does not exist; pass the path of a PNG, JPEG or WebP mask (white: "
-                             "repaint, black: keep)") from None
-        except IsADirectoryError:
-            raise InputError(f"{where} {path} is a folder; pass the path of a PNG, JPEG or WebP mask") from None
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-            raise InputError(f"cannot read {where} {path} as an image ({e}); pass a PNG, JPEG or WebP mask (white: "
-                             "repaint, black: keep)") from None
+        return _Mask(img2img.open_image_file(mask, where, "mask (white: repaint, black: keep)"), None)
     if isinstance(mask, Image.Image):
         return _Mask(mask, None)
     if isinstance(mask, np.ndarray):

@@ -79,7 +79,7 @@ def test_strength_without_image(pipe, monkeypatch):
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"not an image at all", r"cannot read image .* as an image .*; pass a PNG, JPEG or WebP file"),
+    (b"not an image at all", r"cannot read image .* as an image .*; pass a PNG, JPEG or WebP image"),
     (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, r"cannot read image .* as an image"),  # a PNG signature, cut off
 ])
 def test_unreadable_image_files(pipe, tmp_path, monkeypatch, content, message):
