@@ -354,10 +354,6 @@ def serve(artifact, port, grpc_port, name, instances, max_batch, threads):
         server.wait()
 
 
-if __name__ == "__main__":
-    main()
-
-
 def _control_image_arg(paths: tuple[Path, ...]):
     """``--control-image`` given once: the image (for every prompt); several times: one per ControlNet."""
     if not paths:
@@ -370,3 +366,7 @@ def _control_scale_arg(scales: tuple[float, ...]):
     if not scales:
         return None
     return scales[0] if len(scales) == 1 else list(scales)
+
+
+if __name__ == "__main__":
+    main()

@@ -170,10 +170,10 @@ def test_demo_cuda_fp16_image_close_to_cpu(cuda_provider, demo_cuda_fp16, demo_c
 # ------------------------------------------------------------------------------------------------ Pipeline.close
 
 
-@pytest.fixture(params=["cpu", "cpu-openvino"])
+@pytest.fixture(params=["cpu-fp32", "cpu"])  # onnxruntime and OpenVINO (cpu-openvino is an alias of cpu)
 def cpu_backend_artifact(request, _read_only_artifact):
     pytest.importorskip("torch", reason="building the demo artifact needs the export extra")
-    if request.param == "cpu-openvino":
+    if request.param == "cpu":
         pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'diffc[openvino]')")
     return _read_only_artifact(request.param)
 
