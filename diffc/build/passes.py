@@ -100,12 +100,19 @@ def stage_pass_entry(name: str, split: dict[str, Any], parts: tuple[str, ...]) -
     return {"name": name, "fired": fired, "modified": any(v > 0 for v in fired.values()), "seconds": split["seconds"]}
 
 
+def cpu_sessions(paths: dict[str, Path]) -> dict[str, Any]:
+    """onnxruntime CPU sessions (warnings only) over the graphs a split wrote, to check the cut against the whole."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
+
+
 def split_cache(exported: Exported, marked: ir.Model, dest: Path) -> dict[str, Any]:
     """Split the passed, cache-marked UNet ``marked`` (the model the graph passes ran on; not modified) into
     ``dest/unet`` (full) and ``dest/unet_shallow``, and check the cut on the export's sample inputs. Returns the
     split's report entry: the two passes' counts (``full``, ``shallow``), node counts, the check, ``seconds``."""
-    import onnxruntime as ort
-
     from diffc.exporter import pipeline_data
     from diffc.passes.cache_reuse import split
 
@@ -115,9 +122,7 @@ def split_cache(exported: Exported, marked: ir.Model, dest: Path) -> dict[str, A
     paths = {"full": save_ir_model(full, dest / "unet" / "model.onnx"),
              "shallow": save_ir_model(shallow, dest / "unet_shallow" / "model.onnx")}
     del full, shallow
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
+    sess = cpu_sessions(paths)
     atol = pipeline_data.contract_atol(exported.pipe, "unet", cache_marks=True)
     worst = 0.0
     for feeds in pipeline_data.sample_feeds(exported.pipe, "unet", cache_marks=True):

@@ -62,11 +62,10 @@ def components(names: list[str], denoiser: str) -> list[str]:
 
 
 def split(exported: Any, marked: Any, dest: Path, denoiser: str) -> dict[str, Any]:
-    """Cut the passed, step-marked denoiser ``marked`` (the ``ir.Model`` the graph passes ran on; not modified) into ``dest/<denoiser>_step_cache/{full,head,tail}``, and
-    check head + tail against the whole graph on the export's sample inputs. Returns the split's report entry
-    (``graphs``: the three files; ``seconds``)."""
-    import onnxruntime as ort
-
+    """Cut the passed, step-marked denoiser ``marked`` (the ``ir.Model`` the graph passes ran on; not modified)
+    into ``dest/<denoiser>_step_cache/{full,head,tail}``, and check head + tail against the whole graph on the
+    export's sample inputs. Returns the split's report entry (``graphs``: the three files; ``seconds``)."""
+    from diffc.build.passes import cpu_sessions
     from diffc.exporter import pipeline_data
     from diffc.onnx_io import save_ir_model
     from diffc.passes.step_cache import split as cut
@@ -78,9 +77,7 @@ def split(exported: Any, marked: Any, dest: Path, denoiser: str) -> dict[str, An
              for key, model in (("full", full), ("head", head), ("tail", tail))}
     del full, head, tail
     rep["graphs"] = {k: str(p) for k, p in paths.items()}
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
+    sess = cpu_sessions(paths)
     atol = pipeline_data.contract_atol(exported.pipe, denoiser)
     worst = 0.0
     for feeds in pipeline_data.sample_feeds(exported.pipe, denoiser):
