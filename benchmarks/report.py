@@ -151,7 +151,7 @@ def cited() -> list[str]:
 
 
 def _load(name: str) -> dict[str, Any]:
-    return json.loads((RESULTS / name).read_text())
+    return json.loads((RESULTS / name).read_text(encoding="utf-8"))
 
 
 def _cell_key(cell: str) -> tuple[int, int]:
@@ -450,8 +450,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--readme", type=Path, default=README,
                         help="README whose summary table to rewrite (default: README.md)")
     args = parser.parse_args(argv)
-    args.out.write_text(render())
-    args.readme.write_text(with_summary(args.readme.read_text()))
+    args.out.write_text(render(), encoding="utf-8")
+    args.readme.write_text(with_summary(args.readme.read_text(encoding="utf-8")), encoding="utf-8")
     logging.getLogger(__name__).info("wrote %s and the summary table in %s", args.out, args.readme)
 
 

@@ -22,9 +22,9 @@ import report  # noqa: E402
 def test_benchmarks_page_is_generated_from_the_results():
     """docs/benchmarks.md and the README's summary table are what report.py writes from the results files
     today: a hand-edited number, a changed JSON file or a page not regenerated fails here."""
-    assert report.render() == (ROOT / "docs" / "benchmarks.md").read_text(), \
+    assert report.render() == (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8"), \
         "docs/benchmarks.md is stale: run python benchmarks/report.py"
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert report.with_summary(readme) == readme, "README.md's results table is stale: run python benchmarks/report.py"
 
 
@@ -34,7 +34,7 @@ def test_every_results_file_is_cited_and_every_cited_file_exists():
     assert sorted(set(cited)) == on_disk, "cite each file in benchmarks/report.py, or delete it"
     assert len(cited) == len(set(cited))
     # every results path the docs name exists (the page names them by file; the README by path or file)
-    docs = (ROOT / "README.md").read_text() + (ROOT / "docs" / "benchmarks.md").read_text()
+    docs = (ROOT / "README.md").read_text(encoding="utf-8") + (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
     named = set(re.findall(r"([\w.-]+\.json)", docs)) - {"manifest.json", "model_index.json", "export_report.json",
                                                         "build_report.json", ".diffc-output.json", "selfcheck.json"}
     assert named and named <= set(on_disk), sorted(named - set(on_disk))
@@ -42,10 +42,10 @@ def test_every_results_file_is_cited_and_every_cited_file_exists():
 
 def test_report_writes_where_it_is_told(tmp_path):
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{report.README_BEGIN}\nold table\n{report.README_END}\nafter\n")
+    readme.write_text(f"intro\n{report.README_BEGIN}\nold table\n{report.README_END}\nafter\n", encoding="utf-8")
     report.main(["--out", str(tmp_path / "b.md"), "--readme", str(readme)])
-    assert (tmp_path / "b.md").read_text() == report.render()
-    text = readme.read_text()
+    assert (tmp_path / "b.md").read_text(encoding="utf-8") == report.render()
+    text = readme.read_text(encoding="utf-8")
     assert "old table" not in text and text.startswith("intro\n") and text.endswith(f"{report.README_END}\nafter\n")
     assert "\n".join(report.summary_table()) in text
     readme.write_text("no markers\n")
@@ -58,7 +58,7 @@ def test_diffc_row_says_where_the_time_goes(tmp_path):
     from diffc.exporter.tiny import write_tiny_pipeline
 
     out = diffc.build(write_tiny_pipeline(tmp_path / "sd", "sd"), "cpu-cache", tmp_path / "tiny.diffc", progress=False)
-    size = json.loads((out / "manifest.json").read_text())["image"]["height"][1]
+    size = json.loads((out / "manifest.json").read_text(encoding="utf-8"))["image"]["height"][1]
     # the warm-up loads the artifact once with the benchmark's host cache (the build filled the default one)
     env = {"DIFFC_CACHE_DIR": str(tmp_path / "cache")}
     assert end_to_end.warm_up(sys.executable, "diffc_cpu_cache", out, env, [size]) > 0
@@ -103,7 +103,7 @@ def test_openvino_roofline_on_the_demo(tmp_path):
     pytest.importorskip("diffusers")
     pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'diffc[openvino]')")
     out = diffc.build("demo", "cpu-openvino-int8", tmp_path / "ov.diffc", progress=False)
-    size = json.loads((out / "manifest.json").read_text())["image"]["height"][1]
+    size = json.loads((out / "manifest.json").read_text(encoding="utf-8"))["image"]["height"][1]
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "openvino_roofline.py"
     run = subprocess.run([sys.executable, str(script), str(out), "--size", str(size), "--runs", "1"],
                          capture_output=True, text=True, timeout=600)
