@@ -77,6 +77,35 @@ def sig(x: float, digits: int = 3) -> float:
     return float(f"{x:.{digits}g}")
 
 
+def artifact_label(artifact: Path | None, sd15: bool) -> str:
+    """How a run names what it measured (``--artifact DIR``, ``--sd15`` or the default demo): the ``artifact``
+    field and the middle of the saved file's name."""
+    if sd15:
+        return "sd15-256"
+    return artifact.name.removesuffix(".diffc") if artifact else "demo"
+
+
+def run_header(benchmark: str, artifact: str, load_before: tuple[float, ...]) -> dict[str, Any]:
+    """The fields a saved run starts with: what ran, when, on which machine, and the 1-minute load average before
+    (``os.getloadavg()`` taken by the caller before any work) and now (benchmarks/report.py prints both: on a
+    shared machine a ratio is read with them)."""
+    import datetime
+
+    return {"benchmark": benchmark, "artifact": artifact, "date": datetime.date.today().isoformat(),
+            "machine": machine(), "load_average_1min": {"before": round(load_before[0], 2),
+                                                        "after": round(os.getloadavg()[0], 2)}}
+
+
+def save_run(result: dict[str, Any]) -> Path:
+    """Write ``result`` (a :func:`run_header` and the numbers) to
+    ``benchmarks/results/<benchmark>_<artifact>_<date>.json``, where benchmarks/report.py renders it once cited."""
+    name = f"{result['benchmark']}_{result['artifact']}_{result['date']}.json"
+    out = Path(__file__).resolve().parent / "results" / name
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    logging.getLogger("benchmarks").info("wrote %s", out)
+    return out
+
+
 def emit(result: dict[str, Any]) -> None:
     """The one thing a benchmark writes to stdout."""
     sys.stdout.write(json.dumps(result, indent=2) + "\n")

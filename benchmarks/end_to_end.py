@@ -24,6 +24,18 @@ config), at each size and step count:
   diffc_openvino_int8  the `cpu-openvino-int8` profile: int8 UNet and VAE decoder (calibrated as for
                    diffc_cpu_int8) on OpenVINO's int8 kernels, bf16 elsewhere
   diffc_openvino_int8_cache  `cpu-openvino-int8` with `cpu-cache`'s [cache] table
+  genai_bf16       OpenVINO GenAI's Text2ImagePipeline (C++ pipeline, Python bindings) on optimum-intel's OpenVINO
+                   export of the same pipeline folder: what an Intel-CPU user deploys today. Its scheduler is set
+                   to DDIM (Scheduler.from_config on the folder's scheduler_config.json, Type.DDIM), the pipeline
+                   reshaped to static shapes for the image size (reshape(1, size, size, 7.5): its fastest
+                   setting) and compiled with INFERENCE_PRECISION_HINT bf16 on a CPU with AVX512-BF16 / AMX, f32
+                   elsewhere (the row's `precision` says which), and a CACHE_DIR, like diffc's host cache.
+                   optimum-intel, nncf and GenAI run from a venv of their own (--genai-python; benchmarks/_genai.py
+                   gives the install line); without one the genai rows say why they were skipped
+  genai_int8       the same on NNCF full int8 through optimum-intel's Python API (OVQuantizationConfig: what
+                   optimum-cli's --quant-mode int8 does), calibrated like diffc_openvino_int8 (same prompts, seed,
+                   512x512, 4 DDIM steps); bf16 hint for what stays float
+  genai_int8w      the same on int8 weight-only compression of every component (OVWeightQuantizationConfig(bits=8))
 
 Each configuration runs in fresh processes, --reps of them, taken in turn with the other rows (fp32, bf16,
 ..., diffc, then again: this machine's speed drifts, and so every row sees the drift alike). Each process
@@ -69,7 +81,12 @@ NEGATIVE = "blurry, low quality"
 GUIDANCE = 7.5
 DIFFC_CONFIGS = ("diffc_cpu", "diffc_cpu_int8", "diffc_cpu_cache", "diffc_cpu_int8_cache", "diffc_openvino",
                  "diffc_openvino_cache", "diffc_openvino_int8", "diffc_openvino_int8_cache")
-CONFIGS = ("diffusers_fp32", "diffusers_bf16", "optimum_ort", *DIFFC_CONFIGS)
+GENAI_CONFIGS = ("genai_bf16", "genai_int8", "genai_int8w")
+CONFIGS = ("diffusers_fp32", "diffusers_bf16", "optimum_ort", *GENAI_CONFIGS, *DIFFC_CONFIGS)
+# what the int8 rows (diffc's and GenAI's) calibrate on, short to keep the setup short: diffc's calibration runs
+# the artifact's loop at its defaults (the model's 512x512, the profile's 4 steps, guidance 7.5, empty negative)
+CALIBRATION = {"prompts": ["a red bicycle by a brick wall", "a lighthouse at dusk, watercolor"], "seeds": [0],
+               "size": 512, "steps": 4, "guidance": GUIDANCE, "negative": ""}
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -126,8 +143,8 @@ def diffc_profile(config: str):
                             "diffc_openvino_int8": "cpu-openvino-int8"}[base])
     if profile.quantized_components():
         profile = dataclasses.replace(profile, quantize=dataclasses.replace(
-            profile.quantize, calibration_prompts=("a red bicycle by a brick wall", "a lighthouse at dusk, watercolor"),
-            calibration_seeds=(0,), min_psnr_db=0.0))
+            profile.quantize, calibration_prompts=tuple(CALIBRATION["prompts"]),
+            calibration_seeds=tuple(CALIBRATION["seeds"]), min_psnr_db=0.0))
     if config.endswith("_cache"):
         profile = dataclasses.replace(profile, cache=load_profile("cpu-cache").cache)
     return profile
@@ -153,6 +170,48 @@ def build_diffc(model: Path, out: Path, config: str = "diffc_cpu") -> Path:
     return diffc.build(model, profile, out, progress=False, force=True)
 
 
+def setup_genai(python: str | None, model: Path, work: Path, configs: list[str], paths: dict[str, Path],
+                skipped: dict[str, str], setup_s: dict[str, float]) -> None:
+    """optimum-intel's export of ``model`` and its NNCF quantizations for the genai rows in ``configs``, made
+    once (kept in ``work``) by benchmarks/_genai.py run by ``python``, the genai venv's; the seconds go into
+    ``setup_s``. Without ``python``, or when a step fails, the rows it feeds are put in ``skipped`` with why."""
+    wanted = [c for c in GENAI_CONFIGS if c in configs]
+    if not wanted:
+        return
+    if not python:
+        for config in wanted:
+            skipped[config] = ("OpenVINO GenAI, optimum-intel and nncf run from a venv of their own: pass "
+                               "--genai-python (or DIFFC_BENCH_GENAI_PYTHON) with its python3; "
+                               "benchmarks/_genai.py's docstring has the install line")
+        return
+    script = str(HERE / "_genai.py")
+
+    def run(name: str, out: Path, feeds: list[str], *cmd: str) -> bool:
+        """Makes ``out`` unless a finished one is kept; on failure the rows in ``feeds`` say why."""
+        if (out / "model_index.json").is_file():
+            return True
+        log.info("genai setup: %s -> %s", name, out)
+        t0 = time.perf_counter()
+        try:
+            subprocess.run([python, script, *cmd], check=True, capture_output=True, text=True)
+        except subprocess.CalledProcessError as e:
+            for config in feeds:
+                skipped[config] = f"genai {name} failed: {(e.stderr or '')[-1000:]}"
+            return False
+        setup_s[f"genai_{name}"] = round(time.perf_counter() - t0, 1)
+        return True
+
+    fp = work / "genai-ov"
+    if not run("export", fp, wanted, "export", str(model), str(fp)):
+        return
+    for config in wanted:
+        mode = config.removeprefix("genai_")
+        out = fp if mode == "bf16" else work / f"genai-ov-{mode}"
+        if mode == "bf16" or run(f"quantize_{mode}", out, [config], "quantize", str(fp), str(out), mode,
+                                 "--calibration", json.dumps(CALIBRATION)):
+            paths[config] = out
+
+
 def export_optimum(python: str, model: Path, out: Path) -> Path:
     if (out / "model_index.json").is_file():
         return out
@@ -174,6 +233,9 @@ def child(config: str, path: str, size: int, steps: int, load_only: bool = False
         sys.stdout.write(json.dumps(kw) + "\n")
         sys.stdout.flush()
 
+    # where each image's time goes, for the rows that can say: seconds per component
+    spent: dict[str, float] = {}
+    precision = None  # the compute precision, for the rows that choose it by the CPU
     if config.startswith("diffusers"):
         import diffusers
         import torch
@@ -214,9 +276,7 @@ def child(config: str, path: str, size: int, steps: int, load_only: bool = False
         # the artifact's sampler tables are data: the same engines serve every step count
         pipe.tables = compile_sampler(m["sampler"]["kind"], m["build"]["scheduler_config"], steps)
 
-        # where each image's time goes: seconds in each engine (the rest is numpy: tokenizing, the sampler step)
-        spent: dict[str, float] = {}
-
+        # seconds in each engine (the rest is numpy: tokenizing, the sampler step)
         def timed(run, name):
             def wrapper(*args, **kwargs):
                 t = time.perf_counter()
@@ -232,6 +292,32 @@ def child(config: str, path: str, size: int, steps: int, load_only: bool = False
         def generate(seed):
             spent.clear()
             return pipe(PROMPT, negative_prompt=NEGATIVE, guidance=GUIDANCE, seed=seed, height=size, width=size)
+    elif config in GENAI_CONFIGS:
+        import openvino as ov
+        import openvino_genai as ov_genai
+
+        # bf16 compute where the CPU multiplies bf16 natively (AVX512-BF16 / AMX), as diffc's cpu profile does;
+        # OpenVINO's CPU plugin defaults to bf16 only with AMX
+        precision = "bf16" if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "f32"
+        props: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        if os.environ.get("DIFFC_CACHE_DIR"):  # compiled models kept between processes, like diffc's host cache
+            props["CACHE_DIR"] = str(Path(os.environ["DIFFC_CACHE_DIR"]) / "openvino-genai" / config)
+        pipe = ov_genai.Text2ImagePipeline(path)
+        pipe.set_scheduler(ov_genai.Scheduler.from_config(str(Path(path) / "scheduler" / "scheduler_config.json"),
+                                                          ov_genai.Scheduler.Type.DDIM))
+        pipe.reshape(1, size, size, GUIDANCE)  # static shapes for this size: GenAI's fastest setting
+        pipe.compile("CPU", **props)
+
+        def generate(seed):
+            image = pipe.generate(PROMPT, negative_prompt=NEGATIVE, guidance_scale=GUIDANCE,
+                                  num_inference_steps=steps, height=size, width=size,
+                                  generator=ov_genai.TorchGenerator(seed))
+            m = pipe.get_performance_metrics()  # its ImageGenerationPerfMetrics: ms, raw durations in us
+            spent.clear()
+            spent.update(text_encoder=sum(m.get_text_encoder_infer_duration().values()) / 1e3,
+                         unet=sum(m.raw_metrics.unet_inference_durations) / 1e6,
+                         vae_decoder=m.get_vae_decoder_infer_duration() / 1e3)
+            return image.data
     else:
         raise SystemExit(f"unknown config {config}")
 
@@ -245,7 +331,7 @@ def child(config: str, path: str, size: int, steps: int, load_only: bool = False
     # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec
     with open("/proc/self/status") as f:
         hwm_kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    event(event="done", image_s=image_s, engines=dict(spent) if config.startswith("diffc") else None,
+    event(event="done", image_s=image_s, engines=dict(spent) or None, precision=precision,
           peak_rss_bytes=hwm_kib * 1024)
 
 
@@ -258,14 +344,14 @@ def warm_up(python: str, config: str, path: Path, env: dict[str, str], sizes: li
     """Before timing, untimed: read every file of ``config`` (into the OS page cache, for every row alike);
     diffc rows are also loaded once per image size in a process of their own, as a user's first run at that
     size would (it fills diffc's host cache: onnxruntime's layout-optimized graphs, normally made by `diffc
-    build` already, OpenVINO's models compiled for that size, and the record of files whose sha256 matched).
-    Returns the seconds it took."""
+    build` already, OpenVINO's models compiled for that size, and the record of files whose sha256 matched);
+    genai rows too (their CACHE_DIR of compiled models). Returns the seconds it took."""
     t0 = time.perf_counter()
     for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
         with open(f, "rb") as fh:
             while fh.read(1 << 24):
                 pass
-    if config.startswith("diffc"):
+    if config.startswith("diffc") or config in GENAI_CONFIGS:
         for size in sizes:
             subprocess.run(child_cmd(python, config, path, size, 1, "--load-only"), check=True, capture_output=True,
                            env={**os.environ, **env})
@@ -295,7 +381,7 @@ def cold_process(python: str, config: str, path: Path, size: int, steps: int, en
     if proc.wait() != 0 or first is None or not done:
         raise RuntimeError(f"{config} {size}px {steps} steps failed: {err[-2000:]}")
     return {"first_s": first, "image_s": done["image_s"], "peak_rss_bytes": done["peak_rss_bytes"],
-            "engines": done["engines"]}
+            "engines": done["engines"], "precision": done.get("precision")}
 
 
 def measure_cell(python_for, configs: list[str], paths: dict[str, Path], size: int, steps: int, reps: int,
@@ -328,9 +414,11 @@ def measure_cell(python_for, configs: list[str], paths: dict[str, Path], size: i
             "first_images_s": [round(t, 3) for t in firsts],
             "peak_rss_gib": round(max(p["peak_rss_bytes"] for p in runs) / 2**30, 2),
         }
-        if runs[0]["engines"]:  # diffc rows: median seconds per image in each engine
+        if runs[0]["engines"]:  # diffc and genai rows: median seconds per image in each engine
             row["engine_s"] = {n: sig(statistics.median(p["engines"].get(n, 0.0) for p in runs))
                                for n in runs[0]["engines"]}
+        if runs[0].get("precision"):
+            row["precision"] = runs[0]["precision"]
         rows[config] = row
     return rows
 
@@ -348,6 +436,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="keep the pipeline, exports and artifact here")
     ap.add_argument("--optimum-python", default=os.environ.get("DIFFC_BENCH_OPTIMUM_PYTHON"),
                     help="python3 of a venv with optimum-onnx installed (it needs transformers<4.58)")
+    ap.add_argument("--genai-python", default=os.environ.get("DIFFC_BENCH_GENAI_PYTHON"),
+                    help="python3 of a venv with openvino-genai, optimum-intel and nncf (benchmarks/_genai.py)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--path", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, default=None, help=argparse.SUPPRESS)
@@ -394,7 +484,11 @@ def main() -> None:
                 except subprocess.CalledProcessError as e:
                     skipped["optimum_ort"] = f"optimum export failed: {(e.stderr or '')[-500:]}"
 
+        setup_genai(args.genai_python, model, work, configs, paths, skipped, setup_s)
+
         def python_for(config):
+            if config in GENAI_CONFIGS:
+                return args.genai_python
             return args.optimum_python if config == "optimum_ort" else sys.executable
 
         for config in configs:

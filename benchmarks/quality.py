@@ -49,6 +49,19 @@ a technique this diffc cannot build is listed in ``not_built``. The rows are dra
 docs/savings.png: PSNR vs the 20-step image over full evaluations, one series per technique). The savings rows
 take a few minutes on their own on an idle 2-core machine (``--quick --savings only``).
 
+**LoRA rows** (issue 33; ``--lora NAME:SCALE``, repeatable, e.g. ``--lora demo-bold:0.5 --lora demo-bold:1.0``): on
+the fp32 artifact, with the first sampler at 4 and 20 steps, the images without a LoRA and with each one applied
+at run time (``Pipeline.set_loras``): prompt accuracy (is the LoRA'd digit still the prompted one?), the stroke
+statistics of :func:`stroke_stats` (ink fraction, mean stroke width: what ``demo-bold`` thickens) and the PSNR
+against the images without it. ``--lora-only`` skips the grid and the savings rows
+(``python benchmarks/quality.py --lora demo-bold:0.5 --lora demo-bold:1.0 --lora-only``: a few minutes).
+
+**Tiny VAE decoder** (issue 30; ``--vae-decoder demo-tiny`` or an AutoencoderTiny folder, instead of everything
+above): the demo built with and without ``--vae-decoder``, ``cpu-fp32`` (onnxruntime) and the default ``cpu``
+(OpenVINO); per profile the decoder's median ms per image (``Pipeline.decode`` of one image's final latents), and
+on cpu-fp32 for the first sampler at 4 and 20 steps: prompt accuracy with each decoder, and the PSNR of the tiny
+decoder's final images against the full decoder's (same latents, same loop).
+
 Progress goes to the log (stderr); stdout is one JSON object.
 """
 
@@ -148,6 +161,20 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return 99.0 if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
+def stroke_stats(images: np.ndarray) -> dict[str, float]:
+    """How thick the digits are drawn (what the ``demo-bold`` LoRA changes), over images (N, H, W[, 3]) in [0, 1]:
+    ``ink_fraction``, the share of pixels brighter than 0.5, and ``stroke_width_px``, twice the ink area over its
+    boundary (ink pixels with a 4-neighbour that is not ink): a stroke of width w and length L has area w L and
+    two edges of L pixels each, so this reads w (for w >= 2) without a skeleton. Means over the images."""
+    grey = images.mean(-1) if images.ndim == 4 else images
+    ink = grey > 0.5
+    pad = np.pad(ink, ((0, 0), (1, 1), (1, 1)))
+    inner = pad[:, :-2, 1:-1] & pad[:, 2:, 1:-1] & pad[:, 1:-1, :-2] & pad[:, 1:-1, 2:]
+    area, edge = ink.sum((1, 2)), (ink & ~inner).sum((1, 2))
+    width = 2.0 * area[edge > 0] / edge[edge > 0]
+    return {"ink_fraction": float(ink.mean()), "stroke_width_px": float(width.mean()) if width.size else 0.0}
+
+
 def run_row(pipe, latents: dict, guidance: float) -> tuple[np.ndarray, list[float]]:
     """Generate every (digit, seed) once; returns images (N, H, W, 3) in (digit, seed) order and call times."""
     images, times = [], []
@@ -195,6 +222,101 @@ STEP_CACHE_SETTINGS = {"quick": ((0.2, 0), (0.3, 2)),
                        "full": tuple((x, k) for x in (0.05, 0.1, 0.2, 0.3, 0.5) for k in (0, 2))}
 SAVINGS_GOALS = {"min_psnr_vs_no_savings_db": 30.0, "evaluations_ratio_at_20_steps": 2.0,
                  "evaluations_ratio_at_8_steps": 1.5, "adaptive_guidance_min_row_saving": 0.20}
+
+
+#: step counts of the LoRA rows (first sampler)
+LORA_STEPS = (4, 20)
+
+
+def lora_rows(pipe, loras: Sequence[str], sampler: str, compile_sampler, judge, labels: np.ndarray, latents: dict,
+              guidance: float) -> list[dict[str, Any]]:
+    """One row per (LoRA ``NAME:SCALE`` or none, step count): accuracy, stroke statistics, PSNR vs no LoRA."""
+    from diffc.runtime.lora import parse_spec
+
+    out = []
+    cfg, cls = pipe.manifest["build"]["scheduler_config"], pipe.manifest.get("source", {}).get("pipeline_class")
+    for steps in LORA_STEPS:
+        pipe.tables = compile_sampler(sampler, cfg, steps, pipeline_class=cls)
+        base = None
+        for text in (None, *loras):
+            t0 = time.perf_counter()
+            pipe.set_loras(None if text is None else dict([parse_spec(text)]))
+            swap_s = time.perf_counter() - t0
+            images, times = run_row(pipe, latents, guidance)
+            base = images if text is None else base
+            pred = judge.predict(images)
+            row = {"lora": text, "sampler": sampler, "steps": steps,
+                   "prompt_accuracy": round(float((pred == labels).mean()), 4),
+                   **{k: round(v, 4) for k, v in stroke_stats(images).items()},
+                   "psnr_vs_no_lora_db": None if text is None else round(
+                       float(np.mean([psnr(a, b) for a, b in zip(images, base)])), 2),
+                   "set_loras_s": round(swap_s, 3), "latency_ms_per_image": round(1000 * statistics.median(times), 2)}
+            out.append(row)
+            log.info("LoRA %-16s %-8s %2d steps: accuracy %.3f, ink %.3f, stroke width %.2f px, PSNR vs none %s dB",
+                     text, sampler, steps, row["prompt_accuracy"], row["ink_fraction"], row["stroke_width_px"],
+                     row["psnr_vs_no_lora_db"])
+    pipe.set_loras(None)
+    return out
+
+
+#: --vae-decoder: the profiles built with and without the tiny decoder (decode time), the first is judged
+VAE_DECODER_PROFILES = ("cpu-fp32", "cpu")
+VAE_DECODER_STEPS = (4, 20)
+
+
+def vae_decoder_section(model: str, vae_decoder: str, work: Path, judge, seeds: Sequence[int],
+                        guidance: float | None) -> dict[str, Any]:
+    """The ``--vae-decoder`` rows: decode time per profile, and the judged images of both decoders (cpu-fp32)."""
+    import diffc
+    from diffc.exporter.sampler import compile_sampler
+    from diffc.runtime import load
+
+    labels = np.repeat(np.arange(10), len(seeds))
+    decode_ms: dict[str, dict[str, float]] = {}
+    rows: list[dict[str, Any]] = []
+    build_s: dict[str, float] = {}
+    for profile in VAE_DECODER_PROFILES:
+        pipes = {}
+        for decoder in ("full", "tiny"):
+            t0 = time.perf_counter()
+            log.info("building %s (%s, %s decoder)", model, profile, decoder)
+            pipes[decoder] = load(diffc.build(model, profile, work / f"{profile}-{decoder}.diffc", progress=False,
+                                              vae_decoder=vae_decoder if decoder == "tiny" else None),
+                                  progress=False)
+            build_s[f"{profile}_{decoder}"] = round(time.perf_counter() - t0, 1)
+        size = pipes["full"].image["height"][1]
+        f = pipes["full"].latent["vae_scale_factor"]
+        final = np.random.default_rng(0).standard_normal((1, pipes["full"].latent["channels"], size // f, size // f),
+                                                         dtype=np.float32)
+        for decoder, pipe in pipes.items():
+            pipe.decode(final)  # warm-up (OpenVINO compiles for the shape)
+            times = []
+            for _ in range(50):
+                t0 = time.perf_counter()
+                pipe.decode(final)
+                times.append(time.perf_counter() - t0)
+            decode_ms.setdefault(profile, {})[decoder] = round(1000 * statistics.median(times), 3)
+        decode_ms[profile]["full_over_tiny"] = round(decode_ms[profile]["full"] / decode_ms[profile]["tiny"], 2)
+        log.info("%s decode: %s", profile, decode_ms[profile])
+        if profile != VAE_DECODER_PROFILES[0]:
+            continue
+        scale = guidance if guidance is not None else pipes["full"].guidance["default_scale"]
+        latents = {(d, s): pipes["full"].initial_noise(s, 1, size, size) for d in range(10) for s in seeds}
+        cfg = pipes["full"].manifest["build"]["scheduler_config"]
+        cls = pipes["full"].manifest["source"]["pipeline_class"]
+        for steps in VAE_DECODER_STEPS:
+            images = {}
+            for decoder, pipe in pipes.items():
+                pipe.tables = compile_sampler(SAMPLERS[0], cfg, steps, pipeline_class=cls)
+                images[decoder], _ = run_row(pipe, latents, scale)
+            acc = {k: round(float((judge.predict(v) == labels).mean()), 4) for k, v in images.items()}
+            rows.append({"profile": profile, "sampler": SAMPLERS[0], "steps": steps,
+                         "prompt_accuracy_full": acc["full"], "prompt_accuracy_tiny": acc["tiny"],
+                         "psnr_tiny_vs_full_db": round(float(np.mean(
+                             [psnr(a, b) for a, b in zip(images["tiny"], images["full"])])), 2)})
+            log.info("%s %d steps: %s", SAMPLERS[0], steps, rows[-1])
+        del latents
+    return {"vae_decoder": vae_decoder, "decode_ms_per_image": decode_ms, "rows": rows, "build_s": build_s}
 
 
 def _build_step_cache(model: str, out: Path) -> Path:
@@ -470,13 +592,33 @@ def main() -> None:
                          "instead of the precision x cache grid (only)")
     ap.add_argument("--plot", type=Path, default=HERE.parent / "docs" / "savings.png",
                     help="where the savings rows' quality / evaluations plot goes (default: docs/savings.png)")
+    ap.add_argument("--lora", action="append", default=[], metavar="NAME:SCALE",
+                    help="LoRA rows: apply this LoRA (a bundled name such as demo-bold, or a file) at run time on the "
+                         "fp32 artifact; repeatable")
+    ap.add_argument("--lora-only", action="store_true", help="only the LoRA rows (no grid, no savings rows)")
+    ap.add_argument("--vae-decoder", default=None, metavar="NAME|FOLDER",
+                    help="instead of the rows above: the demo with and without this tiny decoder (demo-tiny, or an "
+                         "AutoencoderTiny folder): decode time, prompt accuracy, PSNR against the full decoder")
     args = ap.parse_args()
+    if args.lora_only and not args.lora:
+        ap.error("--lora-only needs at least one --lora NAME:SCALE")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     for noisy in ("diffc.export", "diffc.build", "diffc.passes", "diffc.engines", "diffc.runtime"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     n_seeds = args.seeds or (3 if args.quick else 10)
     t_start = time.perf_counter()
+    if args.vae_decoder is not None:
+        with tempfile.TemporaryDirectory(prefix="diffc-quality-") as work:
+            judge = Judge()
+            section = vae_decoder_section(args.model, args.vae_decoder, Path(work), judge, range(n_seeds),
+                                          args.guidance)
+        emit({"benchmark": "quality", "model": MODELS[args.model]["name"], "mode": ("quick" if args.quick else "full")
+              + ", tiny VAE decoder", "prompt": "a handwritten digit <name>", "seeds_per_digit": n_seeds,
+              "images_per_row": 10 * n_seeds, "judge": {"kind": "CNN on real MNIST digits (numpy)",
+                                                         "heldout_accuracy": judge.heldout_accuracy},
+              "tiny_vae_decoder": section, "wall_s": round(time.perf_counter() - t_start, 1), "machine": machine()})
+        return
 
     from diffc.errors import DiffcError
     from diffc.runtime import load
@@ -495,11 +637,11 @@ def main() -> None:
     fp32_images: dict[tuple[str, str, int], np.ndarray] = {}  # (cache, sampler, steps) -> the fp32 row's images
     no_cache: dict[tuple[str, str, int], np.ndarray] = {}  # (precision, sampler, steps) -> the cache-off row's images
     build_s: dict[str, float] = {}
-    savings = None
+    savings = lora = None
     mode = "quick" if args.quick else "full"
     with tempfile.TemporaryDirectory(prefix="diffc-quality-") as work:
         for precision, make in precisions.items():
-            if args.savings == "only" and precision != REFERENCE[0]:
+            if (args.savings == "only" or args.lora_only) and precision != REFERENCE[0]:
                 continue
             if precision == "fp32" and args.artifact is not None:
                 artifact = args.artifact
@@ -522,7 +664,9 @@ def main() -> None:
             latents = {(d, s): pipe.initial_noise(s, 1, size, size) for d in range(10) for s in seeds}
             sched_cfg = pipe.manifest["build"]["scheduler_config"]
             pipeline_class = pipe.manifest.get("source", {}).get("pipeline_class")
-            for cache, configure in (cache_modes.items() if args.savings != "only" else ()):
+            if args.lora and precision == REFERENCE[0]:
+                lora = lora_rows(pipe, args.lora, samplers[0], compile_sampler, judge, labels, latents, guidance)
+            for cache, configure in (cache_modes.items() if args.savings != "only" and not args.lora_only else ()):
                 undo = configure(pipe)
                 # the reference (20 steps) first, so every other row can be compared with it
                 for sampler in samplers:
@@ -562,7 +706,7 @@ def main() -> None:
                                  precision, cache, sampler, steps, row["prompt_accuracy"], row["psnr_db"],
                                  row["latency_ms_per_image"], time.perf_counter() - t0)
                 undo()
-            if args.savings != "off" and precision == REFERENCE[0]:
+            if args.savings != "off" and not args.lora_only and precision == REFERENCE[0]:
                 step_cache_pipe = None
                 if "savings" not in {f.name for f in dataclasses.fields(Profile)}:
                     not_built["step_cache"] = "this diffc has no [savings] profile table"
@@ -609,6 +753,7 @@ def main() -> None:
         "rows": rows,
         "goals": goals,
         **({} if savings is None else {"savings": savings}),
+        **({} if lora is None else {"lora": lora}),
         "not_built": not_built,
         "build_s": build_s,
         "wall_s": round(time.perf_counter() - t_start, 1),

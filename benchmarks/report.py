@@ -3,8 +3,8 @@
 Why a script: a number typed into a page drifts from the run it came from; a number printed from the run's
 JSON cannot. Every table on that page, and the README's summary table, is rendered here from the results
 files named under it. The prose kept beside a table (what changed before that run, what was odd about it)
-lives in `RUNS` below and carries no number of its own. tests/test_benchmarks.py regenerates the page and fails when it differs
-from the committed one, or when a results file is cited but missing or present but not cited.
+lives in `RUNS` below and carries no number of its own. tests/test_benchmarks.py regenerates the page and fails
+when it differs from the committed one, or when a results file is cited but missing or present but not cited.
 
     python benchmarks/report.py      # rewrites docs/benchmarks.md and the README's summary table
     python benchmarks/report.py --out other.md --readme copy.md   # writes elsewhere (the test does)
@@ -49,9 +49,9 @@ LATEST = {
     "title": "End to end, latest",
     "files": ["end_to_end_4steps_amx_2026-12-02.json", "end_to_end_20steps_amx_2026-12-02.json"],
     "note": "A 2-core Intel Xeon with AMX (AMX-BF16/INT8, AVX512-BF16, VNNI); the artifacts not built in "
-            "these runs came from an earlier one. The 20-step run has no `cpu` and no `cpu-openvino` + cache rows. onnxruntime's int8 "
-            "convolutions run AVX512-VNNI here, not AMX (`perf`: its hot loop is `vpdpbusds`), while torch's "
-            "bf16 and OpenVINO use AMX, so these ratios depend on the CPU's matrix units.",
+            "these runs came from an earlier one. The 20-step run has no `cpu` and no `cpu-openvino` + cache rows. "
+            "onnxruntime's int8 convolutions run AVX512-VNNI here, not AMX (`perf`: its hot loop is `vpdpbusds`), "
+            "while torch's bf16 and OpenVINO use AMX, so these ratios depend on the CPU's matrix units.",
 }
 
 #: every other cited run, in the order it was made; the note says what changed before it (no numbers: those
@@ -110,12 +110,14 @@ RUNS: list[dict[str, Any]] = [
              "OpenVINO rows' peak is while compiling the UNet."},
     {"file": "end_to_end_256px_4steps_openvino_static_shapes_2026-12-02.json",
      "title": "History: OpenVINO compiled for static shapes (256px / 4)", "note": "The same at 256px."},
-    {"file": "end_to_end_512px_4steps_openvino_int8_2026-12-02.json", "title": "History: `cpu-openvino-int8` (512px / 4)",
+    {"file": "end_to_end_512px_4steps_openvino_int8_2026-12-02.json",
+     "title": "History: `cpu-openvino-int8` (512px / 4)",
      "note": "The calibrated int8 Q/DQ UNet and VAE decoder on OpenVINO's int8 kernels; OpenVINO components "
              "compiled at load for the profile's default size, two at a time, or for the size given to "
              "`diffc.load(..., height=, width=)`. The int8 artifact's build is not in these times; its first "
              "image includes compiling the int8 graphs (OpenVINO's low-precision transformations)."},
-    {"file": "end_to_end_256px_4steps_openvino_int8_2026-12-02.json", "title": "History: `cpu-openvino-int8` (256px / 4)",
+    {"file": "end_to_end_256px_4steps_openvino_int8_2026-12-02.json",
+     "title": "History: `cpu-openvino-int8` (256px / 4)",
      "note": "The same at 256px."},
     {"file": "end_to_end_512px_4steps_openvino_host_cache_2026-12-02.json",
      "title": "History: OpenVINO host cache (512px / 4)",
@@ -144,10 +146,60 @@ STREAM = "stream_demo_2026-12-03.json"
 SAVINGS = ["quality_savings_quick_demo_2026-12-03.json"]
 
 
+#: runs shown as the figures they hold: each entry names the file, a title, a note and the top-level keys whose
+#: numbers the page lists (nested keys joined with " / "); the script that wrote the file is named in the title
+MORE: list[dict[str, Any]] = [
+    {"file": "end_to_end_256px_4steps_genai_2026-12-03.json",
+     "title": "Against OpenVINO GenAI, bf16 (`benchmarks/end_to_end.py --genai-python`, 256 px / 4 steps)",
+     "note": "OpenVINO GenAI's `Text2ImagePipeline` on optimum-intel's export of the same SD-1.5-architecture "
+             "folder (DDIM, guidance 7.5, static shapes, bf16 hint) against diffc's default `cpu` profile, two cold "
+             "processes each, interleaved, on a 2-core AMD EPYC with AVX512-BF16 and no AMX while other jobs ran "
+             "(the ratios, GenAI's seconds over diffc's, are the figures to read; >1 means diffc is faster).",
+     "keys": ["ratios", "results"]},
+    {"file": "vae_decode_tiny_512px_2026-12-03.json",
+     "title": "Tiny VAE decoder against SD-1.5's, 512 px (`benchmarks/vae_decode.py --tiny`)",
+     "note": "Random weights (speed only): SD-1.5's VAE decoder (49.5 M parameters) against a TAESD-config "
+             "`AutoencoderTiny` decoder (1.2 M), seconds per decode, on a machine loaded by other jobs (the ratios "
+             "are the figures to read).",
+     "keys": ["ratios", "median_s"]},
+    {"file": "vae_decode_tiny_256px_quick_2026-12-03.json",
+     "title": "Tiny VAE decoder against SD-1.5's, 256 px (`benchmarks/vae_decode.py --tiny --quick`)",
+     "note": "As above at 256 px.", "keys": ["ratios", "median_s"]},
+    {"file": "quality_tiny_vae_quick_demo_2026-12-03.json",
+     "title": "The demo's distilled tiny decoder, `demo-tiny` (`benchmarks/quality.py --vae-decoder demo-tiny --quick`)",
+     "note": "Decode milliseconds per image and the digit judge's prompt accuracy with the full and the tiny "
+             "decoder, and the tiny decoder's final images against the full one's (PSNR, dB).",
+     "keys": ["tiny_vae_decoder"]},
+]
+
+
 def cited() -> list[str]:
     """Every results file the page is made from."""
     return [*LATEST["files"], *(r["file"] for r in RUNS), COLD_START, ROOFLINE, SERVE, DIT_STEP, FLUX_EXPORT_MEMORY,
-            *SAVINGS, STREAM]
+            *SAVINGS, STREAM, *(m["file"] for m in MORE)]
+
+
+def _figures(value: Any, path: str = "") -> list[tuple[str, Any]]:
+    """The numeric (and short text) leaves of a JSON value, each with its key path."""
+    if isinstance(value, dict):
+        return [f for k, v in value.items() for f in _figures(v, f"{path} / {k}" if path else str(k))]
+    if isinstance(value, list):
+        if all(isinstance(v, dict) for v in value):
+            return [f for i, v in enumerate(value) for f in _figures(v, f"{path} [{i}]")]
+        return [(path, ", ".join(str(v) for v in value))]
+    return [(path, value)]
+
+
+def more_section(entry: dict[str, Any]) -> list[str]:
+    run = _load(entry["file"])
+    load = run.get("load_average") or run.get("load_average_1min")
+    lines = [f"## {entry['title']}", "", f"{entry['note']} Machine: {_machine([run])}"
+             + (f", load average {load}" if load else "") + f". File: `benchmarks/results/{entry['file']}`.", "",
+             "| figure | value |", "|---|---|"]
+    for key in entry["keys"]:
+        lines += [f"| {k} | {v:g} |" if isinstance(v, float) else f"| {k} | {v} |"
+                  for k, v in _figures(run[key], key)]
+    return lines + [""]
 
 
 def _load(name: str) -> dict[str, Any]:
@@ -172,7 +224,8 @@ def _machine(runs: list[dict[str, Any]]) -> str:
     m = runs[0]["machine"]
     commits = sorted({r["machine"].get("diffc_commit") or "not recorded" for r in runs})
     return (f"{m.get('cpus')} x {m.get('cpu')}, {m.get('mem_gib')} GiB; onnxruntime {m.get('onnxruntime')}, "
-            f"torch {m.get('torch')}, diffusers {m.get('diffusers')}; diffc commit {', '.join(f'`{c}`' for c in commits)}")
+            f"torch {m.get('torch')}, diffusers {m.get('diffusers')}; "
+            f"diffc commit {', '.join(f'`{c}`' for c in commits)}")
 
 
 def _ratio(run: dict[str, Any], cell: str, row: str, first: bool) -> float | None:
@@ -441,6 +494,8 @@ def render() -> str:
     for name in SAVINGS:
         lines += ["", *savings_section(_load(name), name)] if lines[-1] else savings_section(_load(name), name)
     lines += ["", *stream_section(_load(STREAM))]
+    for entry in MORE:
+        lines += more_section(entry)
     return "\n".join(lines) + "\n"
 
 

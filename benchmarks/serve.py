@@ -27,11 +27,8 @@ whatever else runs, so read the ratios with it.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import logging
 import os
-import statistics
 import sys
 import tempfile
 import threading
@@ -43,7 +40,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import emit, log_to_stderr, machine, sig  # noqa: E402
+from _common import artifact_label, emit, log_to_stderr, run_header, save_run, sig  # noqa: E402
 
 log = logging.getLogger("diffc.bench.serve")
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -219,16 +216,12 @@ def main() -> None:
                   "over_one_client": {str(lv["clients"]): sig(lv["images_per_s"] / levels[0]["images_per_s"])
                                       for lv in levels}}
               for k, levels in served.items()}
-    name = "sd15-256" if args.sd15 else (args.artifact.name.removesuffix(".diffc") if args.artifact else "demo")
-    result = {"benchmark": "serve", "artifact": name, "date": datetime.date.today().isoformat(),
-              "machine": machine(), "load_average_1min": {"before": round(load_before[0], 2),
-                                                          "after": round(os.getloadavg()[0], 2)},
+    result = {**run_header("serve", artifact_label(args.artifact, args.sd15), load_before),
               "requests_per_level": args.requests, "seconds_per_level": args.seconds,
-              "threads_per_instance": {str(k): instance_threads(k) for k in instances}, "in_process": baseline, "triton": served, "ratios": ratios}
+              "threads_per_instance": {str(k): instance_threads(k) for k in instances}, "in_process": baseline,
+              "triton": served, "ratios": ratios}
     if args.save:
-        out = HERE / "results" / f"serve_{name}_{result['date']}.json"
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        log.info("wrote %s", out)
+        save_run(result)
     emit(result)
 
 

@@ -23,8 +23,6 @@ Progress goes to the log (stderr); stdout is one JSON object (benchmarks/report.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import logging
 import os
 import sys
@@ -37,7 +35,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _common import emit, log_to_stderr, machine, sig  # noqa: E402
+from _common import artifact_label, emit, log_to_stderr, run_header, save_run, sig  # noqa: E402
 
 log = logging.getLogger("benchmarks.stream")
 PROMPT = "a handwritten digit seven"
@@ -89,18 +87,13 @@ def main() -> None:
                  len(stream.steps), args.frames)
         one = fps(lambda f: pipe(PROMPT, image=f, strength=args.strength, guidance=1.0), frames, args.warmup)
         batched = fps(stream, frames, args.warmup)
-    name = "sd15-256" if args.sd15 else (args.artifact.name.removesuffix(".diffc") if args.artifact else "demo")
     h, w = pipe.default_size
-    result = {"benchmark": "stream", "artifact": name, "date": datetime.date.today().isoformat(),
-              "machine": machine(), "load_average_1min": {"before": round(load_before[0], 2),
-                                                          "after": round(os.getloadavg()[0], 2)},
-              "size": [h, w], "strength": args.strength, "steps": pipe.tables.num_steps,
-              "steps_per_frame": len(stream.steps), "guidance": "none", "frames": args.frames,
+    result = {**run_header("stream", artifact_label(args.artifact, args.sd15), load_before), "size": [h, w],
+              "strength": args.strength, "steps": pipe.tables.num_steps, "steps_per_frame": len(stream.steps),
+              "guidance": "none", "frames": args.frames,
               "fps": {"frame_by_frame": sig(one), "stream": sig(batched)}, "ratio": sig(batched / one)}
     if args.save:
-        out = HERE / "results" / f"stream_{name}_{result['date']}.json"
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        log.info("wrote %s", out)
+        save_run(result)
     emit(result)
 
 

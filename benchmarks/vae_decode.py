@@ -20,7 +20,14 @@ fixed seed (speed does not depend on weight values) and times one decode of one 
 Both onnxruntime variants use the session settings of ``benchmarks/unet_step.py``. Each variant runs in its own
 process, round-robin, ``--cycles`` times; medians over all runs are reported.
 
-    python benchmarks/vae_decode.py [--quick] [--cycles N]
+``--tiny`` measures instead what ``diffc build --vae-decoder`` saves (diffc.exporter.tiny_vae): the SD VAE decoder
+against a TAESD-config ``AutoencoderTiny`` decoder (diffusers' defaults *are* TAESD's config; random weights,
+speed only), each exported as diffc exports it (the tiny one with the 0.18215 latent rescaling in front), on
+the ``cpu-fp32`` path (onnxruntime, diffc's onnxruntime passes: ``*_ort_fp32``) and the default ``cpu`` path
+(diffc's openvino passes, OpenVINO IR with fp16 weights, bf16 compute where the CPU has it: ``*_ov_bf16``),
+at 512x512 (latents 64x64; ``--quick``: 256x256).
+
+    python benchmarks/vae_decode.py [--quick] [--cycles N] [--tiny]
 
 Prints one JSON object: median seconds per variant and size, ``ratios`` (anchor time / diffc fp32 time, and
 ``fp32_over_int8``), the largest difference of each variant's image from torch fp32 (on [-1, 1]; int8 is not
@@ -145,7 +152,85 @@ def worker_ort(args) -> dict[str, Any]:
     return {"times": {args.name: times}}
 
 
-WORKERS = {"build": worker_build, "torch": worker_torch, "ort": worker_ort}
+TINY_VARIANTS = ("full_ort_fp32", "tiny_ort_fp32", "full_ov_bf16", "tiny_ov_bf16")
+
+
+def worker_build_tiny(args) -> dict[str, Any]:
+    """The SD VAE decoder and a TAESD-config tiny decoder, exported as diffc exports them, through diffc's passes
+    for onnxruntime (``*_ort_fp32``) and for openvino + the cpu profile's engine build (``*_ov_bf16``)."""
+    import diffusers
+    import torch
+
+    from diffc.engines.openvino import build_engine
+    from diffc.exporter.contracts import SampleShape, get_contract
+    from diffc.exporter.export import export_component, quiet_huggingface
+    from diffc.exporter.tiny_vae import TinyVaeDecoder
+    from diffc.onnx_io import load_model, save_model
+    from diffc.passes import run_passes
+
+    quiet_huggingface()
+    work = Path(args.out)
+    torch.manual_seed(0)
+    modules = {"full": sd15_vae(), "tiny": TinyVaeDecoder(diffusers.AutoencoderTiny().eval(), SCALING, 0.0).eval()}
+    out: dict[str, Any] = {"parameters_m": {}}
+    for kind, module in modules.items():
+        contract = get_contract("vae_decoder", module)
+        sample = contract.make_inputs(module, SampleShape(1, 32, 32, 77), torch.Generator().manual_seed(0))
+        plain = work / f"{kind}_plain" / "model.onnx"
+        export_component(module, contract, plain, opset=21, exporter="torchscript", sample=sample)
+        decoder = module.decoder if kind == "full" else module.tiny.decoder
+        out["parameters_m"][kind] = round(sum(p.numel() for p in decoder.parameters()) / 1e6, 2)
+        for target, name in (("onnxruntime", f"{kind}_ort_fp32"), ("openvino", f"{kind}_ov_bf16")):
+            model, _ = run_passes(load_model(plain), "vae_decoder", target)
+            graph = work / name / "model.onnx"
+            save_model(model, graph, external=True)
+            del model
+            if target == "openvino":
+                build_engine(graph, work / name / "model.xml", precision="bf16")
+    return out
+
+
+def worker_ov(args) -> dict[str, Any]:
+    from diffc.engines.openvino import Session
+
+    times = {}
+    for size in args.sizes:
+        sess = Session(args.model, precision="bf16", shapes=[(1, 4, size, size)])
+        feed = {"latent_sample": latents(size)}
+        times[f"{size}x{size}"] = samples(lambda: sess.run(feed), args.reps)
+    return {"times": {args.name: times}}
+
+
+def run_tiny(args, sizes: list[int], cycles: int, work: Path) -> dict[str, Any]:
+    """``--tiny``: full vs tiny decoder, cpu-fp32 (onnxruntime) and cpu (OpenVINO bf16) paths."""
+    log.info("exporting the SD-1.5 VAE decoder and a TAESD-config tiny decoder in %s", work)
+    setup = call_worker("build_tiny", out=work, sizes=sizes)
+    runs: dict[str, dict[str, list[list[float]]]] = {}
+    for cycle in range(cycles):
+        log.info("cycle %d/%d", cycle + 1, cycles)
+        for name in TINY_VARIANTS:
+            worker = "ov" if name.endswith("_ov_bf16") else "ort"
+            model = work / name / ("model.xml" if worker == "ov" else "model.onnx")
+            for variant, by_size in call_worker(worker, model=model, name=name, sizes=sizes)["times"].items():
+                for size, xs in by_size.items():
+                    runs.setdefault(variant, {}).setdefault(size, []).append(xs)
+                log.info("%s: %s", variant, {s: round(min(x), 3) for s, x in by_size.items()})
+    median = {f"{s}x{s}": {v: round(median_of(runs[v][f"{s}x{s}"]), 4) for v in runs} for s in sizes}
+    return {
+        "benchmark": "vae_decode", "mode": "tiny" + ("_quick" if args.quick else ""),
+        "model": "SD-1.5 VAE decoder vs TAESD-config AutoencoderTiny decoder, random weights (speed only)",
+        "batch": 1, "cycles": cycles, "median_s": median,
+        "ratios": {size: {"full_over_tiny_cpu_fp32": round(row["full_ort_fp32"] / row["tiny_ort_fp32"], 2),
+                          "full_over_tiny_cpu": round(row["full_ov_bf16"] / row["tiny_ov_bf16"], 2)}
+                   for size, row in median.items()},
+        "setup": setup,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "machine": machine(),
+    }
+
+
+WORKERS = {"build": worker_build, "torch": worker_torch, "ort": worker_ort, "build_tiny": worker_build_tiny,
+           "ov": worker_ov}
 
 
 def call_worker(worker: str, /, **kw) -> dict[str, Any]:
@@ -157,6 +242,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="32x32 only, 1 cycle (smoke run)")
     ap.add_argument("--cycles", type=int, default=None, help="round-robin passes over the variants (default 2)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the graphs here (default: a temp dir)")
+    ap.add_argument("--tiny", action="store_true", help="the SD VAE decoder vs a TAESD-config tiny decoder, "
+                    "cpu-fp32 and cpu paths, 512x512 (--quick: 256x256)")
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     for flag in ("--model", "--out", "--name", "--parity"):
         ap.add_argument(flag, help=argparse.SUPPRESS)
@@ -172,6 +259,13 @@ def main() -> None:
     cycles = args.cycles or (1 if args.quick else 2)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="diffc-vae-decode-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.tiny:
+        try:
+            emit(run_tiny(args, [32] if args.quick else [64], cycles, work))
+        finally:
+            if args.workdir is None:
+                shutil.rmtree(work, ignore_errors=True)
+        return
     try:
         log.info("exporting, passing and quantizing the SD-1.5 VAE decoder in %s", work)
         setup = call_worker("build", out=work, sizes=sizes)

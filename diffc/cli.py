@@ -113,9 +113,16 @@ def _check_overrides(steps: int | None, sampler: str | None) -> None:
 @click.option("--dry-run", is_flag=True, help="Print what would be built (components, precisions, shapes, backend "
               "flags) as JSON and exit; exports and builds nothing, needs no backend.")
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
-              help="Fuse a LoRA (peft / diffusers / kohya / A1111 .safetensors) into the weights at SCALE (default 1.0); repeatable. Run-time LoRAs need no rebuild: `diffc run --lora`.")
+              help="Fuse a LoRA (peft / diffusers / kohya / A1111 .safetensors) into the weights at SCALE "
+                   "(default 1.0); repeatable. Run-time LoRAs need no rebuild: `diffc run --lora`.")
+@click.option("--vae-decoder", default=None, metavar="FOLDER",
+              help="Decode with a tiny VAE: a diffusers AutoencoderTiny folder (TAESD-style, for this model's "
+                   "latents), or 'demo-tiny' for the demo. The VAE's own encoder stays (img2img, inpainting).")
+@click.option("--force-memory", is_flag=True, help="Build even when the memory check estimates that the build "
+              "will not fit in this machine's available memory.")
 @click.pass_obj
-def build(obj, model, profile, out, force, steps, sampler, exporter, verify_passes, no_cache, dry_run, loras):
+def build(obj, model, profile, out, force, steps, sampler, exporter, verify_passes, no_cache, dry_run, loras,
+          vae_decoder, force_memory):
     """Compile MODEL (a diffusers folder, or 'demo' / 'demo-dit') for PROFILE into an artifact."""
     _check_overrides(steps, sampler)
     if dry_run:
@@ -130,7 +137,8 @@ def build(obj, model, profile, out, force, steps, sampler, exporter, verify_pass
 
     path = _build(model, profile=profile, out=out, force=force, steps=steps, sampler=sampler, exporter=exporter,
                   progress=obj["progress"], no_cache=no_cache, verify_passes=verify_passes,
-                  loras=[parse_spec(text) for text in loras])
+                  loras=[parse_spec(text) for text in loras], vae_decoder=vae_decoder,
+                  force_memory=force_memory)
     if obj["progress"]:
         from diffc.build.report import format_build_report
 
@@ -188,7 +196,9 @@ def build(obj, model, profile, out, force, steps, sampler, exporter, verify_pass
               help="Artifacts built with [savings.step_cache]: run the denoiser's tail only once the first block's "
                    "accumulated relative change reaches X (0: every step runs it all). Overrides the artifact's.")
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
-              help="Apply a LoRA at SCALE (default 1.0) on top of the artifact's weights, without a rebuild; repeatable (onnxruntime artifacts).")
+              help="Apply a LoRA at SCALE (default 1.0) on top of the artifact's weights, without a rebuild; "
+                   "repeatable (onnxruntime and OpenVINO fp32 / bf16 artifacts). FILE may be a bundled name: "
+                   "demo-bold (thick strokes, for the demo).")
 @click.pass_obj
 def run(obj, artifact, prompt, negative_prompt, seed, guidance, height, width, out, threads, memory_arena,
         cache_interval, init_image, strength, mask_image, control_images, control_scales, guidance_from_step,

@@ -94,6 +94,12 @@ class DiskSpaceError(DiffcError):
     code = "disk_space"
 
 
+class MemoryBudgetError(DiffcError):
+    """A build's estimated peak memory is more than the machine has available (checked before exporting)."""
+
+    code = "memory_budget"
+
+
 class QualityGateError(DiffcError):
     """A quantized artifact's images differ from the fp32 artifact's by more than the profile allows."""
 

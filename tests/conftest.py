@@ -77,15 +77,55 @@ def _read_only_shared(tmp_path_factory, _isolated_engine_cache):
 @pytest.fixture(scope="session")
 def _read_only_artifact(_read_only_shared):
     """Returns a getter for shared demo artifacts: ``get(profile, **build_options)`` builds ``demo`` with
-    ``profile`` once per test run (not once per file and per xdist worker), read-only as
+    ``profile`` (a profile's name, or a :class:`~diffc.profiles.Profile`, keyed by its name: give a changed
+    profile a name of its own) once per test run (not once per file and per xdist worker), read-only as
     :func:`_read_only_shared` checks."""
     import diffc
 
-    def get(profile: str, **build_options) -> Path:
-        return _read_only_shared(profile, "demo.diffc",
-                                 lambda out: diffc.build("demo", profile, out, progress=False, **build_options))
+    def get(profile, **build_options) -> Path:
+        key = profile if isinstance(profile, str) else profile.name
+
+        def make(out: Path) -> None:
+            # the build warms a host engine cache of its own (beside the artifact's folder, not in it): under
+            # xdist another worker may have built it, and a test that checks what the build left there reads
+            # this one (demo_host_cache), not its worker's
+            old = os.environ.get("DIFFC_CACHE_DIR")
+            os.environ["DIFFC_CACHE_DIR"] = str(_demo_host_cache(out))
+            try:
+                diffc.build("demo", profile, out, progress=False, **build_options)
+            finally:
+                if old is None:
+                    os.environ.pop("DIFFC_CACHE_DIR", None)
+                else:
+                    os.environ["DIFFC_CACHE_DIR"] = old
+
+        return _read_only_shared(key, "demo.diffc", make)
 
     return get
+
+
+def _demo_host_cache(artifact: Path) -> Path:
+    return artifact.parent.parent / f"{artifact.parent.name}-host-cache"
+
+
+@pytest.fixture(scope="session")
+def demo_host_cache():
+    """``demo_host_cache(artifact) -> Path``: the host engine cache the build of a shared demo ``artifact``
+    (:func:`_read_only_artifact`) warmed, ``shared-artifacts/<key>-host-cache``. Point ``DIFFC_CACHE_DIR`` at it
+    (monkeypatch) to load the artifact with what its build compiled; a load adds entries there only for shapes
+    the build did not compile."""
+    return _demo_host_cache
+
+
+def _with_cache(profile: str):
+    """``profile`` with cpu-cache's ``[cache]`` table (DeepCache reuse: a ``unet_shallow`` beside the UNet), named
+    ``<profile>-with-cache``: one build serves the tests of the plain backend and those of its cache pair."""
+    import dataclasses
+
+    from diffc.profiles import load_profile
+
+    return dataclasses.replace(load_profile(profile), name=f"{profile}-with-cache",
+                               cache=load_profile("cpu-cache").cache)
 
 
 @pytest.fixture(scope="session")
@@ -108,6 +148,26 @@ def demo_cpu_int8_artifact(_read_only_artifact) -> Path:
     """``diffc build demo --profile cpu-int8`` (quality gate included), shared by the whole run: read it only."""
     pytest.importorskip("torch", reason="building the demo artifact needs the export extra")
     return _read_only_artifact("cpu-int8")
+
+
+@pytest.fixture(scope="session")
+def demo_cpu_openvino_artifact(_read_only_artifact) -> Path:
+    """``diffc build demo --profile cpu`` (the default profile: OpenVINO bf16, quality-gated against the fp32
+    twin) with cpu-cache's ``[cache]`` table, shared by the whole run: read it, never write it. The OpenVINO
+    tests need the cache pair; every other test that wants the default ``cpu`` artifact takes this one, so the
+    run builds it once (a build with the gate's fp32 twin: about a minute on 2 cores)."""
+    pytest.importorskip("torch", reason="building the demo artifact needs the export extra")
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'diffc[openvino]')")
+    return _read_only_artifact(_with_cache("cpu"))
+
+
+@pytest.fixture(scope="session")
+def demo_cpu_openvino_int8_artifact(_read_only_artifact) -> Path:
+    """``diffc build demo --profile cpu-openvino-int8`` (calibration, Q/DQ, OpenVINO IR, the quality gate on the
+    artifact itself) with cpu-cache's ``[cache]`` table, shared by the whole run: read it only."""
+    pytest.importorskip("torch", reason="building the demo artifact needs the export extra")
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'diffc[openvino]')")
+    return _read_only_artifact(_with_cache("cpu-openvino-int8"))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -80,6 +80,20 @@ def test_diffc_row_says_where_the_time_goes(tmp_path):
     assert sum(engines.values()) <= max(row["runs_s"])  # engine time is part of each image's wall time
 
 
+def test_genai_rows_are_skipped_with_the_reason_without_their_venv(tmp_path):
+    """Without --genai-python the OpenVINO GenAI rows are not run and the JSON says how to enable them; the
+    rows not asked for are left alone, and nothing is exported."""
+    paths, skipped, setup_s = {}, {}, {}
+    end_to_end.setup_genai(None, tmp_path / "sd15", tmp_path, ["diffc_openvino", "genai_bf16", "genai_int8"],
+                           paths, skipped, setup_s)
+    assert sorted(skipped) == ["genai_bf16", "genai_int8"]
+    assert all("--genai-python" in why and "_genai.py" in why for why in skipped.values())
+    assert paths == {} and setup_s == {} and not any(tmp_path.iterdir())
+    # every genai row is a baseline: the ratios put each diffc row against it
+    assert set(end_to_end.GENAI_CONFIGS) <= set(end_to_end.CONFIGS)
+    assert not set(end_to_end.GENAI_CONFIGS) & set(end_to_end.DIFFC_CONFIGS)
+
+
 def test_machine_names_the_diffc_source():
     import subprocess
 
@@ -95,21 +109,21 @@ def test_machine_names_the_diffc_source():
         assert re.fullmatch(re.escape(head.stdout.strip()) + "(-dirty)?", info["diffc_commit"])
 
 
-def test_openvino_roofline_on_the_demo(tmp_path):
-    """benchmarks/openvino_roofline.py on the demo's cpu-openvino-int8 artifact: every component timed and
-    counted, the int8 and bf16 convolution peaks measured, ratios for the conv/GEMM layers."""
+def test_openvino_roofline_on_the_demo(demo_cpu_openvino_int8_artifact):
+    """benchmarks/openvino_roofline.py on the demo's cpu-openvino-int8 artifact (with cache reuse: the run's
+    shared build, tests/conftest.py): every component timed and counted, the int8 and bf16 convolution peaks
+    measured, ratios for the conv/GEMM layers."""
     import subprocess
 
     pytest.importorskip("diffusers")
-    pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'diffc[openvino]')")
-    out = diffc.build("demo", "cpu-openvino-int8", tmp_path / "ov.diffc", progress=False)
+    out = demo_cpu_openvino_int8_artifact
     size = json.loads((out / "manifest.json").read_text(encoding="utf-8"))["image"]["height"][1]
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "openvino_roofline.py"
     run = subprocess.run([sys.executable, str(script), str(out), "--size", str(size), "--runs", "1"],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(run.stdout)
-    assert set(result["components"]) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
+    assert set(result["components"]) == {"text_encoder", "unet", "unet_shallow", "vae_decoder", "vae_encoder"}
     assert all(v > 0 for v in result["peak_gmac_per_s"].values())
     unet = result["components"]["unet"]
     assert unet["precision"] == "int8" and unet["gmac"]["conv"] > 0 and unet["gmac"]["attention"] > 0

@@ -87,25 +87,25 @@ def test_quality_gate_fails_the_build(tmp_path):
     assert not out.exists() and not list(tmp_path.glob("*.tmp*"))
 
 
-def test_the_default_bf16_profile_is_gated_too(tmp_path):
+def test_the_default_bf16_profile_is_gated_too(tmp_path, demo_cpu_openvino_artifact, tiny_folder):
     """``cpu`` (OpenVINO bf16, nothing quantized) builds the fp32 twin and is gated against it like int8: the
-    figure lands in the build report; below the threshold the build fails, names cpu-fp32, writes nothing."""
-    pytest.importorskip("openvino")
+    figure lands in the build report (the run's shared ``cpu`` demo, tests/conftest.py); below the threshold the
+    build fails, names cpu-fp32, writes nothing."""
     from diffc.build.plan import plan
-    from diffc.exporter.tiny import write_tiny_pipeline
 
     gate = plan("demo", "cpu")["quality_gate"]
     assert gate["images"] == 3 and gate["min_psnr_db"] == load_profile("cpu").quantize.min_psnr_db
     assert "quality_gate" not in plan("demo", "cpu-fp32")
-    model = write_tiny_pipeline(tmp_path / "sd", "sd")
+    report = json.loads((demo_cpu_openvino_artifact / "build_report.json").read_text())
+    assert report["quality_gate"]["passed"] and report["quality_gate"]["images"] == gate["images"]
+    assert report["quality_gate"]["psnr_db_mean"] >= gate["min_psnr_db"] and "reference_build" in report
+    components = json.loads((demo_cpu_openvino_artifact / "manifest.json").read_text())["components"]
+    assert {c["backend"] for c in components.values()} == {"openvino"}
+    # below the threshold: the run's tiny pipeline (read only), one gate image, 2 steps (the cheapest build that
+    # reaches the gate)
+    model = tiny_folder("sd")
     q = dataclasses.replace(load_profile("cpu").quantize, gate_prompts=("a blue circle",), gate_seeds=(0,))
     prof = dataclasses.replace(load_profile("cpu"), quantize=q, steps=2)
-    out = diffc.build(model, prof, tmp_path / "ok.diffc", progress=False)
-    report = json.loads((out / "build_report.json").read_text())
-    assert report["quality_gate"]["passed"] and report["quality_gate"]["images"] == 1
-    assert report["quality_gate"]["psnr_db_mean"] >= q.min_psnr_db and "reference_build" in report
-    components = json.loads((out / "manifest.json").read_text())["components"]
-    assert {c["backend"] for c in components.values()} == {"openvino"}
     strict = dataclasses.replace(prof, quantize=dataclasses.replace(q, min_psnr_db=999.0))
     with pytest.raises(QualityGateError, match=r"reduced-precision artifact .* \(needs >= 999\).*cpu-fp32"):
         diffc.build(model, strict, tmp_path / "strict.diffc", progress=False)

@@ -1,7 +1,10 @@
 // Example: generate one image from a diffc artifact through the C API and write it as a PNG.
 //
 //   diffc_generate ARTIFACT "a handwritten digit seven" out.png [--seed N] [--guidance G] [--height H --width W]
-//                  [--negative TEXT] [--threads T]
+//                  [--negative TEXT] [--threads T] [--lora FILE[:SCALE]]...
+//
+// --lora applies a LoRA at run time (diffc_set_loras), repeatable: a .safetensors file or a bundled name
+// ("demo-bold"), with an optional scale after the last colon (default 1.0).
 
 #include "diffc.h"
 
@@ -83,10 +86,26 @@ bool write_png(const std::string& path, const uint8_t* rgb, int height, int widt
     return static_cast<bool>(f);
 }
 
+// FILE[:SCALE] -> (file, scale), as `diffc run --lora` reads it: the scale is split off at the last colon only
+// when what follows is a number, so a path with colons still works.
+void parse_lora(const std::string& text, std::string& file, double& scale) {
+    file = text;
+    scale = 1.0;
+    size_t colon = text.rfind(':');
+    if (colon == std::string::npos || colon == 0 || colon + 1 == text.size()) return;
+    const char* tail = text.c_str() + colon + 1;
+    char* end = nullptr;
+    double v = std::strtod(tail, &end);
+    if (end != nullptr && *end == '\0') {
+        file = text.substr(0, colon);
+        scale = v;
+    }
+}
+
 int usage() {
     std::fprintf(stderr,
                  "usage: diffc_generate ARTIFACT PROMPT OUT.png [--seed N] [--guidance G] [--height H] [--width W] "
-                 "[--negative TEXT] [--threads T]\n");
+                 "[--negative TEXT] [--threads T] [--lora FILE[:SCALE]]...\n");
     return 2;
 }
 
@@ -99,6 +118,8 @@ int main(int argc, char** argv) {
     diffc_request req;
     diffc_request_init(&req);
     req.prompt = argv[2];
+    std::vector<std::string> lora_files;
+    std::vector<double> lora_scales;
     for (int i = 4; i < argc; ++i) {
         std::string flag = argv[i];
         if (i + 1 >= argc) return usage();
@@ -109,6 +130,11 @@ int main(int argc, char** argv) {
         else if (flag == "--width") req.width = opts.width = std::atoi(v);
         else if (flag == "--negative") req.negative_prompt = v;
         else if (flag == "--threads") opts.threads = std::atoi(v);
+        else if (flag == "--lora") {
+            lora_files.emplace_back();
+            lora_scales.push_back(1.0);
+            parse_lora(v, lora_files.back(), lora_scales.back());
+        }
         else return usage();
     }
 
@@ -116,6 +142,15 @@ int main(int argc, char** argv) {
     if (diffc_open(argv[1], &opts, &pipe) != DIFFC_OK) {
         std::fprintf(stderr, "error %d: %s\n", diffc_last_error_code(), diffc_last_error_message());
         return 1;
+    }
+    if (!lora_files.empty()) {
+        std::vector<const char*> files;
+        for (const std::string& f : lora_files) files.push_back(f.c_str());
+        if (diffc_set_loras(pipe, files.data(), lora_scales.data(), files.size()) != DIFFC_OK) {
+            std::fprintf(stderr, "error %d: %s\n", diffc_last_error_code(), diffc_last_error_message());
+            diffc_close(pipe);
+            return 1;
+        }
     }
     int height = req.height, width = req.width;
     if ((height == 0 || width == 0) && diffc_default_size(pipe, &height, &width) != DIFFC_OK) {

@@ -32,7 +32,7 @@
 extern "C" {
 #endif
 
-#define DIFFC_API_VERSION 2 /* 2: diffc_options.height / width */
+#define DIFFC_API_VERSION 3 /* 2: diffc_options.height / width; 3: diffc_set_loras */
 
 typedef enum diffc_status {
     DIFFC_OK = 0,
@@ -81,6 +81,16 @@ diffc_status diffc_default_size(diffc_pipeline* pipeline, int* height, int* widt
  * row-major, 8-bit RGB, no padding. *out_height / *out_width (may be NULL) receive the image size. */
 diffc_status diffc_generate(diffc_pipeline* pipeline, const diffc_request* request, uint8_t* rgb, size_t rgb_size,
                             int* out_height, int* out_width);
+
+/* Apply LoRAs at run time, without a rebuild: `files[i]` (a LoRA .safetensors in the peft / diffusers / kohya /
+ * A1111 layout, or a bundled name such as "demo-bold") at `scales[i]` (1.0: as trained), on top of the artifact's
+ * weights, replacing the LoRAs set before; several add up. `count` = 0 (`files` / `scales` may then be NULL):
+ * back to the artifact's own weights, exactly. Only the engines whose weights change are reopened (onnxruntime and
+ * OpenVINO artifacts; others: DIFFC_ERR_INPUT saying to fuse the LoRA at build with `diffc build --lora`).
+ * Every file is read and checked before any engine is touched: on failure (DIFFC_ERR_INPUT for a missing, corrupt
+ * or foreign LoRA or a non-finite scale) the pipeline keeps the LoRAs it had. Serialized with generations on the
+ * same handle, like every call. */
+diffc_status diffc_set_loras(diffc_pipeline* pipeline, const char* const* files, const double* scales, size_t count);
 
 /* Free the handle (NULL is fine). */
 void diffc_close(diffc_pipeline* pipeline);

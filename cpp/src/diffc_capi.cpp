@@ -219,6 +219,35 @@ diffc_status diffc_generate(diffc_pipeline* pipeline, const diffc_request* reque
     }
 }
 
+diffc_status diffc_set_loras(diffc_pipeline* pipeline, const char* const* files, const double* scales, size_t count) {
+    if (pipeline == nullptr) return fail(DIFFC_ERR_INVALID_ARGUMENT, "diffc_set_loras: `pipeline` must not be NULL");
+    if (count > 0 && (files == nullptr || scales == nullptr))
+        return fail(DIFFC_ERR_INVALID_ARGUMENT,
+                    "diffc_set_loras: `files` and `scales` must not be NULL when `count` > 0 (count 0: no LoRA)");
+    for (size_t i = 0; i < count; ++i)
+        if (files[i] == nullptr)
+            return fail(DIFFC_ERR_INVALID_ARGUMENT, "diffc_set_loras: files[" + std::to_string(i) + "] is NULL");
+    try {
+        std::lock_guard<std::mutex> lock(pipeline->mu);
+        py::gil_scoped_acquire gil;
+        try {
+            // (file, scale) pairs in order, so a file given twice adds up as two LoRAs would; the scales are
+            // checked (finite) by diffc.runtime.lora like every other entry point's
+            py::list loras;
+            for (size_t i = 0; i < count; ++i)
+                loras.append(py::make_tuple(py::str(files[i]), scales[i]));
+            pipeline->pipe.attr("set_loras")(loras);
+            return ok();
+        } catch (py::error_already_set& e) {
+            return fail_python(e);
+        }
+    } catch (const std::exception& e) {
+        return fail(DIFFC_ERR_INTERNAL, std::string("diffc_set_loras: ") + e.what());
+    } catch (...) {
+        return fail(DIFFC_ERR_INTERNAL, "diffc_set_loras: unknown C++ exception");
+    }
+}
+
 void diffc_close(diffc_pipeline* pipeline) {
     if (pipeline == nullptr) return;
     try {

@@ -1,7 +1,8 @@
 /* Exercises the C API's error paths from plain C; prints one line per case: NAME CODE MESSAGE.
- * usage: diffc_capi_errors GOOD_ARTIFACT */
+ * usage: diffc_capi_errors GOOD_ARTIFACT [LORA]  (LORA: a LoRA file for that artifact; its cases run with it) */
 #include "diffc.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,6 +39,21 @@ int main(int argc, char** argv) {
     int h = 0, w = 0;
     report("generate", diffc_generate(pipe, &req, buf, (size_t)4096 * 4096 * 3, &h, &w));
     printf("size %d %d\n", h, w);
+
+    /* run-time LoRAs: bad input is refused with the pipeline unchanged; a good one applies, count 0 clears */
+    report("lora_null_pipeline", diffc_set_loras(NULL, NULL, NULL, 0));
+    report("lora_null_files", diffc_set_loras(pipe, NULL, NULL, 1));
+    const char* missing[] = {"/nonexistent/lora.safetensors"};
+    double one[] = {1.0};
+    report("lora_missing", diffc_set_loras(pipe, missing, one, 1));
+    if (argc > 2) {
+        const char* lora[] = {argv[2]};
+        double nan_scale[] = {NAN};
+        report("lora_nan_scale", diffc_set_loras(pipe, lora, nan_scale, 1));
+        report("lora_set", diffc_set_loras(pipe, lora, one, 1));
+        report("lora_generate", diffc_generate(pipe, &req, buf, (size_t)4096 * 4096 * 3, &h, &w));
+        report("lora_clear", diffc_set_loras(pipe, NULL, NULL, 0));
+    }
     diffc_close(pipe);
 
     /* a size given at open: checked there, and what requests without a size produce */

@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
+from diffc.build.memory import release
 from diffc.engines.onnxruntime import Session
 from diffc.profiles.schema import QuantizeOptions
 from diffc.runtime.pipeline import Pipeline
@@ -146,8 +147,13 @@ def calibrate(reference: Path, graphs: dict[str, tuple[Path, Sequence[str]]], op
     recorders: dict[str, RangeRecorder] = {}
     if getattr(pipe, "cache", None):
         pipe.set_cache_schedule(None)  # the full UNet at every step: every step's ranges, for both graphs
+        # never run now: its session would only hold a second copy of the UNet's weights
+        pipe.sessions[pipe.cache["shallow_component"]] = None
     jobs = [(p, s) for p in options.calibration_prompts for s in options.calibration_seeds]
     try:
+        for name in graphs:  # the recorders stand in for these: their own sessions go first (one copy at a time)
+            pipe.sessions[name] = None
+        release()
         for name, (graph, targets) in graphs.items():
             per_step = name == denoiser  # called once per step, on the CFG batch; the decoder once per image
             recorders[name] = RangeRecorder(graph, targets, num_steps=steps if per_step else 1,
@@ -173,4 +179,6 @@ def calibrate(reference: Path, graphs: dict[str, tuple[Path, Sequence[str]]], op
     finally:
         for recorder in recorders.values():
             recorder.close()
+        pipe.close()  # before the caller builds the quantized graphs: no session outlives calibration
+        release()
     return out

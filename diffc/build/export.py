@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from diffc._fs import folder_hash
-from diffc.build import controlnet, families, step_cache
+from diffc.build import controlnet, families, memory, step_cache
 from diffc.build.plan import (build_components, cache_plan, check_transformer_profile, geometry_from_configs,
                               transformer_geometry, uses_cfg)
 from diffc.errors import DiskSpaceError
@@ -54,6 +54,20 @@ class Exported:
     family: Any = None
     #: the denoiser was exported with its first block's results marked (dynamic step caching: diffc.build.step_cache)
     step_marks: bool = False
+    #: the LoRA fingerprints of the pipeline's weights (diffc.exporter.lora.weight_fingerprints), taken when
+    #: :meth:`release_torch` drops the modules; None while they are loaded
+    weight_prints: Any = None
+
+    def release_torch(self) -> None:
+        """Drop the pipeline's torch modules -- every component's fp32 weights -- once the stages that compare
+        graphs with PyTorch are done (export, passes, the twin's passes): calibration, the engines and the gate
+        run ONNX graphs only, and the modules would sit resident beside their copies (an SD-1.5 build: 4 GB).
+        The weights' LoRA fingerprints (what :func:`diffc.build.lora.record` matches the engines' weights with)
+        are taken first; the tokenizers stay. Idempotent."""
+        from diffc.exporter.export import release_modules
+
+        if self.weight_prints is None:
+            self.weight_prints = release_modules(self.pipe)
 
     @property
     def denoiser(self) -> str:
@@ -96,6 +110,14 @@ def check_disk(fp32_bytes: int, work: Path, artifact: Path) -> dict[str, Any]:
     return {"fp32_weight_bytes": fp32_bytes, "need_bytes": need, "free_bytes": free}
 
 
+def weight_folders(source) -> list[str]:
+    """The source folder's subfolders whose weights the build loads (``vae`` once for its encoder and decoder)."""
+    from diffc.exporter.source import COMPONENT_FOLDER
+
+    folders = dict.fromkeys(COMPONENT_FOLDER.get(c, c) for c in source.components)
+    return [f for f in folders if (source.path / f).is_dir()]
+
+
 def scheduler_config(source) -> dict[str, Any]:
     """The pipeline's scheduler config as the sampler tables are compiled from it (and the manifest records)."""
     cfg = dict(source.scheduler_config)
@@ -107,10 +129,14 @@ def scheduler_config(source) -> dict[str, Any]:
 
 
 def export(model: str | Path, profile: Profile, work: Path, artifact: Path, *, exporter: str, progress: bool,
-           report: dict[str, Any], loras: list | None = None) -> Exported:
+           report: dict[str, Any], loras: list | None = None, force_memory: bool = False,
+           vae_decoder: str | Path | None = None) -> Exported:
     """Load ``model`` (a diffusers folder, or ``"demo"`` written into ``work``), check the disk against
     ``artifact``'s, and export the loop's components into ``work/onnx`` (with the UNet's cache-branch features
-    as extra outputs when the profile reuses the cache). Records ``disk`` and ``timings.export_s`` in ``report``.
+    as extra outputs when the profile reuses the cache). Records ``memory_check``, ``disk`` and ``timings.export_s``
+    in ``report``; refuses, before loading the pipeline, a build that will not fit in memory
+    (:func:`diffc.build.memory.check_memory`; ``force_memory`` builds anyway). ``vae_decoder``: a tiny
+    ``AutoencoderTiny`` folder (or ``demo-tiny``) exported as the ``vae_decoder`` (:mod:`diffc.exporter.tiny_vae`).
     """
     from diffc.exporter import pipeline_data
     from diffc.exporter.export import export_pipeline_to, load_pipeline, resolve_model
@@ -119,12 +145,18 @@ def export(model: str | Path, profile: Profile, work: Path, artifact: Path, *, e
 
     folder = resolve_model(model, work)
     source = inspect_model(folder)
+    tiny = None
+    if vae_decoder is not None:  # a wrong folder is refused before the pipeline loads
+        from diffc.exporter import tiny_vae
+
+        tiny = tiny_vae.inspect(vae_decoder, model)
     family = families.family_of(source.pipeline_class)
     if family is not None:
         check_transformer_profile(profile, family)
     else:  # before loading: an inpainting UNet saved as text-to-image would load, build, and fail only at run time
         check_unet_channels(source.config("unet"), source.pipeline_class)
         controlnet.check_profile(profile, source.components)  # int8 / cache reuse with ControlNet: refused
+    report["memory_check"] = memory.check_memory(folder, weight_folders(source), profile, force=force_memory)
     pipe = load_pipeline(source, loras or ())  # LoRAs (diffc.build.lora.check) fused before export
     components = build_components(source.components, None)  # the ControlNets after the UNet
     report["disk"] = check_disk(pipeline_data.fp32_weight_bytes(pipe, components), work, artifact)
@@ -146,6 +178,13 @@ def export(model: str | Path, profile: Profile, work: Path, artifact: Path, *, e
         tables = compile_sampler(kind, sched_cfg, profile.steps, pipeline_class=source.pipeline_class,
                                  image_seq_len=(geometry["height"][1] // f // p) * (geometry["width"][1] // f // p))
         cache = None
+    tiny_record = None
+    if tiny is not None:
+        channels = (int(cfgs["unet"].get("out_channels") or cfgs["unet"]["in_channels"]) if family is None
+                    else families.latent_channels(family, cfgs["transformer"], cfgs["vae"]))
+        tiny_record = tiny_vae.attach(pipe, tiny, latent_channels=channels,
+                                      vae_scale_factor=geometry["vae_scale_factor"],
+                                      pipeline_class=source.pipeline_class)
 
     t0 = time.perf_counter()
     onnx_dir = work / "onnx"
@@ -153,6 +192,8 @@ def export(model: str | Path, profile: Profile, work: Path, artifact: Path, *, e
                                        progress=progress, cache_marks=cache is not None,
                                        step_marks=step_cache.enabled(profile))
     export_report["source"] = {"model": str(model), "sha256": folder_hash(folder)}
+    if tiny_record is not None:
+        export_report["vae_decoder"] = tiny_record  # the manifest's source.vae_decoder
     report["timings"]["export_s"] = round(time.perf_counter() - t0, 3)
     return Exported(model=str(model), source=source, pipe=pipe, components=components, onnx_dir=onnx_dir,
                     report=export_report, unet_config=cfgs.get("unet") or cfgs["transformer"], vae_config=cfgs["vae"],

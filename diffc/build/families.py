@@ -22,11 +22,13 @@ Flux2KleinPipeline         Qwen3 states of layers 9 / 18 / 27 stacked along the 
                            tokenizer's chat template, 512 tokens; FLUX.1's 2x2 packing (the same token order as
                            FLUX.2's patchify + pack) with 4-axis ids; timestep = sigma; CFG with an empty negative
                            prompt unless ``is_distilled`` (model_index.json)
+Flux2Pipeline              FLUX.2 [dev]: Mistral-3's states of layers 10 / 20 / 30 stacked (its language model
+                           only), prompt in the Mistral chat template after FLUX.2's system message, 512
+                           tokens; klein's latents, ids and timestep; ``guidance`` input = the scale, no CFG
 =========================  =============================================================================
 
-``Flux2Pipeline`` (FLUX.2 [dev]) is not built: its text encoder is Mistral-Small-3.1
-(``Mistral3ForConditionalGeneration``, a vision-language model driven through a ``PixtralProcessor`` chat with a
-system message), which diffc has no export contract or run-time tokenizer for; :data:`REFUSED` says so at build.
+``Flux2Pipeline``'s edit mode (reference images through ``image=``, appended to the image tokens with their own
+ids) is not built: the artifact is text-to-image, and the runtime refuses an image for it (a typed error).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class EncoderPlan:
 
     component: str
     tokenizer: str
-    tokenizer_kind: str  # clip | t5 | gemma | qwen_chat
+    tokenizer_kind: str  # clip | t5 | gemma | qwen_chat | mistral_chat
     max_length: int
     hidden_state: str | None
     pooled: str | None
@@ -79,6 +81,9 @@ class Family:
     position_ids: str = "flux"
     #: how guidance works without a guidance embedding: ``cfg`` (a batch of uncond + cond) or ``none``
     unembedded_guidance: str = "cfg"
+    #: whether the pipeline feeds a guidance embedding when the transformer has one (``guidance_embeds``);
+    #: False: it never does (FLUX.2 [klein]), and a transformer with one is the wrong folder
+    feeds_guidance_embedding: bool = True
 
 
 def _clip(component: str, tokenizer: str, hidden: str | None, pooled: str | None, group: int = 0) -> EncoderPlan:
@@ -129,15 +134,20 @@ FAMILIES: dict[str, Family] = {
         "flux2",
         (EncoderPlan("text_encoder", "tokenizer", "qwen_chat", 512, "stacked_hidden_states", None, "tokens"),),
         "packed_2x2", {**_NCHW_INPUTS, "latents": "hidden_states", "image_ids": "img_ids", "text_ids": "txt_ids"},
-        4.0, timestep_scale=0.001, position_ids="flux2"),
+        4.0, timestep_scale=0.001, position_ids="flux2", feeds_guidance_embedding=False),
+    # Flux2Pipeline._get_mistral_3_small_prompt_embeds: format_input (FLUX.2's system message, the prompt without
+    # "[IMG]") through the processor's chat template, 512 tokens padded, the mask to Mistral-3 only;
+    # hidden_states[10], [20], [30] stacked on the features. __call__: guidance = the scale (no CFG batch),
+    # timestep / 1000, compute_empirical_mu
+    "Flux2Pipeline": Family(
+        "flux2",
+        (EncoderPlan("text_encoder", "tokenizer", "mistral_chat", 512, "stacked_hidden_states", None, "tokens"),),
+        "packed_2x2", {**_NCHW_INPUTS, "latents": "hidden_states", "image_ids": "img_ids", "text_ids": "txt_ids"},
+        4.0, timestep_scale=0.001, position_ids="flux2", unembedded_guidance="none"),
 }
 
 #: pipeline classes of a supported family that diffc refuses to build, and why (the build's typed error says it)
-REFUSED = {
-    "Flux2Pipeline": "FLUX.2 [dev]'s text encoder is Mistral-Small-3.1 (Mistral3ForConditionalGeneration behind a "
-                     "PixtralProcessor chat template with a system message), which diffc has no export contract or "
-                     "run-time tokenizer for; build FLUX.2 [klein] (Flux2KleinPipeline) instead",
-}
+REFUSED: dict[str, str] = {}
 
 
 def family_of(pipeline_class: str) -> Family | None:
@@ -180,15 +190,15 @@ def native_latent(transformer_cfg: dict[str, Any], vae_cfg: dict[str, Any]) -> i
 
 def guidance_mode(family: Family, transformer_cfg: dict[str, Any], profile_guidance: float | None,
                   pipeline_cfg: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The manifest's ``guidance``: FLUX-dev and Sana-Sprint embed the scale (``scale_input``: fed to the
-    ``guidance`` input, no CFG batch); FLUX-schnell takes none, nor a step-distilled FLUX.2 [klein]
+    """The manifest's ``guidance``: FLUX.1-dev, FLUX.2 [dev] and Sana-Sprint embed the scale (``scale_input``:
+    fed to the ``guidance`` input, no CFG batch); FLUX-schnell takes none, nor a step-distilled FLUX.2 [klein]
     (``is_distilled`` in ``pipeline_cfg``, model_index.json: the pipeline ignores its guidance scale); the others
     run classifier-free guidance (uncond first)."""
-    if family.name == "flux2" and transformer_cfg.get("guidance_embeds"):
+    if not family.feeds_guidance_embedding and transformer_cfg.get("guidance_embeds"):
         raise ModelError("the FLUX.2 [klein] transformer config sets guidance_embeds=true, but Flux2KleinPipeline "
-                         "never feeds a guidance embedding (only FLUX.2 [dev] has one, which diffc does not build); "
-                         "check that the transformer folder belongs to this klein pipeline")
-    if family.name in ("flux", "sana") and transformer_cfg.get("guidance_embeds"):
+                         "never feeds a guidance embedding (FLUX.2 [dev]'s Flux2Pipeline does); check that the "
+                         "transformer folder belongs to this klein pipeline")
+    if transformer_cfg.get("guidance_embeds"):
         return {"mode": "scale_input", "default_scale": profile_guidance if profile_guidance is not None
                 else family.default_guidance, "input": "guidance"}
     if family.name == "flux" or family.unembedded_guidance == "none" or profile_guidance is None \

@@ -51,9 +51,10 @@ def _graph_prints(backend, path: Path, artifact: Path) -> dict[str, dict[str, An
     return out
 
 
-def targets(pipe, components: dict[str, Any], artifact: Path) -> dict[str, Any] | None:
+def targets(pipe, components: dict[str, Any], artifact: Path, prints=None) -> dict[str, Any] | None:
     """The manifest's ``lora_targets`` for the built engines ``components`` (name -> manifest entry); None when
-    no engine's backend can take replaced weights (the runtime then says to fuse LoRAs at build)."""
+    no engine's backend can take replaced weights (the runtime then says to fuse LoRAs at build). ``prints``:
+    the pipeline's weight fingerprints taken before its modules were dropped (else taken from ``pipe``)."""
     from diffc.engines import get_backend
     from diffc.exporter.lora import weight_fingerprints
     from diffc.runtime.manifest import artifact_path
@@ -62,7 +63,7 @@ def targets(pipe, components: dict[str, Any], artifact: Path) -> dict[str, Any] 
                    if getattr(get_backend(entry["backend"]), "replaces_weights", False)]
     if not replaceable:
         return None
-    records, by_print = weight_fingerprints(pipe)
+    records, by_print = prints if prints is not None else weight_fingerprints(pipe)
     for engine in replaceable:
         entry = components[engine]
         backend = get_backend(entry["backend"])
@@ -91,4 +92,4 @@ def targets(pipe, components: dict[str, Any], artifact: Path) -> dict[str, Any] 
 def record(manifest, exported, components: dict[str, Any], artifact: Path, loras: list[LoraSpec]) -> None:
     """Fill the manifest's ``loras`` and ``lora_targets`` (called once the engines are in ``artifact``)."""
     manifest.loras = [lo.record() for lo in loras] or None
-    manifest.lora_targets = targets(exported.pipe, components, artifact)
+    manifest.lora_targets = targets(exported.pipe, components, artifact, prints=exported.weight_prints)

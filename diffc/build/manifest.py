@@ -185,7 +185,10 @@ def compose(exported: Exported, profile: Profile, components: dict[str, Any], te
         cache = {**exported.cache, "nodes": split["nodes"], "shallow_fraction": split["shallow_fraction"]}
     return Manifest(
         source={"model": exported.model, "pipeline_class": exported.source.pipeline_class,
-                "sha256": exported.source_sha256},
+                "sha256": exported.source_sha256,
+                # --vae-decoder: the tiny decoder's origin and scaling (diffc.exporter.tiny_vae); the runtime
+                # decodes as `latent` says either way (the rescaling is folded into the graph)
+                **({"vae_decoder": exported.report["vae_decoder"]} if "vae_decoder" in exported.report else {})},
         profile=profile.to_dict(),
         build={"exporter": exporter, "opset": exported.report["opset"], "versions": versions(profile),
                "passes": report["pass_order"], "scheduler_config": _strict_json(exported.scheduler_config)},

@@ -14,6 +14,7 @@ stage pass is recorded in the component's pass list like a graph pass: name, rew
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
+from diffc.build import memory
 from diffc.build.export import Exported
 from diffc.errors import ParityError
 from diffc.onnx_io import save_ir_model
@@ -57,9 +59,13 @@ def run(exported: Exported, profile: Profile, dest: Path, report: dict[str, Any]
     for name in tqdm(exported.components, desc="passes", unit="component", disable=not progress):
         model = ir.load(exported.onnx_dir / name / "model.onnx")
         pass_report = run_pass_list(model, name, profile.backend.value, verify=verify, **profile.passes)
-        passed = save_ir_model(model, dest / name / "model.onnx")
-        module = component_module(pipe, name)
         marked = cache is not None and name == "unet"
+        # the cache-marked UNet in a folder of its own: the split writes the full graph at dest/unet, and reads
+        # the marked graph's weights (lazily) while it does
+        passed = save_ir_model(model, dest / (f"{name}_marked" if marked else name) / "model.onnx")
+        del model  # the parity session below reads the saved graph; a split reads it back lazily (mmap'd weights)
+        memory.release()
+        module = component_module(pipe, name)
         step_marked = exported.step_marks and name == exported.denoiser  # diffc.build.step_cache
         contract = get_contract(name, module, **({"cache_marks": True} if marked else {}),
                                 **({"step_marks": True} if step_marked else {}))
@@ -73,19 +79,19 @@ def run(exported: Exported, profile: Profile, dest: Path, report: dict[str, Any]
                 "[passes].disable in the profile, and report the model config")
         graphs[name] = passed
         if marked:
-            split = split_cache(exported, model, dest)
+            split = split_cache(exported, ir.load(passed), dest)
             report["components"][name]["cache_split"] = split
             pass_report["passes"].append(stage_pass_entry("cache_split", split, ("full", "shallow")))
-            graphs["unet_shallow"] = dest / "unet_shallow" / "model.onnx"
+            graphs.update(unet=dest / "unet" / "model.onnx", unet_shallow=dest / "unet_shallow" / "model.onnx")
+            shutil.rmtree(passed.parent)  # the two graphs hold every weight they read from it
         if step_marked:  # the whole denoiser, its head and its tail (diffc.build.step_cache)
             from diffc.build import step_cache
 
-            split = step_cache.split(exported, model, dest, name)
+            split = step_cache.split(exported, ir.load(passed), dest, name)
             report["components"][name]["step_cache_split"] = split
             pass_report["passes"].append(stage_pass_entry("step_cache_split", split, ("full", "head", "tail")))
             graphs.update({name: Path(split["graphs"]["full"]), f"{name}_head": Path(split["graphs"]["head"]),
                            f"{name}_tail": Path(split["graphs"]["tail"])})
-        del model
     report["timings"]["passes_s"] = round(time.perf_counter() - t0, 3)
     return graphs
 
@@ -121,14 +127,21 @@ def split_cache(exported: Exported, marked: ir.Model, dest: Path) -> dict[str, A
     full, shallow, rep = split(marked, cache["branch"], dims=("batch", None, *feature_dims(cache["level"])))
     paths = {"full": save_ir_model(full, dest / "unet" / "model.onnx"),
              "shallow": save_ir_model(shallow, dest / "unet_shallow" / "model.onnx")}
-    del full, shallow
-    sess = cpu_sessions(paths)
+    del full, shallow, marked
     atol = pipeline_data.contract_atol(exported.pipe, "unet", cache_marks=True)
+    all_feeds = pipeline_data.sample_feeds(exported.pipe, "unet", cache_marks=True)
+    # one session at a time: the full graph's outputs first, then the shallow graph on its features (two
+    # sessions at once held the UNet's weights twice)
+    full_session = cpu_sessions({"full": paths["full"]})["full"]
+    results = [full_session.run(["out_sample", cache["feature"]], feeds) for feeds in all_feeds]
+    del full_session
+    memory.release()
+    shallow_session = cpu_sessions({"shallow": paths["shallow"]})["shallow"]
     worst = 0.0
-    for feeds in pipeline_data.sample_feeds(exported.pipe, "unet", cache_marks=True):
-        out_full, feature = sess["full"].run(["out_sample", cache["feature"]], feeds)
-        out_shallow = sess["shallow"].run(["out_sample"], {**feeds, cache["feature"]: feature})[0]
+    for feeds, (out_full, feature) in zip(all_feeds, results):
+        out_shallow = shallow_session.run(["out_sample"], {**feeds, cache["feature"]: feature})[0]
         worst = max(worst, float(np.abs(out_full.astype(np.float64) - out_shallow).max()))
+    del shallow_session
     rep["shallow_check"] = {"max_abs_err": worst, "passed": worst <= atol}
     if worst > atol:
         raise ParityError(f"the shallow UNet (cache branch {cache['branch']}) differs from the full UNet by "

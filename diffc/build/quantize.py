@@ -51,24 +51,37 @@ def quality_gate(reference: Path, candidate: Path | None, options: QuantizeOptio
     onnxruntime (for engines this machine cannot run) -- against ``reference``. ``quantized``: whether the
     candidate has int8 / fp8 components (False: only reduced float compute, e.g. bf16), for the error's advice.
     Raises :class:`QualityGateError` when below the thresholds; returns the numbers otherwise."""
+    from diffc.build.memory import release
     from diffc.runtime.controlnet import gate_inputs
 
-    ref = Pipeline(reference, progress=False, cache=False)
+    jobs = [(p, s) for p in options.gate_prompts for s in options.gate_seeds]
+    bar = tqdm(total=2 * len(jobs), desc="quality gate", unit="image", disable=not progress)
+    # one artifact's sessions at a time: the reference's images first, then the candidate's (both open at once
+    # held the fp32 weights beside the candidate's engines)
+    with Pipeline(reference, progress=False, cache=False) as ref:
+        extras = [gate_inputs(ref) for _ in jobs]  # a ControlNet artifact is gated with its ControlNets on
+        expected = []
+        for (prompt, seed), extra in zip(jobs, extras):
+            expected.append(ref(prompt, seed=seed, **extra))
+            bar.update()
+    release()
     if candidate is not None:
         cand = Pipeline(candidate, progress=False, cache=False)
     else:
         cand = Pipeline(reference, progress=False, cache=False)
         for name, graph in (replace or {}).items():
+            cand.sessions[name] = None  # the fp32 session goes before its quantized stand-in opens
             cand.sessions[name] = Session(graph)
         if step_variants:
             cand.manifest = {**cand.manifest, "step_variants": step_variants}
     rows = []
-    jobs = [(p, s) for p in options.gate_prompts for s in options.gate_seeds]
-    for prompt, seed in tqdm(jobs, desc="quality gate", unit="image", disable=not progress):
-        extra = gate_inputs(ref)  # a ControlNet artifact is gated with its ControlNets on
-        a, b = ref(prompt, seed=seed, **extra), cand(prompt, seed=seed, **extra)
-        rows.append({"prompt": prompt, "seed": seed, "psnr_db": round(_psnr(a, b), 3),
-                     "max_abs_error": round(float(np.abs(a - b).max()), 5)})
+    with cand:
+        for (prompt, seed), extra, a in zip(jobs, extras, expected):
+            b = cand(prompt, seed=seed, **extra)
+            bar.update()
+            rows.append({"prompt": prompt, "seed": seed, "psnr_db": round(_psnr(a, b), 3),
+                         "max_abs_error": round(float(np.abs(a - b).max()), 5)})
+    bar.close()
     worst_psnr = min(r["psnr_db"] for r in rows)
     mean_psnr = round(float(np.mean([min(r["psnr_db"], 99.0) for r in rows])), 3)
     worst_err = max(r["max_abs_error"] for r in rows)
@@ -129,7 +142,8 @@ def quantize(profile: Profile, quantized: dict[str, Precision], reference: Path,
         group_ranges, calib = calibrated[name]
         comp = report["components"][name]
         comp["quantization"] = {"precision": precision.value, "activations": qtype,
-                                "weights": "fp8 e4m3 per output channel" if qtype == "fp8" else "int8 per output channel",
+                                "weights": ("fp8 e4m3 per output channel" if qtype == "fp8"
+                                            else "int8 per output channel"),
                                 "keep_float": list(opts.keep_float), "calibration": calib}
         # (source graph, output name, ranges): the component (and the UNet's shallow half) with the first
         # group's scales, then one more UNet per further step group

@@ -19,15 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from diffc.engines import backend_names, get_backend
 from diffc.errors import ParityError, ProfileError
 from diffc.profiles import Profile
-from diffc.profiles.schema import Backend
 
 log = logging.getLogger("diffc.build")
-
-#: the backends the step cache is built and tested for. OpenVINO compiles every engine for fixed shapes at load
-#: and TensorRT needs shape profiles for the cut tensors' axes; neither is tested with the head / tail pair yet.
-BACKENDS = (Backend.ONNXRUNTIME,)
 
 
 def enabled(profile: Profile) -> bool:
@@ -44,10 +40,12 @@ def check(profile: Profile, denoiser: str = "unet") -> None:
         raise ProfileError(f"{where} does not combine with [cache] (DeepCache reuse): both replace the whole UNet on "
                            "some steps by a cheaper graph, by different rules, and their cuts (after the first down "
                            "block; before an up layer) would need a third graph per step kind. Use one of them")
-    if profile.backend not in BACKENDS:
-        raise ProfileError(f"{where} is built for onnxruntime only (the head / tail pair is not tested on "
-                           f"{profile.backend.value}: OpenVINO would compile both for fixed shapes, TensorRT needs "
-                           "shape profiles for the cut tensors); use an onnxruntime profile such as cpu-fp32")
+    # which backends the head / tail pair is built and tested for is theirs to say (``step_cache_split``):
+    # OpenVINO compiles every engine for fixed shapes at load, TensorRT needs shape profiles for the cut tensors
+    if not get_backend(profile.backend).step_cache_split:
+        split_on = ", ".join(n for n in backend_names() if get_backend(n).step_cache_split)
+        raise ProfileError(f"{where} is built for {split_on} only (the head / tail pair is not tested on "
+                           f"{profile.backend.value}); use a profile for one of them, such as cpu-fp32")
     quantized = profile.quantized_components(("unet", "transformer"))
     if quantized:
         raise ProfileError(f"{where} does not combine with int8 / fp8 denoisers yet: the quantizer calibrates and "

@@ -75,5 +75,9 @@ def _write_family(exported: Exported, artifact: Path) -> list[dict[str, Any]]:
             from diffc.exporter.pipeline_data import chat_template_parts
 
             entry.update(chat_template_parts(exported.pipe, e.tokenizer))
+        if e.tokenizer_kind == "mistral_chat":  # FLUX.2 [dev]: its system message and the prompt, in the template
+            from diffc.exporter.pipeline_data import flux2_dev_chat_parts
+
+            entry.update(flux2_dev_chat_parts(exported.pipe, e.tokenizer))
         encoders.append(entry)
     return encoders

@@ -37,6 +37,15 @@ The protocol (:class:`Backend`; a new backend is one module that implements it a
 ``qdq_form: Mapping[str, bool]``
     the :class:`~diffc.passes.quantize.QuantizePass` options its int8 kernels need: ``output_qdq`` (Q/DQ on each
     Conv's output, for onnxruntime's ``QLinearConv``) and ``int32_bias``.
+``runs_on_gpu: bool``
+    whether its engines run only on an NVIDIA GPU: a Triton repository for such an artifact asks for
+    ``KIND_GPU`` instances (:mod:`diffc.serve.repository`), any other for ``KIND_CPU``.
+``tensorrt_options: bool``
+    whether the profile's ``[tensorrt]`` table (builder flags, shape specialization, CUDA graphs) applies to it;
+    the profile schema refuses the table for any other backend.
+``step_cache_split: bool``
+    whether the dynamic step cache's head / tail pair (``[savings.step_cache]``, :mod:`diffc.build.step_cache`)
+    is built and tested for it; a profile asking it of another backend is refused before any work.
 ``describe_build(profile, component, shape_ranges) -> dict``
     what building ``component`` would do, without the backend installed (``diffc build --dry-run``): backend,
     precision and shape ranges (:func:`plain_description`), or more (TensorRT: flags and profiles).
@@ -138,6 +147,9 @@ class Backend(Protocol):
     int8_activations: tuple[str, ...]
     fp8_kernels: bool
     qdq_form: Mapping[str, bool]
+    runs_on_gpu: bool
+    tensorrt_options: bool
+    step_cache_split: bool
 
     def describe_build(self, profile: Any, component: str, shape_ranges: Mapping[str, Any]) -> dict[str, Any]: ...
 

@@ -279,6 +279,10 @@ class OnnxRuntimeBackend:
     fp8_kernels = False
     #: QLinearConv fuses only with Q/DQ on the Conv's output too, and takes an int32 bias
     qdq_form = MappingProxyType({"output_qdq": True, "int32_bias": True})
+    runs_on_gpu = False
+    tensorrt_options = False
+    #: the head / tail pair shares one weights file and runs with dynamic shapes: built and tested here
+    step_cache_split = True
     describe_build = staticmethod(plain_description)
     #: sessions open with replaced initializers (``open_session(..., weights=)``): run-time LoRAs
     replaces_weights = True

@@ -333,6 +333,10 @@ class OnnxRuntimeCudaBackend:
     int8_activations = ("int8",)  # none built: check_profile refuses int8 (no int8 convolution kernels)
     fp8_kernels = False
     qdq_form = MappingProxyType({"output_qdq": False, "int32_bias": False})
+    runs_on_gpu = True
+    tensorrt_options = False
+    #: the head / tail pair is not tested on the CUDA provider (fp16 conversion of the cut graphs)
+    step_cache_split = False
     describe_build = staticmethod(plain_description)
 
     def available(self) -> str | None:

@@ -362,6 +362,10 @@ class OpenVINOBackend:
     fp8_kernels = False
     #: Q/DQ on the inputs only, float bias (the output Q/DQ and int32 bias are onnxruntime's QLinearConv form)
     qdq_form = MappingProxyType({"output_qdq": False, "int32_bias": False})
+    runs_on_gpu = False
+    tensorrt_options = False
+    #: OpenVINO compiles every engine for fixed shapes at load: the head / tail pair is not tested with it yet
+    step_cache_split = False
     describe_build = staticmethod(plain_description)
     #: sessions open with replaced IR constants (``open_session(..., weights=)``): run-time LoRAs
     replaces_weights = True

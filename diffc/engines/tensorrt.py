@@ -552,6 +552,11 @@ class TensorRTBackend:
     fp8_kernels = True
     #: Q/DQ on the inputs only, float bias: TensorRT fuses the rest itself
     qdq_form = MappingProxyType({"output_qdq": False, "int32_bias": False})
+    runs_on_gpu = True
+    #: both flavours read the [tensorrt] table (diffc.profiles.schema refuses what TensorRT-RTX lacks)
+    tensorrt_options = True
+    #: the cut tensors' axes would need shape profiles of their own: not built for the step cache yet
+    step_cache_split = False
 
     def __init__(self, flavour: str):
         self.name = _check_flavour(flavour)

@@ -2,8 +2,9 @@
 
 FLUX.1 (``FluxTransformer2DModel``), FLUX.2 (``Flux2Transformer2DModel``), SD3 / SD3.5
 (``SD3Transformer2DModel``), PixArt-Sigma (``PixArtTransformer2DModel``) and Sana / Sana-Sprint
-(``SanaTransformer2DModel``), plus T5 (``T5EncoderModel``), Gemma-2 (``Gemma2Model``) and FLUX.2 [klein]'s Qwen3
-(``Qwen3ForCausalLM``, intermediate layers stacked) encoders. CLIP encoders (FLUX's pooled CLIP-L, SD3's
+(``SanaTransformer2DModel``), plus T5 (``T5EncoderModel``), Gemma-2 (``Gemma2Model``), FLUX.2 [klein]'s Qwen3
+(``Qwen3ForCausalLM``) and FLUX.2 [dev]'s Mistral-3 (``Mistral3ForConditionalGeneration``, its language model only)
+encoders, intermediate layers stacked. CLIP encoders (FLUX's pooled CLIP-L, SD3's
 CLIP-L / CLIP-G with projections), the 16-channel FLUX / SD3 ``AutoencoderKL`` and Sana's ``AutoencoderDC``
 decoder use the contracts :mod:`diffc.exporter.contracts` already has (their ``decode`` / pooled outputs are the
 same calls).
@@ -18,7 +19,8 @@ What the graphs take, and what the runtime must do around them (the runtime loop
 * FLUX.2: FLUX.1's packed tokens (FLUX.2's patchify + pack orders them the same way), 4-axis ids
   ``img_ids`` ``[(H/2)(W/2), 4]`` = (0, row, column, 0) and ``txt_ids`` ``[S, 4]`` = (0, 0, 0, token), sigma as
   the timestep, no pooled input; ``guidance`` only when embedded (FLUX.2 [dev]; [klein] runs CFG instead). The
-  text is Qwen3's states after layers 9, 18 and 27 concatenated per token (:class:`_StackedHiddenStates`), and
+  text is Qwen3's states after layers 9, 18 and 27 concatenated per token (:class:`_StackedHiddenStates`; [dev]:
+  Mistral-3's after layers 10, 20 and 30, :class:`_MistralStackedHiddenStates`), and
   ``AutoencoderKLFlux2``'s decoder graph undoes the BatchNorm normalization of the latents
   (:class:`Flux2VaeDecoder`).
 * SD3: plain ``[B, C, H, W]`` latents, ``timestep`` in [0, 1000], the CLIP states padded to T5's width and
@@ -65,6 +67,8 @@ DENOISERS = ("FluxTransformer2DModel", "Flux2Transformer2DModel", "SD3Transforme
 #: FLUX.2 [klein]'s Qwen3 layers whose states condition the transformer, stacked along the features
 #: (``Flux2KleinPipeline.__call__``'s ``text_encoder_out_layers`` default)
 FLUX2_TEXT_LAYERS = (9, 18, 27)
+#: FLUX.2 [dev]'s Mistral-3 layers, likewise (``Flux2Pipeline.__call__``'s ``text_encoder_out_layers`` default)
+FLUX2_DEV_TEXT_LAYERS = (10, 20, 30)
 
 # --------------------------------------------------------------------------------------------- wrappers
 
@@ -242,20 +246,55 @@ class _StackedHiddenStates(torch.nn.Module):
     ``stack(dim=1).permute(0, 2, 1, 3).reshape``). The causal LM's decoder alone runs (its head is unused), and
     the layers after the last one used are dead code the exporter drops."""
 
+    #: the pipeline these states are for (the error of a too-shallow encoder names it)
+    pipeline = "FLUX.2 [klein]"
+
     def __init__(self, encoder: torch.nn.Module):
         super().__init__()
-        self.encoder = getattr(encoder, "model", encoder)
+        self.encoder = self.decoder_of(encoder)
+        self.layers = tuple(self.text_layers())
         layers = self.encoder.config.num_hidden_layers
-        if max(FLUX2_TEXT_LAYERS) > layers:
-            raise ExportError(f"the text encoder has {layers} layers but FLUX.2 [klein] conditions on the states of "
-                              f"layers {list(FLUX2_TEXT_LAYERS)}; this is not a FLUX.2 [klein] text encoder")
+        if max(self.layers) > layers:
+            raise ExportError(f"the text encoder has {layers} layers but {self.pipeline} conditions on the states of "
+                              f"layers {list(self.layers)}; this is not a {self.pipeline} text encoder")
+
+    @staticmethod
+    def decoder_of(encoder: torch.nn.Module) -> torch.nn.Module:
+        return getattr(encoder, "model", encoder)
+
+    @staticmethod
+    def text_layers() -> tuple[int, ...]:
+        return FLUX2_TEXT_LAYERS  # read at construction: the tests patch it for a shallow encoder
 
     def forward(self, input_ids, attention_mask):
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
                            use_cache=False)
-        states = torch.stack([out.hidden_states[k] for k in FLUX2_TEXT_LAYERS], dim=1)
+        states = torch.stack([out.hidden_states[k] for k in self.layers], dim=1)
         b, n, s, d = states.shape
         return states.permute(0, 2, 1, 3).reshape(b, s, n * d)
+
+
+class _MistralStackedHiddenStates(_StackedHiddenStates):
+    """Mistral-3 for FLUX.2 [dev] (``Flux2Pipeline._get_mistral_3_small_prompt_embeds``): the states after layers
+    10, 20 and 30, stacked as for klein. ``Mistral3ForConditionalGeneration`` is a vision-language model; for a
+    prompt without images its forward is the language model on the token embeddings (the image features are
+    only scattered into ``[IMG]`` positions when ``pixel_values`` are given, and FLUX.2's text-to-image call
+    gives none), so the language model alone is traced: the vision tower and projector are not in the graph,
+    and their weights (about 0.4 B of Mistral-Small-3.1's 24 B) are never exported."""
+
+    pipeline = "FLUX.2 [dev]"
+
+    @staticmethod
+    def decoder_of(encoder: torch.nn.Module) -> torch.nn.Module:
+        language_model = getattr(getattr(encoder, "model", None), "language_model", None)
+        if language_model is None:
+            raise ExportError(f"{type(encoder).__name__} has no model.language_model; diffc exports FLUX.2 [dev]'s "
+                              "text encoder as transformers' Mistral3ForConditionalGeneration (transformers >= 5)")
+        return language_model
+
+    @staticmethod
+    def text_layers() -> tuple[int, ...]:
+        return FLUX2_DEV_TEXT_LAYERS
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -348,12 +387,12 @@ def _sana_inputs(module, s: SampleShape, gen):
 
 
 def _masked_text_inputs(module, s: SampleShape, gen):
-    cfg = module.config
+    cfg = getattr(module.config, "text_config", None) or module.config  # Mistral-3: its language model's
     # ids above the special tokens (T5: pad 0, eos 1, unk 2; Gemma: pad, eos, bos, unk = 0..3)
     ids = torch.randint(4, cfg.vocab_size, (s.batch, s.sequence), generator=gen, dtype=torch.int64)
     mask = _mask(s)
     ids = torch.where(mask.bool(), ids, torch.zeros_like(ids))  # padding positions hold the pad id, as tokenized
-    if getattr(cfg, "bos_token_id", None) is not None and cfg.model_type.startswith("gemma"):
+    if getattr(cfg, "bos_token_id", None) is not None and cfg.model_type.startswith(("gemma", "mistral")):
         ids[:, 0] = cfg.bos_token_id
     return ids, mask
 
@@ -431,21 +470,24 @@ def transformer_contract(module: torch.nn.Module | None = None) -> Contract:
 MASKED_TEXT_ENCODERS = ("T5EncoderModel", "Gemma2Model")
 
 
-#: text encoder classes whose intermediate layers' states are stacked (FLUX.2 [klein]'s Qwen3)
-STACKED_TEXT_ENCODERS = ("Qwen3ForCausalLM", "Qwen3Model")
+#: text encoder classes whose intermediate layers' states are stacked -> their wrapper (FLUX.2 [klein]'s Qwen3,
+#: FLUX.2 [dev]'s Mistral-3)
+STACKED_TEXT_ENCODERS = {"Qwen3ForCausalLM": _StackedHiddenStates, "Qwen3Model": _StackedHiddenStates,
+                         "Mistral3ForConditionalGeneration": _MistralStackedHiddenStates}
 
 
 def text_encoder_contract(name: str, module: torch.nn.Module | None, clip_contract) -> Contract:
-    """T5 / Gemma-2 get :class:`_MaskedTextEncoder`'s contract, Qwen3 :class:`_StackedHiddenStates`'; CLIP (and
-    ``module=None``) ``clip_contract(name)``."""
+    """T5 / Gemma-2 get :class:`_MaskedTextEncoder`'s contract, Qwen3 / Mistral-3 :class:`_StackedHiddenStates`'
+    (:data:`STACKED_TEXT_ENCODERS`); CLIP (and ``module=None``) ``clip_contract(name)``."""
     if module is not None and type(module).__name__ in STACKED_TEXT_ENCODERS:
+        wrap = STACKED_TEXT_ENCODERS[type(module).__name__]
         return Contract(
             name=name, attribute=name,
             inputs=(TensorSpec("input_ids", "int64", (BATCH, SEQUENCE)),
                     TensorSpec("attention_mask", "int64", (BATCH, SEQUENCE))),
             outputs=(TensorSpec("stacked_hidden_states", "float32", (BATCH, SEQUENCE, "hidden")),),
-            wrap=_StackedHiddenStates, make_inputs=_masked_text_inputs, atol=1e-3, rtol_l2=1e-4,
-            extra={"encoder": type(module).__name__, "layers": list(FLUX2_TEXT_LAYERS)})
+            wrap=wrap, make_inputs=_masked_text_inputs, atol=1e-3, rtol_l2=1e-4,
+            extra={"encoder": type(module).__name__, "layers": list(wrap.text_layers())})
     if module is None or type(module).__name__ not in MASKED_TEXT_ENCODERS:
         return clip_contract(name)
     return Contract(

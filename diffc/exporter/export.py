@@ -116,11 +116,31 @@ def load_dtypes(source: ModelSource):
             **{f: names[stored_dtype(source.path / f) or "F32"] for f in sorted(folders)}}
 
 
+def release_modules(pipe):
+    """Drop ``pipe``'s torch modules (its weights) and return their LoRA fingerprints
+    (:func:`diffc.exporter.lora.weight_fingerprints`), taken first; the tokenizers, scheduler and configs stay.
+    The build calls this once no stage compares a graph with PyTorch any more
+    (:meth:`diffc.build.export.Exported.release_torch`)."""
+    from diffc.exporter.lora import weight_fingerprints
+
+    prints = weight_fingerprints(pipe)
+    for name, value in list(pipe.components.items()):
+        if isinstance(value, torch.nn.Module):
+            setattr(pipe, name, None)
+    return prints
+
+
 def component_module(pipe, name: str) -> torch.nn.Module:
     from diffc.exporter import controlnet
 
     if controlnet.is_controlnet(name):
         return controlnet.module_of(pipe, name)
+    if name == "vae_decoder":
+        from diffc.exporter.tiny_vae import attached
+
+        tiny = attached(pipe)  # --vae-decoder: a tiny decoder replaces the VAE's own (diffc.exporter.tiny_vae)
+        if tiny is not None:
+            return tiny.eval()
     contract_attr = {"vae_decoder": "vae", "vae_encoder": "vae"}.get(name, name)
     module = getattr(pipe, contract_attr, None)
     if module is None:

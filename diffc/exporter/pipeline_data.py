@@ -60,6 +60,7 @@ def save_fast_tokenizer(pipe, source_path: Path, folder_name: str, dest: Path) -
     from transformers import AutoTokenizer, CLIPTokenizerFast
 
     tok = getattr(pipe, folder_name)
+    tok = getattr(tok, "tokenizer", tok)  # a processor (FLUX.2 [dev]'s PixtralProcessor) wraps its tokenizer
     if not getattr(tok, "is_fast", False):
         # a slow (sentencepiece / python BPE) tokenizer: transformers converts the folder to the fast form
         fast = CLIPTokenizerFast if type(tok).__name__.startswith("CLIP") else AutoTokenizer
@@ -107,3 +108,39 @@ def chat_template_parts(pipe, folder_name: str) -> dict[str, str]:
                          "once; diffc cannot reproduce it at run time")
     prefix, suffix = text.split(_CHAT_PLACEHOLDER)
     return {"chat_prefix": prefix, "chat_suffix": suffix, "padding_side": str(tok.padding_side)}
+
+
+#: what ``Flux2Pipeline``'s ``format_input`` deletes from each prompt (the Pixtral processor counts ``[IMG]``
+#: tokens against the images, and a text-to-image prompt has none)
+FLUX2_DEV_PROMPT_REMOVES = ("[IMG]",)
+
+
+def flux2_dev_chat_parts(pipe, folder_name: str) -> dict[str, Any]:
+    """The chat-template text around the prompt as ``Flux2Pipeline._get_mistral_3_small_prompt_embeds`` renders it:
+    diffusers' own ``format_input`` (the pipeline's ``system_message``, then one user message of one text block),
+    ``add_generation_prompt=False``. A ``PixtralProcessor`` then tokenizes the text without the tokenizer's
+    special tokens when the template already wrote its BOS (transformers' ``ProcessorMixin.apply_chat_template``),
+    a bare tokenizer's template call never adds them: the manifest's ``add_special_tokens`` says which."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+    from diffc.errors import ModelError
+
+    tok = getattr(pipe, folder_name)
+    tokenizer = getattr(tok, "tokenizer", tok)
+    if not getattr(tok, "chat_template", None) and not getattr(tokenizer, "chat_template", None):
+        raise ModelError(f"tokenizer {folder_name!r} has no chat template (chat_template.jinja / chat_template.json "
+                         "next to the processor); re-save the FLUX.2 [dev] pipeline with its processor's template")
+    system = getattr(pipe, "system_message", None)
+    if not isinstance(system, str):
+        raise ModelError("the FLUX.2 [dev] pipeline has no system_message; diffc reads it from diffusers' "
+                         "Flux2Pipeline (diffusers >= 0.36)")
+    messages = format_input([_CHAT_PLACEHOLDER], system_message=system)[0]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    if text.count(_CHAT_PLACEHOLDER) != 1:
+        raise ModelError(f"tokenizer {folder_name!r}'s chat template does not put the prompt in its text exactly "
+                         "once; diffc cannot reproduce it at run time")
+    prefix, suffix = text.split(_CHAT_PLACEHOLDER)
+    bos = getattr(tokenizer, "bos_token", None)
+    add_special = tok is not tokenizer and not (bos is not None and text.startswith(bos))
+    return {"chat_prefix": prefix, "chat_suffix": suffix, "padding_side": str(tokenizer.padding_side),
+            "add_special_tokens": add_special, "prompt_removes": list(FLUX2_DEV_PROMPT_REMOVES)}

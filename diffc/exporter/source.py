@@ -77,6 +77,10 @@ TRANSFORMER_PIPELINES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("text_encoder", "transformer", "vae_decoder"),
         ("text_encoder", "tokenizer", "transformer", "vae", "scheduler"),
     ),
+    "Flux2Pipeline": (
+        ("text_encoder", "transformer", "vae_decoder"),
+        ("text_encoder", "tokenizer", "transformer", "vae", "scheduler"),
+    ),
 }
 
 #: graph component -> the folder it is loaded from

@@ -21,6 +21,10 @@ kind        pipeline class            stands for (what is kept)
                                       chat template), 4-axis RoPE ids, ``AutoencoderKLFlux2`` (2x2 patchified
                                       latents normalized by its BatchNorm statistics); ``guidance=False``:
                                       the step-distilled variant (``is_distilled``: no CFG)
+``flux2_dev`` Flux2Pipeline           FLUX.2 [dev]: Mistral-3 (``Mistral3ForConditionalGeneration``: a 31-layer
+                                      language model, states of layers 10 / 20 / 30 stacked, and a one-layer
+                                      Pixtral vision tower the text-to-image path never runs), the Mistral chat
+                                      template with FLUX.2's system message, the guidance embedding
 ==========  ========================  =====================================================================
 
 Every VAE has two levels, so **the VAE scale factor is 2**; latents are 16x16 at the native 32x32 pixels.
@@ -50,9 +54,10 @@ from diffc.exporter.tiny import CLIP_TOKENIZER_ASSETS, _text_config, _write_toke
 
 log = logging.getLogger("diffc.export")
 
-DIT_KINDS = ("flux", "sd3", "pixart", "sana", "sana_sprint", "flux2_klein")
+DIT_KINDS = ("flux", "sd3", "pixart", "sana", "sana_sprint", "flux2_klein", "flux2_dev")
 PIPELINE_CLASS = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline", "pixart": "PixArtSigmaPipeline",
-                  "sana": "SanaPipeline", "sana_sprint": "SanaSprintPipeline", "flux2_klein": "Flux2KleinPipeline"}
+                  "sana": "SanaPipeline", "sana_sprint": "SanaSprintPipeline", "flux2_klein": "Flux2KleinPipeline",
+                  "flux2_dev": "Flux2Pipeline"}
 
 _SEED_OFFSET = {"transformer": 0, "vae": 1, "text_encoder": 2, "text_encoder_2": 3, "text_encoder_3": 4}
 
@@ -128,11 +133,31 @@ def _qwen3_config(vocab_size: int, layers: int = 28) -> dict:
                 eos_token_id=0, attention_dropout=0.0)
 
 
+def _mistral3_config(vocab_size: int, layers: int = 31) -> dict:
+    """``Mistral3ForConditionalGeneration`` as FLUX.2 [dev]'s text encoder (Mistral-Small-3.1: a Mistral language
+    model without sliding window, plus a Pixtral vision tower and projector); 31 layers so that the pipeline's
+    layers 10, 20 and 30 are all intermediate ones, as in the real 40-layer model."""
+    text = dict(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
+                rope_theta=1000000000.0, sliding_window=None, tie_word_embeddings=False,
+                pad_token_id=MISTRAL_SPECIALS.index("<pad>"), bos_token_id=1, eos_token_id=2, attention_dropout=0.0)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, head_dim=8,
+                  image_size=32, patch_size=8, num_channels=3)
+    return dict(text_config=text, vision_config=vision, image_token_index=MISTRAL_SPECIALS.index("[IMG]"),
+                spatial_merge_size=2, vision_feature_layer=-1, multimodal_projector_bias=False,
+                tie_word_embeddings=False)
+
+
 def tiny_dit_configs(kind: str, *, guidance: bool = True, t5_vocab: int = 0, gemma_vocab: int = 0,
-                     qwen_vocab: int = 0, text_layers: int = 28) -> dict:
+                     qwen_vocab: int = 0, text_layers: int = 28, mistral_vocab: int = 0) -> dict:
     """The configs :func:`build_tiny_dit_pipeline` builds from (tokenizer vocab sizes are filled in there).
-    ``text_layers``: FLUX.2 [klein]'s Qwen3 depth (see :func:`build_tiny_dit_pipeline`)."""
+    ``text_layers``: FLUX.2's text encoder depth (see :func:`build_tiny_dit_pipeline`)."""
     _check_kind(kind)
+    if kind == "flux2_dev":
+        dev = tiny_dit_configs("flux2_klein", qwen_vocab=1)
+        dev["transformer"].update(guidance_embeds=True)
+        dev["text_encoder"] = _mistral3_config(mistral_vocab, text_layers)
+        return dev
     if kind == "flux2_klein":
         return {
             # 32 VAE channels x 2 x 2 = 128 patchified; joint_attention_dim = 3 stacked Qwen3 layers x 16;
@@ -301,6 +326,53 @@ def build_qwen2_tokenizer():
     return qwen
 
 
+#: the special tokens of Mistral-Small-3.1's tokenizer that FLUX.2 [dev]'s prompts touch, at the real ids' order
+#: (``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, ``[INST]`` 3, ``[/INST]`` 4; the image tokens; ``<pad>``)
+MISTRAL_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",
+                    "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
+
+#: Mistral-Small-3.1's chat template reduced to what ``Flux2Pipeline`` renders (a system message and one user
+#: message, content as ``[{"type": "text", ...}]`` blocks; ``[IMG]`` for an image block): the same text as the
+#: real template for that call. diffc renders the checkpoint's own template at build time, so this only has to
+#: be Mistral-like (the BOS written by the template, not by the tokenizer's post-processor).
+MISTRAL_CHAT_TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}{{- '[SYSTEM_PROMPT]' }}{%- elif message['role'] == 'user' %}"
+    "{{- '[INST]' }}{%- endif %}"
+    "{%- if message['content'] is string %}{{- message['content'] }}{%- else %}{%- for block in message['content'] %}"
+    "{%- if block['type'] == 'text' %}{{- block['text'] }}{%- else %}{{- '[IMG]' }}{%- endif %}{%- endfor %}"
+    "{%- endif %}"
+    "{%- if message['role'] == 'system' %}{{- '[/SYSTEM_PROMPT]' }}{%- elif message['role'] == 'user' %}"
+    "{{- '[/INST]' }}{%- else %}{{- eos_token }}{%- endif %}{%- endfor %}"
+)
+
+
+def build_mistral_tokenizer(padding_side: str = "left"):
+    """A Mistral-Small-3.1-like fast tokenizer (Tekken-style byte-level BPE behind a split regex, ``<s>`` added
+    by its post-processor, ``<pad>`` pads) trained here with the ``tokenizers`` library on the fixture corpus,
+    with :data:`MISTRAL_CHAT_TEMPLATE`. The real pipeline wraps its tokenizer in a ``PixtralProcessor``, which
+    needs torchvision; the pipeline calls the same ``apply_chat_template`` on either."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=False))
+    tekken_split = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
+                    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?"
+                    r"[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(tekken_split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=MISTRAL_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+    mistral = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                      pad_token="<pad>", padding_side=padding_side, model_max_length=131072)
+    mistral.chat_template = MISTRAL_CHAT_TEMPLATE
+    return mistral
+
+
 def _randomize_batch_norm(vae, seed: int) -> None:
     """``AutoencoderKLFlux2.bn``'s running statistics start at mean 0 / variance 1, which would hide a missing or
     wrong (de)normalization; a trained VAE has its own, so the fixture draws some."""
@@ -331,7 +403,8 @@ def _build_module(name: str, cls_name: str, config: dict, seed: int):
 
 #: transformers model class -> its config class (everything else is a diffusers model built from kwargs)
 _CONFIG_CLASSES = {"CLIPTextModel": "CLIPTextConfig", "CLIPTextModelWithProjection": "CLIPTextConfig",
-                   "T5EncoderModel": "T5Config", "Gemma2Model": "Gemma2Config", "Qwen3ForCausalLM": "Qwen3Config"}
+                   "T5EncoderModel": "T5Config", "Gemma2Model": "Gemma2Config", "Qwen3ForCausalLM": "Qwen3Config",
+                   "Mistral3ForConditionalGeneration": "Mistral3Config"}
 
 #: kind -> component -> model class
 _CLASSES = {
@@ -345,10 +418,12 @@ _CLASSES = {
     "sana_sprint": {"transformer": "SanaTransformer2DModel", "vae": "AutoencoderDC", "text_encoder": "Gemma2Model"},
     "flux2_klein": {"transformer": "Flux2Transformer2DModel", "vae": "AutoencoderKLFlux2",
                     "text_encoder": "Qwen3ForCausalLM"},
+    "flux2_dev": {"transformer": "Flux2Transformer2DModel", "vae": "AutoencoderKLFlux2",
+                  "text_encoder": "Mistral3ForConditionalGeneration"},
 }
 
 
-def build_tiny_dit_pipeline(kind: str, seed: int = 0, *, guidance: bool = True, text_layers: int = 28):
+def build_tiny_dit_pipeline(kind: str, seed: int = 0, *, guidance: bool = True, text_layers: int | None = None):
     """The tiny ``kind`` pipeline as an in-memory diffusers pipeline (what :func:`write_tiny_dit_pipeline` saves).
 
     ``guidance``: FLUX only; ``False`` builds the schnell variant (no guidance embedding, no dynamic shifting).
@@ -356,6 +431,8 @@ def build_tiny_dit_pipeline(kind: str, seed: int = 0, *, guidance: bool = True, 
     ``text_layers``: klein's Qwen3 depth; the default 28 serves the pipeline's layers 9 / 18 / 27. A shallower
     encoder (tests: 4, a seventh of the graph to export and clean up) needs the build's
     ``diffc.exporter.dit.FLUX2_TEXT_LAYERS`` and the pipeline call's ``text_encoder_out_layers`` set to match.
+    For ``flux2_dev`` it is the Mistral language model's depth (default 31, for layers 10 / 20 / 30;
+    ``diffc.exporter.dit.FLUX2_DEV_TEXT_LAYERS``).
     """
     _check_kind(kind)
     import diffusers
@@ -364,10 +441,17 @@ def build_tiny_dit_pipeline(kind: str, seed: int = 0, *, guidance: bool = True, 
     t5 = build_t5_tokenizer() if kind in ("flux", "sd3", "pixart") else None
     gemma = build_gemma_tokenizer() if kind in ("sana", "sana_sprint") else None
     qwen = build_qwen2_tokenizer() if kind == "flux2_klein" else None
+    mistral = build_mistral_tokenizer() if kind == "flux2_dev" else None
+    if text_layers is None:
+        text_layers = 31 if kind == "flux2_dev" else 28
     configs = tiny_dit_configs(kind, guidance=guidance, t5_vocab=len(t5) if t5 else 0,
                                gemma_vocab=len(gemma) if gemma else 0, qwen_vocab=len(qwen) if qwen else 0,
-                               text_layers=text_layers)
+                               text_layers=text_layers, mistral_vocab=len(mistral) if mistral else 0)
     modules = {name: _build_module(name, _CLASSES[kind][name], cfg, seed) for name, cfg in configs.items()}
+    if kind == "flux2_dev":
+        _randomize_batch_norm(modules["vae"], seed)
+        return diffusers.Flux2Pipeline(**modules, tokenizer=mistral,
+                                       scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER))
     if kind == "flux2_klein":
         _randomize_batch_norm(modules["vae"], seed)
         return diffusers.Flux2KleinPipeline(
@@ -395,7 +479,7 @@ def build_tiny_dit_pipeline(kind: str, seed: int = 0, *, guidance: bool = True, 
 
 
 def write_tiny_dit_pipeline(out_dir, kind: str, seed: int = 0, *, guidance: bool = True,
-                            text_layers: int = 28) -> Path:
+                            text_layers: int | None = None) -> Path:
     """Write the tiny ``kind`` pipeline to ``out_dir`` (must not exist, or be empty); returns the folder."""
     _check_kind(kind)
     out = Path(out_dir)

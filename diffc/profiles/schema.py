@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from diffc.engines import backend_names, get_backend
 from diffc.errors import ProfileError
 # the artifact contract's names and limits, defined where the runtime imports them without importing profiles
 from diffc.names import (  # noqa: F401 (re-exported for profile users)
@@ -51,7 +52,6 @@ SCHEDULES = ("default", "optimized")
 SCHEDULE_REFERENCE_STEPS = 50
 #: TensorRT hardware-compatibility levels (``[tensorrt].hardware_compat``); TensorRT-RTX uses compute capabilities
 HARDWARE_COMPAT = ("none", "ampere_plus", "same_compute_capability")
-_TRT_BACKENDS = ("tensorrt", "tensorrt_rtx")
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 #: a profile's thread counts are machine-independent; the runtime checks a request against its own machine
 #: (:func:`max_threads`)
@@ -297,7 +297,7 @@ class Profile:
             value = data.get(key)
             return {k: v for k, v in value.items() if v is not None} if isinstance(value, dict) else value
 
-        if data.get("tensorrt") and data.get("backend") in _TRT_BACKENDS:
+        if data.get("tensorrt") and _takes_tensorrt_table(data.get("backend")):
             trt = table("tensorrt")
             if isinstance(trt, dict) and "strongly_typed" not in trt:
                 trt["strongly_typed"] = "auto"
@@ -379,12 +379,19 @@ def _opt_int(table: dict, key: str, where: str, prefix: str, *, lo: int, hi: int
     return value
 
 
+def _takes_tensorrt_table(backend: Any) -> bool:
+    """Whether the ``[tensorrt]`` table applies to ``backend`` (a name; anything else: no), as the backend says
+    (``tensorrt_options``, :mod:`diffc.engines`): asking imports diffc's module for it, never TensorRT."""
+    return isinstance(backend, str) and backend in backend_names() and get_backend(backend).tensorrt_options
+
+
 def _parse_tensorrt(table: Any, backend: Backend, where: str) -> TensorRTOptions:
     p = "[tensorrt]."
     if not isinstance(table, dict):
         raise _err(where, "[tensorrt]", "must be a table")
-    if table and backend.value not in _TRT_BACKENDS:
-        raise _err(where, "[tensorrt]", f"applies to the tensorrt and tensorrt_rtx backends only; this profile's "
+    if table and not _takes_tensorrt_table(backend.value):
+        takers = " and ".join(n for n in backend_names() if _takes_tensorrt_table(n))
+        raise _err(where, "[tensorrt]", f"applies to the {takers} backends only; this profile's "
                                         f"backend is {backend.value!r}")
     _check_keys(table, {f.name for f in TensorRTOptions.__dataclass_fields__.values()}, where, p)
     ccs = table.get("compute_capabilities", [])
@@ -499,7 +506,7 @@ def _parse_savings(table: Any, where: str, *, steps: int, backend: Backend, cach
     opts = SavingsOptions(mode, from_step, threshold, order, dict(step_cache))
     if mode != "off" and guidance is None:
         raise _err(where, f"{p}adaptive_guidance", "needs classifier-free guidance, and [sampler].guidance is unset")
-    if mode != "off" and backend.value in _TRT_BACKENDS and tensorrt.static_shapes:
+    if mode != "off" and _takes_tensorrt_table(backend.value) and tensorrt.static_shapes:
         raise _err(where, f"{p}adaptive_guidance", "runs the conditional half alone (half the denoiser batch), which "
                    "a static-shape TensorRT engine ([tensorrt].static_shapes = true) cannot take; turn one of them off")
     if order > 0 and not cache.enabled and not step_cache:

@@ -215,13 +215,13 @@ def prepare(pipe: Any, control_image: Any, scale: Any, start: Any, end: Any, bat
         if s >= e:
             raise InputError(f"control_guidance_start ({s:g}) must be below control_guidance_end ({e:g}) for "
                              f"ControlNet {k}")
-    items = [img2img._images(item, batch) for item in _per_net(control_image, n)]
-    height, width = img2img._size_for(pipe, items[0][0], height, width)
+    items = [img2img.image_batch(item, batch) for item in _per_net(control_image, n)]
+    height, width = img2img.output_size(pipe, items[0][0], height, width)
     pipe.check_size(height, width)
     mult = pipe.image["multiple_of"]
     for k, images in enumerate(items):
-        fitted = [img2img._fit(im, height, width, f"control image {k}" + (f"[{j}]" if len(images) > 1 else ""), mult)
-                  for j, im in enumerate(images)]
+        fitted = [img2img.fit_image(im, height, width, f"control image {k}" + (f"[{j}]" if len(images) > 1 else ""),
+                                    mult) for j, im in enumerate(images)]
         control.images.append(np.ascontiguousarray(np.stack(fitted).transpose(0, 3, 1, 2), dtype=np.float32))
     control.height, control.width = height, width
     return control

@@ -10,8 +10,9 @@ run the same loop in :mod:`diffc.runtime.pipeline`; the differences are data in 
 * ``denoiser``: the component, the input names by role, the latent layout (``packed_2x2``: FLUX's tokens with
   ``img_ids`` / ``txt_ids`` made here in numpy; ``position_ids: flux2``: FLUX.2's 4-axis ids), the timestep
   scale (FLUX feeds sigma = t / 1000).
-* ``tokenizer_kind: qwen_chat`` (FLUX.2 [klein]): the prompt inside the chat template's rendered ``chat_prefix``
-  / ``chat_suffix``, padded to ``max_length`` (:class:`ChatPromptTokenizer`).
+* ``tokenizer_kind: qwen_chat`` (FLUX.2 [klein]) / ``mistral_chat`` (FLUX.2 [dev], its system message in the
+  prefix): the prompt inside the chat template's rendered ``chat_prefix`` / ``chat_suffix``, padded to
+  ``max_length`` (:class:`ChatPromptTokenizer`).
 
 numpy and ``tokenizers`` only: this ships in the torch-free runtime.
 """
@@ -47,20 +48,33 @@ class ChatPromptTokenizer(PaddedPromptTokenizer):
     (``chat_prefix`` / ``chat_suffix`` in the manifest), so the run time needs no template engine; for one user
     message the rendering is that concatenation. No special tokens are added beyond the template's own (Qwen's
     ``tokenizer.json`` has none to add); padding is on ``padding_side`` with the configured pad token.
+
+    ``Flux2Pipeline`` (FLUX.2 [dev]) renders a system message and the prompt through its ``PixtralProcessor``'s
+    template, which writes Mistral's ``<s>`` itself: the processor then tokenizes without the post-processor's
+    special tokens (``add_special_tokens=False`` in the manifest), and ``removed`` are the strings its
+    ``format_input`` deletes from the prompt first (``[IMG]``).
     """
 
     family = "the chat text encoder"
 
-    def __init__(self, tokenizer_json_path, max_length: int, prefix: str, suffix: str, padding_side: str = "right"):
+    def __init__(self, tokenizer_json_path, max_length: int, prefix: str, suffix: str, padding_side: str = "right",
+                 *, add_special_tokens: bool = True, removed: list[str] | tuple[str, ...] = ()):
         if padding_side not in ("left", "right"):
             raise ManifestError(f"text encoder padding_side {padding_side!r} must be 'left' or 'right'; rebuild the "
                                 "artifact")
+        if not isinstance(add_special_tokens, bool) or not all(isinstance(r, str) and r for r in removed):
+            raise ManifestError("text encoder add_special_tokens must be a boolean and prompt_removes a list of "
+                                "non-empty strings; rebuild the artifact")
         super().__init__(tokenizer_json_path, max_length)
         self.prefix, self.suffix = str(prefix), str(suffix)
+        self.add_special_tokens = add_special_tokens
+        self.removed = tuple(removed)
         self._tok.enable_padding(length=self.max_length, pad_id=self.pad_id, pad_token=self.pad_token,
                                  direction=padding_side)
 
     def preprocess(self, prompts: list[str]) -> list[str]:
+        for r in self.removed:
+            prompts = [p.replace(r, "") for p in prompts]
         return [self.prefix + p + self.suffix for p in prompts]
 
 
@@ -115,12 +129,14 @@ class TextEncoders:
         if kind == "gemma":
             return GemmaPromptTokenizer(path, e.get("max_sequence_length", e["max_length"]),
                                         None if negative else e.get("complex_human_instruction"))
-        if kind == "qwen_chat":
+        if kind in ("qwen_chat", "mistral_chat"):
             if not isinstance(e.get("chat_prefix"), str) or not isinstance(e.get("chat_suffix"), str):
-                raise ManifestError(f"text encoder {e['component']!r} (qwen_chat) lacks chat_prefix / chat_suffix "
+                raise ManifestError(f"text encoder {e['component']!r} ({kind}) lacks chat_prefix / chat_suffix "
                                     "strings; rebuild the artifact")
             return ChatPromptTokenizer(path, e["max_length"], e["chat_prefix"], e["chat_suffix"],
-                                       e.get("padding_side", "right"))
+                                       e.get("padding_side", "right"),
+                                       add_special_tokens=e.get("add_special_tokens", True),
+                                       removed=e.get("prompt_removes", ()))
         raise ManifestError(f"text encoder {e['component']!r} has tokenizer_kind {kind!r}, which this runtime does not "
                             "know; upgrade diffc or rebuild the artifact")
 

@@ -42,7 +42,7 @@ from PIL import Image, UnidentifiedImageError
 from diffc.errors import InputError, ManifestError
 
 __all__ = ["ENCODER", "DEFAULT_STRENGTH", "ImageInput", "check_encoder", "check_image_args", "check_strength",
-           "check_strength_value", "load_image", "prepare"]
+           "check_strength_value", "fit_image", "image_batch", "load_image", "output_size", "prepare"]
 
 #: the component that turns an image into latents
 ENCODER = "vae_encoder"
@@ -139,8 +139,10 @@ def load_image(image: Any, where: str = "image") -> np.ndarray:
                      f"got {type(image).__name__}")
 
 
-def _images(image: Any, batch: int) -> list[np.ndarray]:
-    """One image for every prompt, or one per prompt (a list, or a (B, H, W, 3) array)."""
+def image_batch(image: Any, batch: int) -> list[np.ndarray]:
+    """``image`` as loaded images (:func:`load_image`) for ``batch`` prompts: one image for every prompt, or one
+    per prompt (a list, or a (B, H, W, 3) array); any other count is refused. Public because every image input
+    of a call (the init image here, ControlNet's condition images) takes the same forms."""
     if isinstance(image, np.ndarray) and image.ndim == 4:
         items: list[Any] = list(image)
     elif isinstance(image, Sequence) and not isinstance(image, (str, bytes, bytearray)):
@@ -158,8 +160,10 @@ def _covered(pipe: Any, h: int, w: int) -> bool:
                for v, (lo, _, hi) in ((h, img["height"]), (w, img["width"])))
 
 
-def _size_for(pipe: Any, image: np.ndarray, height: int | None, width: int | None) -> tuple[int, int]:
-    """The output size: as asked, the other side following the image's aspect ratio, or the image's own."""
+def output_size(pipe: Any, image: np.ndarray, height: int | None, width: int | None) -> tuple[int, int]:
+    """The output size for a call given ``image``: as asked, the other side following the image's aspect ratio,
+    or the image's own when the artifact covers it (else the artifact's default). Shared with ControlNet, whose
+    condition image sets the size the same way an init image does."""
     ih, iw = image.shape[:2]
     mult = pipe.image["multiple_of"]
     if height is None and width is None:
@@ -171,8 +175,11 @@ def _size_for(pipe: Any, image: np.ndarray, height: int | None, width: int | Non
     return height, width
 
 
-def _fit(image: np.ndarray, height: int, width: int, where: str, mult: int) -> np.ndarray:
-    """Resize to (height, width) with Lanczos when the aspect ratio agrees; refuse it otherwise."""
+def fit_image(image: np.ndarray, height: int, width: int, where: str, mult: int) -> np.ndarray:
+    """``image`` resized to (height, width) with Lanczos when the aspect ratio agrees (within
+    :data:`ASPECT_TOLERANCE`); refused otherwise, naming ``where`` and a size of the image's ratio (a multiple of
+    ``mult``). Every image a call takes (init image, ControlNet condition, stream frame) goes through it, so they
+    are resized alike and never stretched or cropped."""
     ih, iw = image.shape[:2]
     if (ih, iw) == (height, width):
         return image
@@ -192,6 +199,12 @@ def _fit(image: np.ndarray, height: int, width: int, where: str, mult: int) -> n
 def check_encoder(manifest: dict[str, Any]) -> None:
     """The artifact can do image-to-image: it has a ``vae_encoder`` recording the tensors used here."""
     comp = manifest["components"].get(ENCODER)
+    family = (manifest.get("denoiser") or {}).get("family")
+    if comp is None and family is not None:
+        # a rebuild would not help: diffc builds the transformer families text-to-image only
+        raise InputError(f"this {family} artifact is text-to-image: diffc does not build input-image modes of the "
+                         "transformer families (image-to-image, FLUX.2's reference-image editing through "
+                         "Flux2Pipeline's image=); generate without image / --image")
     if comp is None:
         raise InputError(f"this artifact has no {ENCODER} component, so it cannot take an input image; rebuild it "
                          "with this diffc from a pipeline folder whose vae has an encoder (every Stable Diffusion "
@@ -268,11 +281,11 @@ def prepare(pipe: Any, image: Any, strength: Any, batch: int, height: int | None
                             "noise_scale), which image-to-image enters the loop with; rebuild the artifact with this "
                             "diffc")
     strength, start = check_strength(DEFAULT_STRENGTH if strength is None else strength, pipe.tables)
-    images = _images(image, batch)
-    height, width = _size_for(pipe, images[0], height, width)
+    images = image_batch(image, batch)
+    height, width = output_size(pipe, images[0], height, width)
     pipe.check_size(height, width)
     mult = pipe.image["multiple_of"]
-    fitted = [_fit(im, height, width, "image" if len(images) == 1 else f"image[{k}]", mult)
+    fitted = [fit_image(im, height, width, "image" if len(images) == 1 else f"image[{k}]", mult)
               for k, im in enumerate(images)]
     pixels = np.stack(fitted).transpose(0, 3, 1, 2) * np.float32(2.0) - np.float32(1.0)
     f = pipe.latent["vae_scale_factor"]

@@ -21,8 +21,9 @@ The inputs, as the pipeline prepares them:
 3. ``masked_image = image * (mask < 0.5)`` (the repainted region becomes 0, mid-grey), encoded by the
    ``vae_encoder`` as a seeded sample, scaled like the image latents; the mask goes to latent resolution by
    nearest neighbour (the pixel at ``floor(i * H / h)``);
-4. strength: default 1.0 (the pipeline's; SDXL: 0.9999, StableDiffusionXLInpaintPipeline's). At 1.0 the loop starts from pure noise (``x * init_noise_sigma``, as
-   text-to-image) and the image enters only through the mask inputs / the blend; below it, as image-to-image.
+4. strength: default 1.0 (the pipeline's; SDXL: 0.9999, StableDiffusionXLInpaintPipeline's). At 1.0 the loop
+   starts from pure noise (``x * init_noise_sigma``, as text-to-image) and the image enters only through the
+   mask inputs / the blend; below it, as image-to-image.
 
 Called without an image, an inpainting artifact draws a new image: the mask is all ones and the masked image all
 zeros, which is diffusers' pipeline with a white mask at strength 1 (the image is then unused) -- so the build's

@@ -48,6 +48,10 @@ COMPONENT_PREFIXES = {"unet": "unet", "text_encoder": "text_encoder", "text_enco
 #: kohya / A1111 prefixes -> component
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                   "lora_te2_": "text_encoder_2", "lora_transformer_": "transformer"}
+#: LoRAs shipped with diffc, by short name (``--lora demo-bold:1.0``, as ``demo`` names the bundled model): trained
+#: by tools/train_demo_lora.py for the demo UNet
+BUNDLED_LORAS = {"demo-bold": Path(__file__).resolve().parent.parent / "assets" / "demo_lora"
+                 / "pytorch_lora_weights.safetensors"}
 #: (down suffix, up suffix) of each layout, longest first so ``.lora.down.weight`` is not read as ``.down.weight``
 FACTOR_SUFFIXES = (
     (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
@@ -148,6 +152,11 @@ def spec(path: str | os.PathLike, scale: Any = 1.0) -> LoraSpec:
     """Check one (file, scale) as given: the scale finite, the file present and readable."""
     scale = check_scale(scale, f"the scale of LoRA {str(path)!r}")
     p = Path(path)
+    if str(path) in BUNDLED_LORAS:  # a short name, as `demo` names the bundled model
+        p = BUNDLED_LORAS[str(path)]
+        if not p.is_file():
+            raise LoraError(f"the bundled LoRA {str(path)!r} is missing ({p}); restore diffc/assets/demo_lora from "
+                            "the repository, or train it with `python tools/train_demo_lora.py`")
     if not p.is_file():
         raise LoraError(f"LoRA file {str(p)!r} does not exist (or is not a file); pass the path of a .safetensors "
                         "LoRA, optionally with :SCALE")

@@ -97,8 +97,8 @@ class Stream:
         ``encoder_noise`` replace this frame's draws, as in :meth:`Pipeline.__call__` (LCM's per-step noise comes
         from ``seed + 1``, one draw per row and step)."""
         pipe, t, shape = self.pipe, self.tables, self.latent_shape
-        image = img2img._fit(img2img.load_image(frame, "frame"), self.height, self.width, "frame",
-                             pipe.image["multiple_of"])
+        image = img2img.fit_image(img2img.load_image(frame, "frame"), self.height, self.width, "frame",
+                                  pipe.image["multiple_of"])
         pixels = (image.transpose(2, 0, 1)[None] * np.float32(2.0) - np.float32(1.0)).astype(np.float32)
         if latents is None:
             latents = self.rng.standard_normal(shape, dtype=np.float32)

@@ -205,6 +205,9 @@ class PaddedPromptTokenizer(_Untruncated):
 
     #: the model's name in the truncation warning
     family = "the text encoder"
+    #: whether the ``tokenizer.json`` post-processor adds its special tokens (False: a chat template that writes
+    #: them itself, see ``diffc.runtime.denoiser.ChatPromptTokenizer``)
+    add_special_tokens = True
 
     def __init__(self, tokenizer_json_path, max_length: int, *, lowercase: bool = False):
         path = Path(tokenizer_json_path)
@@ -233,7 +236,7 @@ class PaddedPromptTokenizer(_Untruncated):
 
     def count(self, text: str) -> int:
         """Token count of ``text`` with its special tokens, untruncated (``len(tokenizer.encode(text))``)."""
-        return len(self._untruncated().encode(text).ids)
+        return len(self._untruncated().encode(text, add_special_tokens=self.add_special_tokens).ids)
 
     def preprocess(self, prompts: list[str]) -> list[str]:
         return [p.lower().strip() for p in prompts] if self.lowercase else prompts
@@ -248,12 +251,12 @@ class PaddedPromptTokenizer(_Untruncated):
             empty = np.zeros((0, self.max_length), dtype=np.int64)
             return empty, empty.copy()
         texts = self.preprocess(prompts)
-        encodings = self._tok.encode_batch(texts)
+        encodings = self._tok.encode_batch(texts, add_special_tokens=self.add_special_tokens)
         ids = np.array([e.ids for e in encodings], dtype=np.int64)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
         for i, enc in enumerate(encodings):
             if enc.overflowing:
-                full = self._untruncated().encode(texts[i])
+                full = self._untruncated().encode(texts[i], add_special_tokens=self.add_special_tokens)
                 kept = sum(1 for m, s in zip(enc.attention_mask, enc.special_tokens_mask) if m and not s)
                 words = [t for t, special in zip(full.ids, full.special_tokens_mask) if not special]
                 removed = self._untruncated().decode(words[kept:], skip_special_tokens=True)

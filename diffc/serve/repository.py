@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from diffc._fs import atomic_output_dir
+from diffc.engines import get_backend
 from diffc.errors import InputError
 from diffc.runtime.manifest import read_manifest
 
@@ -28,8 +29,6 @@ log = logging.getLogger("diffc.serve")
 
 #: the folder name of the artifact inside the model version folder
 ARTIFACT_DIR = "artifact.diffc"
-#: engines that run only on an NVIDIA GPU: a repository for them asks Triton for KIND_GPU instances
-GPU_BACKENDS = frozenset({"tensorrt", "tensorrt_rtx", "onnxruntime_cuda"})
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 #: (name, Triton data type, optional): every input is one element per row (dims [1], the batch axis implicit)
@@ -44,7 +43,10 @@ INPUTS = (
 
 
 def is_gpu_artifact(manifest: dict[str, Any]) -> bool:
-    return any(c.get("backend") in GPU_BACKENDS for c in manifest["components"].values())
+    """Whether some engine of the artifact runs only on an NVIDIA GPU (its backend's ``runs_on_gpu``): Triton
+    then places the model's instances on GPUs (KIND_GPU) and Ray gives each replica one. Asking imports the
+    backend's diffc module only, not the backend itself: a repository for a GPU artifact is written anywhere."""
+    return any(get_backend(c["backend"]).runs_on_gpu for c in manifest["components"].values())
 
 
 def config_pbtxt(manifest: dict[str, Any], *, name: str, instances: int, max_batch: int, threads: int,

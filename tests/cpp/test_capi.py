@@ -62,7 +62,9 @@ def test_example_matches_python(binaries, artifact, tmp_path, seed, extra):
 
 
 def test_error_paths(binaries, artifact):
-    r = _run([binaries / "diffc_capi_errors", artifact])
+    from diffc.runtime.lora import BUNDLED_LORAS
+
+    r = _run([binaries / "diffc_capi_errors", artifact, BUNDLED_LORAS["demo-bold"]])
     assert r.returncode == 0, r.stderr
     rows = {}
     for line in r.stdout.splitlines():
@@ -81,6 +83,27 @@ def test_error_paths(binaries, artifact):
     assert rows["open_negative_size"][0] == 1 and ">= 0" in rows["open_negative_size"][1]
     assert rows["open_sized"][0] == 0 and rows["default_size"][0] == 0 and rows["generate_sized"][0] == 0
     assert rows["opened_default"] == (48, "32") and rows["opened_size"] == (48, "32")
+    # diffc_set_loras: NULLs are invalid arguments, a missing file or a NaN scale a typed input error (the
+    # pipeline unchanged); a good LoRA applies and count 0 clears
+    assert rows["lora_null_pipeline"][0] == 1 and rows["lora_null_files"][0] == 1
+    assert rows["lora_missing"][0] == 3 and "does not exist" in rows["lora_missing"][1]
+    assert rows["lora_nan_scale"][0] == 3 and "finite" in rows["lora_nan_scale"][1]
+    assert rows["lora_set"][0] == 0 and rows["lora_generate"][0] == 0 and rows["lora_clear"][0] == 0
+
+
+def test_example_applies_a_lora(binaries, artifact, tmp_path):
+    """``--lora demo-bold:0.7`` (diffc_set_loras with the bundled name): the Python runtime's LoRA'd image."""
+    from PIL import Image
+
+    out = tmp_path / "bold.png"
+    r = _run([binaries / "diffc_generate", artifact, "a handwritten digit three", out, "--seed", 2,
+              "--lora", "demo-bold:0.7"])
+    assert r.returncode == 0, r.stderr
+    got = np.asarray(Image.open(out)).astype(int)
+    ref = load(artifact, progress=False, loras={"demo-bold": 0.7})("a handwritten digit three", seed=2)[0]
+    base = load(artifact, progress=False)("a handwritten digit three", seed=2)[0]
+    assert np.abs(got - (ref * 255).round().astype(int)).max() <= 1
+    assert np.abs(got - (base * 255).round().astype(int)).max() > 10  # the LoRA did apply
 
 
 def test_example_reports_bad_artifact(binaries, tmp_path):

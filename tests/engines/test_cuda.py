@@ -171,11 +171,11 @@ def test_demo_cuda_fp16_image_close_to_cpu(cuda_provider, demo_cuda_fp16, demo_c
 
 
 @pytest.fixture(params=["cpu-fp32", "cpu"])  # onnxruntime and OpenVINO (cpu-openvino is an alias of cpu)
-def cpu_backend_artifact(request, _read_only_artifact):
-    pytest.importorskip("torch", reason="building the demo artifact needs the export extra")
-    if request.param == "cpu":
-        pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'diffc[openvino]')")
-    return _read_only_artifact(request.param)
+def cpu_backend_artifact(request):
+    """The run's shared demo builds (tests/conftest.py): cpu-fp32, and cpu (with cache reuse, as the OpenVINO
+    tests need it: one build for all)."""
+    name = "demo_cpu_artifact" if request.param == "cpu-fp32" else "demo_cpu_openvino_artifact"
+    return request.getfixturevalue(name)
 
 
 def test_closed_pipeline_refuses_calls(cpu_backend_artifact):

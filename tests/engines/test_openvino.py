@@ -34,16 +34,14 @@ SCHEMA = Path(diffc.__file__).parent / "runtime" / "manifest.schema.json"
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory, demo_cpu_cache_artifact):
-    """The demo with cache reuse (cpu-cache's [cache] table) built three ways: cpu-openvino (bf16), cpu-openvino
-    with fp32 precision, and cpu-cache (onnxruntime fp32: the run's shared build, tests/conftest.py; read it
-    only)."""
-    root = tmp_path_factory.mktemp("ov")
-    cache = load_profile("cpu-cache").cache
-    bf16 = dataclasses.replace(load_profile("cpu-openvino"), name="ov-bf16-cache", cache=cache)
-    fp32 = dataclasses.replace(bf16, name="ov-fp32-cache", precision={"default": Precision.FP32})
-    return {"bf16": diffc.build("demo", bf16, root / "bf16.diffc", progress=False),
-            "fp32": diffc.build("demo", fp32, root / "fp32.diffc", progress=False),
+def artifacts(tmp_path_factory, demo_cpu_openvino_artifact, demo_cpu_cache_artifact):
+    """The demo with cache reuse (cpu-cache's [cache] table) built three ways: cpu (OpenVINO bf16) and cpu-cache
+    (onnxruntime fp32), the run's shared builds (tests/conftest.py; read them only), and cpu with fp32
+    precision, built here."""
+    fp32 = dataclasses.replace(load_profile("cpu"), name="ov-fp32-cache", cache=load_profile("cpu-cache").cache,
+                               precision={"default": Precision.FP32})
+    return {"bf16": demo_cpu_openvino_artifact,
+            "fp32": diffc.build("demo", fp32, tmp_path_factory.mktemp("ov") / "fp32.diffc", progress=False),
             "ort": demo_cpu_cache_artifact}
 
 
@@ -234,12 +232,10 @@ def test_cache_reuse_runs_the_shallow_unet(artifacts):
 
 
 @pytest.fixture(scope="module")
-def int8_artifact(tmp_path_factory):
+def int8_artifact(demo_cpu_openvino_int8_artifact):
     """The demo built with cpu-openvino-int8 and cpu-cache's [cache] table: calibration, Q/DQ, OpenVINO IR, and
-    the quality gate on the artifact itself."""
-    profile = dataclasses.replace(load_profile("cpu-openvino-int8"), name="ov-int8-cache",
-                                  cache=load_profile("cpu-cache").cache)
-    return diffc.build("demo", profile, tmp_path_factory.mktemp("ov-int8") / "int8.diffc", progress=False)
+    the quality gate on the artifact itself (the run's shared build, tests/conftest.py: read it only)."""
+    return demo_cpu_openvino_int8_artifact
 
 
 def _runtime_precisions(session, layer: str) -> set[str]:
@@ -252,7 +248,7 @@ def _runtime_precisions(session, layer: str) -> set[str]:
     return found
 
 
-def test_int8_build_runs_int8_kernels_and_passes_its_gate(int8_artifact, pipes):
+def test_int8_build_runs_int8_kernels_and_passes_its_gate(int8_artifact, pipes, demo_host_cache, monkeypatch):
     """cpu-openvino-int8: the UNet pair and the VAE decoder are Q/DQ graphs that OpenVINO runs with int8
     convolutions and GEMMs; the text encoder stays bf16; the build's quality gate ran on the artifact itself;
     the image stays close to the fp32 onnxruntime artifact's."""
@@ -264,8 +260,10 @@ def test_int8_build_runs_int8_kernels_and_passes_its_gate(int8_artifact, pipes):
     gate = report["quality_gate"]
     assert gate["passed"] and gate["evaluated_with"] == "artifact" and gate["psnr_db_mean"] >= 28.0
     assert report["components"]["unet"]["quantization"]["activations"] == "int8"
-    pipe = load(int8_artifact, progress=False)
     # the build compiled every component for the default shapes into this host's cache: loading imports them
+    # (the cache that build used: under xdist another worker may have built the shared artifact)
+    monkeypatch.setenv("DIFFC_CACHE_DIR", str(demo_host_cache(int8_artifact)))
+    pipe = load(int8_artifact, progress=False)
     assert all(s.from_cache for s in pipe.sessions.values()) and report["timings"]["host_cache_s"] > 0
     image = pipe(PROMPT, seed=0)
     ref = pipes["ort"](PROMPT, seed=0)

@@ -5,7 +5,7 @@ runtime; diffusers' own pipeline call gets the SAME initial latents (FLUX.2 [kle
 ``Flux2KleinPipeline.prepare_latents`` takes them) and, for Sana-Sprint's SCM sampler, the same injected noise.
 The images must agree to ~1e-5 on [0, 1] (fp32 onnxruntime against fp32 torch). FLUX.2's schedule shift depends
 on the image sequence length and the step count (``compute_empirical_mu``), so klein is also compared at a
-non-square size. ``Flux2Pipeline`` (FLUX.2 [dev], Mistral-3 text encoder) is refused with the reason.
+non-square size. FLUX.2 [dev] (``Flux2Pipeline``, Mistral-3 text encoder) is tests/runtime/test_flux2_dev.py.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ diffusers = pytest.importorskip("diffusers")
 
 from diffc.build import build  # noqa: E402
 from diffc.build.plan import plan  # noqa: E402
-from diffc.errors import UnsupportedPipelineError  # noqa: E402
 from diffc.exporter import dit  # noqa: E402
 from diffc.exporter.tiny_dit import write_tiny_dit_pipeline  # noqa: E402
 from diffc.runtime import load  # noqa: E402
@@ -123,21 +122,6 @@ def test_klein_manifest_and_distilled_plan(built, tmp_path):
     (distilled / "model_index.json").write_text(json.dumps({**index, "is_distilled": True}))
     assert plan(distilled, "cpu-fp32")["guidance"]["mode"] == "none"
     assert plan(folder, "cpu-fp32")["guidance"]["mode"] == "cfg"
-
-
-def test_flux2_dev_is_refused_with_the_reason(tmp_path):
-    folder = tmp_path / "flux2-dev"
-    folder.mkdir()
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "Flux2Pipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "Mistral3ForConditionalGeneration"], "tokenizer": ["transformers",
-        "PixtralProcessor"], "transformer": ["diffusers", "Flux2Transformer2DModel"],
-        "vae": ["diffusers", "AutoencoderKLFlux2"]}))
-    with pytest.raises(UnsupportedPipelineError, match="Mistral.*Flux2KleinPipeline"):
-        plan(folder, "cpu-fp32")
-    with pytest.raises(UnsupportedPipelineError, match="Mistral"):
-        build(folder, "cpu-fp32", tmp_path / "never", progress=False)
-    assert not (tmp_path / "never").exists()
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

@@ -374,9 +374,9 @@ def test_manifest_doc_recipe_matches_runtime(demo_cpu_artifact, sd9, which, stre
         return (out["latent_mean"] + out["latent_std"] * eps - lat["shift_factor"]) * lat["scaling_factor"]
 
     # the image exactly as image-to-image resizes it (the img2img doc test covers that rule)
-    from diffc.runtime.img2img import _fit
+    from diffc.runtime.img2img import fit_image
 
-    img = 2 * _fit(image.astype(np.float32) / 255, H, W, "image", 8).transpose(2, 0, 1)[None] - 1
+    img = 2 * fit_image(image.astype(np.float32) / 255, H, W, "image", 8).transpose(2, 0, 1)[None] - 1
     m = np.asarray(mask.resize((W, H), Image.Resampling.LANCZOS).convert("L"), np.float32) / 255
     m = (m >= 0.5).astype(np.float32)[None, None]
     n = len(S["timesteps"])
